@@ -1,0 +1,23 @@
+"""Vision Mamba and ShuffleMamba (stochastic layer-wise shuffle) in JAX / Flax NNX.
+
+The model package needs only jax, flax and optax; the training modules import TensorFlow,
+tensorflow-datasets, Orbax and ml_collections lazily.
+"""
+
+from shufflemamba_jax.ssm import selective_scan
+from shufflemamba_jax.slws import layer_shuffle_probabilities, sample_token_permutations
+from shufflemamba_jax.variants import VARIANTS, create_model, model_config
+from shufflemamba_jax.vim import VisionMamba, VisionMambaConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VARIANTS",
+    "VisionMamba",
+    "VisionMambaConfig",
+    "create_model",
+    "layer_shuffle_probabilities",
+    "model_config",
+    "sample_token_permutations",
+    "selective_scan",
+]

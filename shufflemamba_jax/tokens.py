@@ -1,0 +1,102 @@
+"""Token layouts of the Vim family and their position embeddings.
+
+Vim puts one cls token in the middle of the patch sequence, ShuffleMamba at its head, and
+Mamba-Reg spreads registers evenly through it. A layout is a fixed index map, so inserting and
+reading the extra tokens are gathers with static indices, and resizing a position table for
+another resolution resizes only the patch slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TOKEN_LAYOUTS = ("middle", "head", "registers")
+
+
+def num_extra_tokens(token_layout: str, num_registers: int) -> int:
+  """Returns how many non-patch tokens a layout adds (1 cls token, or the registers)."""
+  if token_layout not in TOKEN_LAYOUTS:
+    raise ValueError(f"token_layout must be one of {TOKEN_LAYOUTS}, got {token_layout!r}")
+  return num_registers if token_layout == "registers" else 1
+
+
+def extra_token_indices(num_patches: int, token_layout: str, num_registers: int = 0) -> np.ndarray:
+  """Returns the sequence positions of the extra tokens, (num_extra,) int32.
+
+  middle: num_patches // 2; head: 0; registers: after each group of num_patches // (n + 1)
+  patches, the leftover patches at the end.
+  """
+  n_extra = num_extra_tokens(token_layout, num_registers)
+  if token_layout == "middle":
+    return np.array([num_patches // 2], np.int32)
+  if token_layout == "head":
+    return np.array([0], np.int32)
+  group = num_patches // (n_extra + 1)
+  if group < 1:
+    raise ValueError(f"{n_extra} registers need more than {num_patches} patches")
+  return np.array([(i + 1) * group + i for i in range(n_extra)], np.int32)
+
+
+def sequence_order(num_patches: int, token_layout: str, num_registers: int = 0) -> np.ndarray:
+  """Index map of a layout: `sequence = concat([patches, extras])[:, order]`, (length,) int32."""
+  n_extra = num_extra_tokens(token_layout, num_registers)
+  length = num_patches + n_extra
+  extra_positions = extra_token_indices(num_patches, token_layout, num_registers)
+  order = np.empty(length, np.int32)
+  is_extra = np.zeros(length, bool)
+  is_extra[extra_positions] = True
+  order[extra_positions] = num_patches + np.arange(n_extra)
+  order[~is_extra] = np.arange(num_patches)
+  return order
+
+
+def insert_extra_tokens(patches: jax.Array, extras: jax.Array, token_layout: str) -> jax.Array:
+  """Builds the token sequence: patches (batch, P, D) and extras (batch, n, D) -> (batch, P + n, D)."""
+  order = sequence_order(patches.shape[1], token_layout, extras.shape[1])
+  return jnp.take(jnp.concatenate([patches, extras], axis=1), order, axis=1)
+
+
+def split_position_table(pos_embed: np.ndarray | jax.Array, num_patches: int, token_layout: str):
+  """Splits a (num_patches + 1, D) cls-layout position table into (patch rows, extra row)."""
+  extra = extra_token_indices(num_patches, token_layout)
+  keep = np.setdiff1d(np.arange(num_patches + 1), extra)
+  return pos_embed[keep], pos_embed[extra]
+
+
+def resize_patch_positions(table: jax.Array, old_grid, new_grid) -> jax.Array:
+  """Bicubically resizes (h * w, D) patch position rows on their grid to (h2 * w2, D)."""
+  old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+  if old_grid == new_grid:
+    return table
+  dim = table.shape[-1]
+  grid = jnp.asarray(table, jnp.float32).reshape(*old_grid, dim)
+  resized = jax.image.resize(grid, (*new_grid, dim), method="bicubic")
+  return resized.reshape(-1, dim).astype(table.dtype)
+
+
+def resize_position_embedding(pos_embed, *, old_grid, new_grid, token_layout: str) -> jax.Array:
+  """Resizes a position table for another patch grid, keeping the extra-token slot as it is.
+
+  Args:
+    pos_embed: (h * w + 1, D) for the "middle" and "head" layouts (cls slot at its layout index),
+      or the patch-only (h * w, D) table of the "registers" layout.
+    old_grid, new_grid: (rows, columns) of patches.
+    token_layout: "middle", "head" or "registers".
+
+  Returns:
+    (h2 * w2 [+ 1], D), the cls slot at the new layout's index.
+  """
+  old_patches = int(np.prod(old_grid))
+  if token_layout == "registers":
+    if pos_embed.shape[0] != old_patches:
+      raise ValueError(f"pos_embed has {pos_embed.shape[0]} rows, expected {old_patches} for grid {old_grid}")
+    return resize_patch_positions(pos_embed, old_grid, new_grid)
+  if pos_embed.shape[0] != old_patches + 1:
+    raise ValueError(f"pos_embed has {pos_embed.shape[0]} rows, expected {old_patches + 1} for grid {old_grid}")
+  patch_rows, extra_row = split_position_table(pos_embed, old_patches, token_layout)
+  patch_rows = resize_patch_positions(jnp.asarray(patch_rows), old_grid, new_grid)
+  new_patches = int(np.prod(new_grid))
+  combined = jnp.concatenate([patch_rows, jnp.asarray(extra_row, patch_rows.dtype)], axis=0)
+  return jnp.take(combined, sequence_order(new_patches, token_layout), axis=0)

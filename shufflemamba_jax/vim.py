@@ -1,0 +1,270 @@
+"""Vision Mamba (Vim) backbone with the stochastic layer-wise shuffle, as a Flax NNX module.
+
+Patch embedding, extra tokens (cls in the middle, cls at the head, or registers), learned
+position embeddings, a stack of pre-norm bidirectional Mamba blocks with a float32 residual
+stream, and a classification head. The blocks' parameters are stacked on a leading axis and run
+under `jax.lax.scan`, so a 48-layer model compiles as fast as a 1-layer one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from shufflemamba_jax import slws, ssm, tokens
+from shufflemamba_jax.mamba import BiMamba, uniform_init
+
+NORMS = ("rmsnorm", "layernorm")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionMambaConfig:
+  """Every setting of a Vim / ShuffleMamba / ShuffleMamba-Reg model (see SPEC §2)."""
+
+  img_size: int = 224
+  patch_size: int = 16
+  num_classes: int = 1000
+  embed_dim: int = 192
+  depth: int = 24
+  d_state: int = 16
+  d_conv: int = 4
+  expand: int = 2
+  dt_rank: int | None = None  # None: ceil(embed_dim / 16)
+  token_layout: str = "head"  # "middle" (Vim), "head" (ShuffleMamba), "registers" (Mamba-Reg)
+  num_registers: int = 0
+  cls_reduce: int = 1  # registers: neck width embed_dim // cls_reduce; 1 means no neck
+  norm: str = "rmsnorm"
+  norm_eps: float = 1e-5
+  drop_path_rate: float = 0.0
+  slws_max_prob: float = 0.0
+  slws_schedule: str = "linear"
+  slws_group_size: int = 256
+  scan_method: str = "associative"
+  chunk_size: int = 64
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    positive = ("img_size", "patch_size", "num_classes", "embed_dim", "depth", "d_state", "d_conv",
+                "expand", "cls_reduce", "chunk_size")
+    for name in positive:
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"model setting {name} must be a positive integer, got {value!r}")
+    if self.img_size % self.patch_size:
+      raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+    if self.dt_rank is not None and self.dt_rank < 1:
+      raise ValueError(f"dt_rank must be a positive integer or None, got {self.dt_rank!r}")
+    if self.token_layout not in tokens.TOKEN_LAYOUTS:
+      raise ValueError(f"token_layout must be one of {tokens.TOKEN_LAYOUTS}, got {self.token_layout!r}")
+    if self.token_layout == "registers":
+      if self.num_registers < 1:
+        raise ValueError("token_layout 'registers' needs num_registers >= 1")
+      if self.embed_dim % self.cls_reduce:
+        raise ValueError(f"embed_dim {self.embed_dim} is not divisible by cls_reduce {self.cls_reduce}")
+      tokens.extra_token_indices(self.num_patches, "registers", self.num_registers)
+    elif self.num_registers:
+      raise ValueError(f"num_registers={self.num_registers} needs token_layout 'registers', "
+                       f"not {self.token_layout!r}")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+    if not 0.0 <= self.slws_max_prob <= 1.0:
+      raise ValueError(f"slws_max_prob must be in [0, 1], got {self.slws_max_prob}")
+    if self.slws_schedule not in slws.SCHEDULES:
+      raise ValueError(f"slws_schedule must be one of {slws.SCHEDULES}, got {self.slws_schedule!r}")
+    if not isinstance(self.slws_group_size, (int, np.integer)) or self.slws_group_size < 1:
+      raise ValueError(f"slws_group_size must be an integer >= 1, got {self.slws_group_size!r}")
+    if self.scan_method not in ssm.SCAN_METHODS:
+      raise ValueError(f"scan_method must be one of {ssm.SCAN_METHODS}, got {self.scan_method!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return (self.img_size // self.patch_size,) * 2
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+  @property
+  def num_extra_tokens(self) -> int:
+    return tokens.num_extra_tokens(self.token_layout, self.num_registers)
+
+  @property
+  def has_neck(self) -> bool:
+    return self.token_layout == "registers" and self.cls_reduce > 1
+
+
+def _norm(config: VisionMambaConfig, dim: int, rngs: nnx.Rngs) -> nnx.Module:
+  # Norms run in float32: the residual stream they read is float32.
+  kwargs = dict(epsilon=config.norm_eps, dtype=jnp.float32, param_dtype=DTYPES[config.param_dtype], rngs=rngs)
+  return nnx.RMSNorm(dim, **kwargs) if config.norm == "rmsnorm" else nnx.LayerNorm(dim, **kwargs)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: `hidden = Mixer(Norm(residual))`; the residual add happens outside."""
+
+  def __init__(self, config: VisionMambaConfig, *, rngs: nnx.Rngs):
+    self.norm = _norm(config, config.embed_dim, rngs)
+    self.mixer = BiMamba(
+        config.embed_dim, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
+        dt_rank=config.dt_rank, num_layers=config.depth, scan_method=config.scan_method,
+        chunk_size=config.chunk_size, dtype=DTYPES[config.dtype], param_dtype=DTYPES[config.param_dtype],
+        rngs=rngs)
+
+
+def _drop_path(x: jax.Array, rate, key: jax.Array) -> jax.Array:
+  """Per-sample stochastic depth: zeroes whole samples with probability `rate`, rescales the rest."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+class VisionMamba(nnx.Module):
+  """Vim / ShuffleMamba / ShuffleMamba-Reg image classifier.
+
+  Call as `model(images, train=False)` with images (batch, height, width, 3), any float dtype;
+  returns float32 logits (batch, num_classes). `train=True` needs `key` (a `jax.random.key`, one
+  per step) and turns on drop path and SLWS.
+  """
+
+  def __init__(self, config: VisionMambaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dim, dtype, param_dtype = config.embed_dim, DTYPES[config.dtype], DTYPES[config.param_dtype]
+    # The reference's trunc_normal_(std=0.02) truncates at +-2 absolute, i.e. at 100 standard
+    # deviations: it is a plain normal.
+    normal = nnx.initializers.normal(0.02)
+    self.patch_embed = nnx.Conv(
+        3, dim, kernel_size=(config.patch_size,) * 2, strides=(config.patch_size,) * 2, padding="VALID",
+        kernel_init=nnx.initializers.lecun_normal(), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    n_extra = config.num_extra_tokens
+    self.cls_token = nnx.Param(normal(rngs.params(), (n_extra, dim), param_dtype))
+    if config.token_layout == "registers":
+      self.pos_embed = nnx.Param(normal(rngs.params(), (config.num_patches, dim), param_dtype))
+      self.pos_embed_cls = nnx.Param(normal(rngs.params(), (n_extra, dim), param_dtype))
+    else:
+      self.pos_embed = nnx.Param(normal(rngs.params(), (config.num_patches + 1, dim), param_dtype))
+
+    @nnx.split_rngs(splits=config.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_layers(layer_rngs):
+      return Block(config, rngs=layer_rngs)
+
+    self.layers = make_layers(rngs)
+    self.norm_f = _norm(config, dim, rngs)
+    head_in = dim
+    if config.token_layout == "registers":
+      reduced = dim // config.cls_reduce
+      head_in = n_extra * reduced
+      if config.has_neck:
+        self.neck = nnx.Linear(dim, reduced, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                               kernel_init=uniform_init(1 / math.sqrt(dim)), rngs=rngs)
+        self.norm_neck = nnx.RMSNorm(head_in, epsilon=config.norm_eps, dtype=jnp.float32,
+                                     param_dtype=param_dtype, rngs=rngs)
+    self.head = nnx.Linear(head_in, config.num_classes, kernel_init=normal, dtype=jnp.float32,
+                           param_dtype=param_dtype, rngs=rngs)
+    # Per-layer schedules are static tuples (not arrays), so they are no part of the model state.
+    self.shuffle_probs = tuple(map(float, slws.layer_shuffle_probabilities(
+        config.depth, config.slws_max_prob, config.slws_schedule)))
+    rates = np.linspace(0.0, config.drop_path_rate, config.depth)
+    # The reference drops block i-1's output inside block i with rate [0] + rates; the last
+    # block's output is dropped at the final add with the full rate.
+    self.block_drop_rates = tuple(map(float, np.concatenate([[0.0], rates[:-1]])))
+
+  def position_table(self, grid: tuple[int, int]) -> jax.Array:
+    """The (length, D) position embedding in sequence order for a patch grid (resized if needed)."""
+    config = self.config
+    if config.token_layout == "registers":
+      patch_pos = tokens.resize_patch_positions(self.pos_embed[...], config.grid, grid)
+      return tokens.insert_extra_tokens(patch_pos[None], self.pos_embed_cls[...][None], "registers")[0]
+    return tokens.resize_position_embedding(
+        self.pos_embed[...], old_grid=config.grid, new_grid=grid, token_layout=config.token_layout)
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """Images (batch, H, W, 3) -> token sequence (batch, length, D) with positions added."""
+    config = self.config
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be (batch, height, width, 3), got shape {images.shape}")
+    height, width = images.shape[1:3]
+    if height % config.patch_size or width % config.patch_size:
+      raise ValueError(f"image size {height}x{width} is not divisible by patch_size {config.patch_size}")
+    grid = (height // config.patch_size, width // config.patch_size)
+    patches = self.patch_embed(images.astype(DTYPES[config.dtype]))
+    patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])  # raster order
+    extras = jnp.broadcast_to(self.cls_token[...], (patches.shape[0],) + self.cls_token.shape)
+    sequence = tokens.insert_extra_tokens(patches, extras.astype(patches.dtype), config.token_layout)
+    return (sequence + self.position_table(grid).astype(sequence.dtype)).astype(DTYPES[config.dtype])
+
+  def __call__(self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
+    config = self.config
+    if train and key is None:
+      raise ValueError("training mode needs a PRNG key: model(images, train=True, key=jax.random.key(...))")
+    hidden = self.embed(images)
+    batch, length, _ = hidden.shape
+    drop_path = train and config.drop_path_rate > 0
+    shuffle = train and config.slws_max_prob > 0
+    shuffle_key = jax.random.fold_in(key, 0) if train else None
+    drop_key = jax.random.fold_in(key, 1) if train else None
+    layer_graph, layer_state = nnx.split(self.layers)
+
+    def block_step(carry, xs):
+      hidden, residual = carry
+      state, index, prob, drop_rate = xs
+      block = nnx.merge(layer_graph, state)
+      if drop_path:
+        hidden = _drop_path(hidden, drop_rate, jax.random.fold_in(drop_key, index))
+      residual = residual + hidden.astype(jnp.float32)
+      mixer_in = block.norm(residual).astype(hidden.dtype)
+      # Shuffling both streams and restoring both outputs equals shuffling only the mixer's
+      # input: the norm, the residual add and drop path act token by token, and gathers are exact.
+      if shuffle:
+        order = slws.sample_token_permutations(
+            jax.random.fold_in(shuffle_key, index), batch, length, prob, config.slws_group_size)
+        mixer_in = slws.permute_tokens(mixer_in, order)
+      out = block.mixer(mixer_in)
+      if shuffle:
+        out = slws.restore_tokens(out, order)
+      return (out.astype(hidden.dtype), residual), None
+
+    if config.remat:
+      block_step = jax.checkpoint(block_step, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
+    xs = (layer_state, jnp.arange(config.depth), jnp.asarray(self.shuffle_probs, jnp.float32),
+          jnp.asarray(self.block_drop_rates, jnp.float32))
+    residual = jnp.zeros(hidden.shape, jnp.float32)
+    (hidden, residual), _ = jax.lax.scan(block_step, (hidden, residual), xs)
+    if drop_path:
+      hidden = _drop_path(hidden, config.drop_path_rate, jax.random.fold_in(drop_key, config.depth))
+    features = self.norm_f(residual + hidden.astype(jnp.float32))
+    return self.classify(features)
+
+  def classify(self, features: jax.Array) -> jax.Array:
+    """Final-normed tokens (batch, length, D) -> float32 logits (batch, num_classes)."""
+    config = self.config
+    num_patches = features.shape[1] - config.num_extra_tokens
+    extra_positions = tokens.extra_token_indices(num_patches, config.token_layout, config.num_registers)
+    extras = jnp.take(features, extra_positions, axis=1)  # (batch, n_extra, D)
+    if config.has_neck:
+      extras = self.norm_neck(self.neck(extras).reshape(extras.shape[0], -1).astype(jnp.float32))
+    else:
+      extras = extras.reshape(extras.shape[0], -1)
+    return self.head(extras.astype(jnp.float32))
+
