@@ -53,4 +53,10 @@ def create_model(variant: str, *, rngs: nnx.Rngs, num_classes: int = 1000, img_s
   drop_path_rate, slws_max_prob, slws_schedule, slws_group_size, scan_method, chunk_size, remat,
   dtype, ...); an unknown or invalid setting raises a ValueError that names it.
   """
-  return VisionMamba(model_config(variant, num_classes=num_classes, img_size=img_size, **overrides), rngs=rngs)
+  return _build(model_config(variant, num_classes=num_classes, img_size=img_size, **overrides), rngs)
+
+
+@nnx.jit(static_argnums=0)
+def _build(config: VisionMambaConfig, rngs: nnx.Rngs) -> VisionMamba:
+  # One compiled initializer instead of hundreds of small eagerly dispatched random ops.
+  return VisionMamba(config, rngs=rngs)
