@@ -1,0 +1,108 @@
+"""Device mesh and shardings: data parallelism and FSDP over named mesh axes.
+
+The mesh has the axes ("data", "fsdp", "tensor"). The batch is split over data x fsdp; each
+parameter (and its optimizer state) is split along its largest dimension that divides by the
+fsdp size, once it holds at least `fsdp_min_size` elements, and replicated otherwise. Moving
+from pure data parallelism to FSDP is therefore one config line (`mesh.fsdp`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int = 1, num_devices: int | None = None) -> tuple[int, int, int]:
+  """Resolves the sizes of (data, fsdp, tensor); one size may be -1 ("the rest of the devices")."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  for name, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ValueError(f"mesh.{name} must be a positive size or -1 (the rest), got {size}")
+  free = [name for name, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise ValueError(f"only one mesh axis may be -1, got {free}")
+  known = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    if num_devices % known:
+      raise ValueError(f"{num_devices} devices do not divide by the fixed mesh axes "
+                       f"(product {known}) of mesh {sizes}")
+    sizes[free[0]] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} "
+                     f"needs {math.prod(sizes.values())} devices, but there are {num_devices}")
+  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def create_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  """Builds the ("data", "fsdp", "tensor") mesh over all (or the given) devices."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(data, fsdp, tensor, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
+  """The PartitionSpec of one parameter: its largest fsdp-divisible dimension on "fsdp"."""
+  if fsdp_size <= 1 or math.prod(shape) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = 2 ** 16) -> Any:
+  """NamedShardings for a pytree of arrays (parameters, optimizer state, EMA) under FSDP rules."""
+  fsdp_size = mesh.shape["fsdp"]
+
+  def one(leaf):
+    shape = tuple(getattr(leaf, "shape", ()))
+    return NamedSharding(mesh, fsdp_spec(shape, fsdp_size, min_size))
+
+  return jax.tree.map(one, abstract_state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of arrays whose leading axis is the global batch."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_divisible(global_batch: int, mesh: Mesh, name: str = "batch_size") -> None:
+  """Fails fast, naming the setting, when the global batch does not split over the batch axes."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch % shards:
+    raise ValueError(f"{name}={global_batch} does not divide by the {shards} batch shards "
+                     f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}, "
+                     f"{jax.device_count()} devices)")
+  if global_batch % jax.process_count():
+    raise ValueError(f"{name}={global_batch} does not divide by the {jax.process_count()} processes")
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's slice of the batch into global arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+          for name, value in local_batch.items()}
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins an activation's leading (batch) axis to the batch mesh axes when a mesh is active."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
