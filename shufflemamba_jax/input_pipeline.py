@@ -1,0 +1,512 @@
+"""tf.data input pipelines over TFDS (`imagenet2012`, `digits`) with exact, seeded resume.
+
+Training order. Each process reads its own contiguous slice of the split
+(`tfds.even_splits(split, process_count)[process_index]`), cut into chunks of at most
+`chunk_size` consecutive records. Every epoch the chunks are permuted with a NumPy generator
+seeded by (seed, epoch, process) and grouped into windows of about `shuffle_buffer` examples;
+a window is read whole and permuted with a stateless TF shuffle. Every example's augmentation
+seed is fold_in(seed, epoch, process, position). So the stream is a pure function of
+(seed, epoch), and a run restarted at `start_step` rebuilds the same plan and skips only inside
+one window (no decoding of skipped records), continuing the exact same stream. Each epoch has
+`num_train_examples // global_batch_size` steps; the leftover examples of the epoch are dropped
+(different ones every epoch).
+
+Repeated augmentation (DeiT's RASampler, `repeated_aug = r > 1`): in every window the first
+ceil(n / r) permuted examples are each emitted r times in a row (each copy augmented with its
+own seed), cut to n, so an epoch keeps its length and sees about 1 / r of the data, r times.
+
+Corrupt images: the two ops that can fail on bad bytes (JPEG header parse, decode of the crop
+window) run in `tf.py_function`s that catch the error and log a warning naming the file; the
+example is then replaced by another one of the same window (the next, or one that repeated
+augmentation drops), so positions never shift and resume stays exact. An evaluation example
+that fails to decode gets mask 0. The Python part costs about 0.1 ms per image (GIL-bound).
+
+Memory: a window holds `shuffle_buffer` encoded images and the next one is prefetched
+(16,384 ImageNet JPEGs are about 1.8 GB).
+
+TensorFlow is kept off the accelerators (`tf.config.set_visible_devices([], "GPU")`).
+"""
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from shufflemamba_jax import augment
+
+_LOGGER = logging.getLogger(__name__)
+
+DATASETS = ("digits", "imagenet2012")
+DEFAULT_CHUNK_SIZE = 256
+
+
+def _hide_accelerators_from_tensorflow():
+  """Stops TF from reserving GPU memory that JAX needs; a no-op once TF has initialized devices."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:
+    pass
+
+
+_hide_accelerators_from_tensorflow()
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: a ConfigDict (configs/default.py field names) and/or keyword overrides.
+# ---------------------------------------------------------------------------------------------
+
+_DEFAULTS = {
+    "dataset": "digits",
+    "data_dir": None,
+    "train_split": "train",
+    "eval_split": "validation",
+    "image_size": 224,
+    "shuffle_buffer": 16_384,
+    "chunk_size": DEFAULT_CHUNK_SIZE,
+    "seed": 0,
+    "repeated_aug": 1,
+    "eval_crop_ratio": 0.875,
+}
+_AUG_FIELDS = tuple(f.name for f in dataclasses.fields(augment.TrainAugmentation))
+
+
+def _lookup(config, name):
+  """Value of `name` (a top-level or `aug.` field) in an ml_collections config, else KeyError."""
+  for path in (name, f"aug.{name}"):
+    node = config
+    try:
+      for part in path.split("."):
+        node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      continue
+    return node
+  raise KeyError(name)
+
+
+def _settings(config, overrides: dict[str, Any]) -> dict[str, Any]:
+  """Merges defaults < config < keyword overrides into one flat dict; unknown keys are errors."""
+  known = set(_DEFAULTS) | set(_AUG_FIELDS)
+  unknown = set(overrides) - known
+  if unknown:
+    raise TypeError(f"Unknown input pipeline setting(s) {sorted(unknown)}; known: {sorted(known)}")
+  settings = dict(_DEFAULTS)
+  settings.update(dataclasses.asdict(augment.TrainAugmentation()))
+  if config is not None:
+    for name in known:
+      try:
+        settings[name] = _lookup(config, name)
+      except KeyError:
+        pass
+  settings.update(overrides)
+  if settings["dataset"] not in DATASETS:
+    raise ValueError(f"config.dataset={settings['dataset']!r}: expected one of {DATASETS}.")
+  return settings
+
+
+def _train_augmentation(settings) -> augment.TrainAugmentation:
+  values = {name: settings[name] for name in _AUG_FIELDS}
+  values["mean"] = tuple(float(v) for v in values["mean"])
+  values["std"] = tuple(float(v) for v in values["std"])
+  return augment.TrainAugmentation(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders and dataset info.
+# ---------------------------------------------------------------------------------------------
+
+
+def get_builder(dataset: str, data_dir: str | None = None, prepare_digits: bool = True):
+  """Returns the prepared TFDS builder of `dataset` in `data_dir`.
+
+  `digits` is built on first use (it needs no download); `imagenet2012` must have been prepared
+  with `python -m shufflemamba_jax.prepare --dataset=imagenet2012 ...` first.
+  """
+  if dataset not in DATASETS:
+    raise ValueError(f"dataset={dataset!r}: expected one of {DATASETS}.")
+  if dataset == "digits":
+    from shufflemamba_jax import digits_dataset  # pylint: disable=g-import-not-at-top,unused-import
+  builder = tfds.builder(dataset, data_dir=data_dir)
+  if not builder.is_prepared():
+    if dataset == "digits" and prepare_digits:
+      builder.download_and_prepare()
+    else:
+      raise FileNotFoundError(
+          f"TFDS dataset {dataset!r} is not prepared in data_dir={builder.data_dir_root!r}. Run: "
+          f"python -m shufflemamba_jax.prepare --dataset={dataset} --data_dir={builder.data_dir_root}"
+          + (" --manual_dir=DIR_WITH_ILSVRC2012_TARS" if dataset == "imagenet2012" else ""))
+  return builder
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Sizes of a prepared dataset. `num_eval_examples` is the `eval_split` size."""
+
+  name: str
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+  split_sizes: dict[str, int]
+
+
+def get_dataset_info(dataset: str, data_dir: str | None = None, train_split: str = "train",
+                     eval_split: str = "validation") -> DatasetInfo:
+  """Number of classes and examples per split of a prepared TFDS dataset."""
+  builder = get_builder(dataset, data_dir)
+  splits = builder.info.splits
+  return DatasetInfo(
+      name=dataset,
+      num_classes=builder.info.features["label"].num_classes,
+      num_train_examples=splits[train_split].num_examples,
+      num_eval_examples=splits[eval_split].num_examples,
+      split_sizes={name: split.num_examples for name, split in splits.items()},
+  )
+
+
+def _process_split(split: str, process_index: int, process_count: int):
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count}).")
+  return tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}.")
+  return global_batch_size // process_count
+
+
+def _example_id(example) -> tf.Tensor:
+  """int64 id: the dataset's own `id` feature, else a stable 63-bit fingerprint of the file name."""
+  if "id" in example:
+    return tf.cast(example["id"], tf.int64)
+  return tf.strings.to_hash_bucket_fast(example["file_name"], 2**63 - 1)
+
+
+def _warn_corrupt(file_name, error) -> None:
+  name = file_name.numpy().decode("utf-8", "replace")
+  reason = str(error).splitlines()[0].split("}}")[-1].strip()
+  _LOGGER.warning("Skipping corrupt image %r (%s)", name, reason)
+
+
+_DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.UnknownError, ValueError)
+
+
+def _is_jpeg(image_bytes) -> bool:
+  # A Python prefix test: tf.io.is_jpeg costs several eager ops per image.
+  return image_bytes.numpy()[:3] == b"\xff\xd8\xff"
+
+
+def _eager_image_shape(image_bytes, file_name):
+  """py_function body: (int32 (3,) shape, ok). A JPEG costs one header parse."""
+  try:
+    if _is_jpeg(image_bytes):
+      return tf.image.extract_jpeg_shape(image_bytes), True
+    return tf.shape(augment.decode_image(image_bytes), out_type=tf.int32), True
+  except _DECODE_ERRORS as error:
+    _warn_corrupt(file_name, error)
+    return tf.constant([1, 1, 3], tf.int32), False
+
+
+def _eager_decode_window(image_bytes, window, file_name):
+  """py_function body: (uint8 crop (h, w, 3), ok) of window (top, left, height, width)."""
+  try:
+    if _is_jpeg(image_bytes):
+      return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3), True
+    top, left, height, width = window.numpy()
+    return augment.decode_image(image_bytes).numpy()[top : top + height, left : left + width], True
+  except _DECODE_ERRORS as error:
+    _warn_corrupt(file_name, error)
+    return tf.zeros([1, 1, 3], tf.uint8), False
+
+
+def safe_decode_crop(image_bytes, file_name, window_fn):
+  """Decodes the window `window_fn(shape)` of an image without failing on corrupt bytes.
+
+  Only the two ops that can raise (header parse, decode) run in `tf.py_function`s, which catch
+  the error and log a warning naming `file_name`; the crop window is sampled in graph.
+  Returns (uint8 (h, w, 3) image, bool ok); a corrupt image gives ok False.
+  """
+  shape, ok = tf.py_function(_eager_image_shape, [image_bytes, file_name], [tf.int32, tf.bool])
+  shape.set_shape([3])
+  window = tf.cast(window_fn(shape), tf.int32)
+
+  def decode():
+    image, decoded = tf.py_function(
+        _eager_decode_window, [image_bytes, window, file_name], [tf.uint8, tf.bool])
+    image.set_shape([None, None, 3])
+    return image, decoded
+
+  return tf.cond(ok, decode, lambda: (tf.zeros([1, 1, 3], tf.uint8), False))
+
+
+def _full_window(shape):
+  return tf.stack([0, 0, shape[0], shape[1]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training stream.
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunks(file_instructions, chunk_size: int):
+  """Cuts a process slice into (file, skip, take) chunks of at most `chunk_size` records."""
+  chunks = []
+  for instruction in file_instructions:
+    take = instruction.take
+    if take is None or take < 0:
+      take = instruction.examples_in_shard - instruction.skip
+    for start in range(0, take, chunk_size):
+      chunks.append((os.fspath(instruction.filename), instruction.skip + start,
+                     min(chunk_size, take - start)))
+  return chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class _Window:
+  files: list[str]
+  skips: list[int]
+  takes: list[int]
+  epoch: int
+  index: int
+  start: int  # Position in the epoch of the window's first example.
+  offset: int  # First example of the window to emit (non-zero only when resuming).
+  count: int  # Number of examples to emit.
+
+
+def plan_epoch(chunks, epoch: int, seed: int, process_index: int, shuffle_buffer: int,
+               examples_per_epoch: int, start_position: int = 0) -> list[_Window]:
+  """The windows of one epoch of one process, as a pure function of its arguments.
+
+  Chunks are permuted by (seed, epoch, process_index) and grouped greedily into windows of at
+  least `shuffle_buffer` examples; the epoch stops after `examples_per_epoch` examples, and
+  windows before `start_position` are left out (the one containing it starts at an offset).
+  """
+  order = np.random.default_rng([seed, epoch, process_index]).permutation(len(chunks))
+  groups, current, size = [], [], 0
+  for chunk_index in order:
+    current.append(chunks[chunk_index])
+    size += chunks[chunk_index][2]
+    if size >= shuffle_buffer:
+      groups.append(current)
+      current, size = [], 0
+  if current:
+    groups.append(current)
+  windows, start = [], 0
+  for index, group in enumerate(groups):
+    if start >= examples_per_epoch:
+      break
+    size = sum(take for _, _, take in group)
+    count = min(size, examples_per_epoch - start)
+    if start + count > start_position:
+      offset = max(0, start_position - start)
+      windows.append(_Window(
+          files=[f for f, _, _ in group], skips=[s for _, s, _ in group],
+          takes=[t for _, _, t in group], epoch=epoch, index=index, start=start, offset=offset,
+          count=count - offset))
+    start += size
+  return windows
+
+
+def _fold(seed_pair, *values):
+  for value in values:
+    seed_pair = tf.random.experimental.stateless_fold_in(seed_pair, tf.cast(value, tf.int64))
+  return seed_pair
+
+
+def create_train_dataset(config=None, *, global_batch_size: int, start_step: int = 0,
+                         process_index: int = 0, process_count: int = 1, **overrides):
+  """Infinite training stream of local batches, a pure function of (seed, epoch, start_step).
+
+  Args:
+    config: ml_collections.ConfigDict with the data fields of configs/default.py (dataset,
+      data_dir, train_split, image_size, shuffle_buffer, seed, aug.*), or None.
+    global_batch_size: batch size over all processes; each process yields a 1 / process_count
+      share of it.
+    start_step: global step to resume at; the stream continues exactly where a run started at
+      step 0 was after `start_step` batches.
+    process_index, process_count: this process and the number of processes (jax.process_*).
+    **overrides: any setting by its config name (e.g. dataset="digits", image_size=16,
+      repeated_aug=1, randaugment_num_ops=0, chunk_size=64), taking precedence over `config`.
+
+  Returns:
+    tf.data.Dataset of dicts: image float32 (local_batch, S, S, 3) normalized, label int32
+    (local_batch,), example_id int64 (local_batch,), epoch int64 (local_batch,).
+  """
+  settings = _settings(config, overrides)
+  local_batch = _local_batch_size(global_batch_size, process_count)
+  builder = get_builder(settings["dataset"], settings["data_dir"])
+  split = settings["train_split"]
+  num_examples = builder.info.splits[split].num_examples
+  steps_per_epoch = num_examples // global_batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} exceeds the {num_examples} examples of "
+        f"{settings['dataset']}:{split}.")
+  process_split = _process_split(split, process_index, process_count)
+  chunks = _chunks(builder.info.splits[process_split].file_instructions, settings["chunk_size"])
+  examples_per_epoch = steps_per_epoch * local_batch
+  seed = int(settings["seed"])
+  shuffle_buffer = max(1, int(settings["shuffle_buffer"]))
+  repeats = max(1, int(settings["repeated_aug"]))
+  start_epoch, start_batch = divmod(int(start_step), steps_per_epoch)
+
+  def windows():
+    epoch, start_position = start_epoch, start_batch * local_batch
+    while True:
+      for window in plan_epoch(chunks, epoch, seed, process_index, shuffle_buffer,
+                               examples_per_epoch, start_position):
+        yield (window.files, window.skips, window.takes, window.epoch, window.index,
+               window.start, window.offset, window.count)
+      epoch, start_position = epoch + 1, 0
+
+  int_spec = tf.TensorSpec([], tf.int64)
+  plan = tf.data.Dataset.from_generator(windows, output_signature=(
+      tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64),
+      tf.TensorSpec([None], tf.int64), int_spec, int_spec, int_spec, int_spec, int_spec))
+
+  def read_window(files, skips, takes, epoch, index, start, offset, count):
+    records = tf.data.Dataset.from_tensor_slices((files, skips, takes)).interleave(
+        lambda f, s, t: tf.data.TFRecordDataset(f).skip(s).take(t),
+        cycle_length=16, block_length=16, num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True)
+    records = records.batch(2**31 - 1).get_single_element()
+    return records, epoch, index, start, offset, count
+
+  def expand_window(records, epoch, index, start, offset, count):
+    size = tf.shape(records, out_type=tf.int64)[0]
+    window_seed = _fold(tf.constant([seed, 1], tf.int64), epoch, process_index, index)
+    permutation = tf.argsort(tf.random.stateless_uniform([size], window_seed))
+    unique = (size + repeats - 1) // repeats
+    backup_shift = tf.where(unique < size, unique, 1)
+
+    def example(position_in_window):
+      source = position_in_window // repeats  # The copy's original in the permuted window.
+      return {
+          "record": tf.gather(records, permutation[source]),
+          # The substitute for a corrupt image: one repeated augmentation drops, else the next.
+          "backup": tf.gather(records, permutation[(source + backup_shift) % size]),
+          "epoch": epoch,
+          "position": start + position_in_window,
+      }
+
+    return tf.data.Dataset.range(offset, offset + count).map(example)
+
+  features = builder.info.features
+  decoders = {"image": tfds.decode.SkipDecoding()}
+  aug = _train_augmentation(settings)
+  image_size = int(settings["image_size"])
+
+  if aug.inception_crop:
+    area_range = (aug.crop_area_min, 1.0)
+    ratio_range = (aug.crop_ratio_min, aug.crop_ratio_max)
+  else:
+    area_range = ratio_range = None
+
+  def decode_and_augment(element):
+    primary = features.deserialize_example(element["record"], decoders=decoders)
+    backup = features.deserialize_example(element["backup"], decoders=decoders)
+    example_seed = _fold(tf.constant([seed, 0], tf.int64), element["epoch"], process_index,
+                         element["position"])
+    crop_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(example_seed, 2))
+
+    def window_fn(shape):
+      if area_range is None:
+        return _full_window(shape)
+      return augment.random_crop_window(shape, crop_seed, area_range, ratio_range)
+
+    def decode_backup():
+      image, ok = safe_decode_crop(backup["image"], backup["file_name"], window_fn)
+      return image, tf.where(ok, 1, 2)
+
+    image, ok = safe_decode_crop(primary["image"], primary["file_name"], window_fn)
+    image, used = tf.cond(ok, lambda: (image, tf.constant(0)), decode_backup)
+    use_backup = tf.equal(used, 1)
+    return {
+        "image": augment.augment_train_image(image, augment_seed, aug, image_size),
+        "label": tf.cast(tf.where(use_backup, backup["label"], primary["label"]), tf.int32),
+        "example_id": tf.where(use_backup, _example_id(backup), _example_id(primary)),
+        "epoch": element["epoch"],
+        "decoded": used < 2,
+    }
+
+  dataset = plan.map(read_window).prefetch(1).flat_map(expand_window)
+  dataset = dataset.map(decode_and_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # Both the image and its substitute failing is vanishingly rare; the example is then dropped.
+  dataset = dataset.filter(lambda example: example["decoded"])
+  dataset = dataset.map(lambda example: {k: v for k, v in example.items() if k != "decoded"})
+  dataset = dataset.batch(local_batch, drop_remainder=True)
+  return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)
+
+
+def _options():
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
+  """Training steps per epoch (drop_remainder): the epoch length of `create_train_dataset`."""
+  return num_train_examples // global_batch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation stream.
+# ---------------------------------------------------------------------------------------------
+
+
+def create_eval_dataset(config=None, *, split: str | None = None, global_batch_size: int,
+                        image_size: int | None = None, process_index: int = 0,
+                        process_count: int = 1, **overrides):
+  """Finite evaluation stream of local batches covering `split` once, padded with mask 0.
+
+  Every process yields the same number of batches, ceil(ceil(N / process_count) / local_batch),
+  so multi-host evaluation steps stay in lockstep; the padding (and any image that fails to
+  decode) has mask 0.
+
+  Returns:
+    tf.data.Dataset of dicts: image float32 (local_batch, S, S, 3) normalized (S = image_size
+    or config.image_size), label int32, mask float32 (1 real, 0 padding), example_id int64
+    (-1 for padding), each (local_batch,).
+  """
+  settings = _settings(config, overrides)
+  split = split or settings["eval_split"]
+  image_size = int(image_size or settings["image_size"])
+  local_batch = _local_batch_size(global_batch_size, process_count)
+  builder = get_builder(settings["dataset"], settings["data_dir"])
+  num_examples = builder.info.splits[split].num_examples
+  num_batches = math.ceil(math.ceil(num_examples / process_count) / local_batch)
+  process_split = _process_split(split, process_index, process_count)
+  local_examples = builder.info.splits[process_split].num_examples
+  crop_ratio = float(settings["eval_crop_ratio"])
+  mean = tuple(float(v) for v in settings["mean"])
+  std = tuple(float(v) for v in settings["std"])
+
+  def preprocess(example):
+    image, ok = safe_decode_crop(example["image"], example["file_name"], _full_window)
+    image = augment.eval_resize_and_center_crop(image, image_size, crop_ratio)
+    return {
+        "image": augment.normalize(augment.to_uint8(image), mean, std),
+        "label": tf.cast(example["label"], tf.int32),
+        "mask": tf.cast(ok, tf.float32),
+        "example_id": _example_id(example),
+    }
+
+  dataset = builder.as_dataset(
+      split=process_split, shuffle_files=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(interleave_cycle_length=1))
+  dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros([image_size, image_size, 3], tf.float32),
+      "label": tf.constant(0, tf.int32),
+      "mask": tf.constant(0.0, tf.float32),
+      "example_id": tf.constant(-1, tf.int64),
+  }).repeat(num_batches * local_batch - local_examples)
+  dataset = dataset.concatenate(padding).batch(local_batch, drop_remainder=True)
+  return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)
