@@ -39,7 +39,18 @@ def detected_cluster(environ=None) -> str | None:
     return "tpu"
   if environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "tpu"
+  if environ is os.environ and _on_cloud_tpu_vm():
+    return "tpu"
   return None
+
+
+def _on_cloud_tpu_vm() -> bool:
+  # Plain TPU VMs set no telling variable; JAX asks the metadata server (instant elsewhere).
+  try:
+    from jax._src.clusters import cloud_tpu_cluster
+    return bool(cloud_tpu_cluster.GceTpuCluster.is_env_present())
+  except Exception:  # A private JAX module: if it moves, fall back to the variables above.
+    return False
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
