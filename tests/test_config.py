@@ -1,0 +1,90 @@
+"""Training configs: command-line overrides, locked fields, value checks naming the field."""
+
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from shufflemamba_jax import main
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
+def _parse(*args, config='digits.py'):
+  """Parses a command line like main's (locked config) with fresh flags; returns the config."""
+  argv = ['prog', f'--config={os.path.join(CONFIGS, config)}', *args]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def test_command_line_overrides():
+  config = _parse('--config.lr=0.01', '--config.model.slws.max_prob=0.3',
+                  '--config.model.slws.schedule=constant', '--config.total_steps=7',
+                  '--config.model.remat=True', '--config.aug.mixup_alpha=0.8')
+  assert config.lr == 0.01
+  assert config.model.slws.max_prob == 0.3
+  assert config.model.slws.schedule == 'constant'
+  assert config.total_steps == 7
+  assert config.model.remat is True
+  assert config.aug.mixup_alpha == 0.8
+  main.validate_config(config)
+
+
+def test_imagenet_config_argument_picks_the_recipe():
+  config = _parse('--config.batch_size=256', config='imagenet.py:shufflemamba_reg_base,stage=1')
+  assert config.model.variant == 'shufflemamba_reg_base'
+  assert config.image_size == 128 and config.num_epochs == 300
+  assert config.model.slws.max_prob == 0.1
+  assert config.batch_size == 256
+  main.validate_config(config)
+
+
+def test_required_fields_exist():
+  config = _parse()
+  for field in ('seed', 'batch_size', 'num_epochs', 'total_steps', 'log_every_steps',
+                'eval_every_steps', 'checkpoint_every_steps', 'lr', 'lr_scale_batch',
+                'warmup_epochs', 'warmup_lr', 'min_lr', 'weight_decay', 'b1', 'b2', 'eps',
+                'grad_clip', 'grad_accum_steps', 'ema_decay', 'dataset', 'data_dir',
+                'image_size', 'shuffle_buffer', 'train_split', 'eval_split'):
+    assert field in config, field
+  for field in ('variant', 'drop_path_rate', 'scan_method', 'remat', 'dtype'):
+    assert field in config.model, field
+  for field in ('max_prob', 'schedule', 'group_size'):
+    assert field in config.model.slws, field
+
+
+def test_unknown_field_is_rejected():
+  with pytest.raises(Exception, match='lrr|not exist|not found|no such'):
+    _parse('--config.lrr=0.1')
+  config = _parse()
+  with pytest.raises(AttributeError):
+    config.model.new_field = 1  # Locked: no new fields, not even in code.
+
+
+@pytest.mark.parametrize('field, value, words', [
+    ('batch_size', 0, 'batch_size'),
+    ('lr', -1.0, 'config.lr'),
+    ('model.slws.max_prob', 1.5, 'model.slws.max_prob'),
+    ('model.slws.schedule', 'cubic', 'model.slws.schedule'),
+    ('model.variant', 'vim_huge', 'model.variant'),
+    ('aug.mixup_prob', -0.1, 'aug.mixup_prob'),
+    ('aug.label_smoothing', 2.0, 'aug.label_smoothing'),
+    ('model.drop_path_rate', 1.2, 'model.drop_path_rate'),
+    ('ema_decay', 1.0, 'ema_decay'),
+    ('grad_accum_steps', 3, 'grad_accum_steps'),  # 3 does not divide the batch (64).
+    ('image_size', 18, 'image_size'),  # Not a multiple of the patch size (4).
+    ('model.scan_method', 'fft', 'model.scan_method'),
+])
+def test_invalid_values_are_rejected_naming_the_field(field, value, words):
+  config = _parse()
+  node = config
+  *parents, name = field.split('.')
+  for parent in parents:
+    node = node[parent]
+  node[name] = value
+  with pytest.raises(ValueError, match=words.replace('.', r'\.')):
+    main.validate_config(config)

@@ -1,0 +1,133 @@
+"""End-to-end training on the embedded digits set: metrics, NaN stop, resume, evaluate mode.
+
+One short run goes through the real command line (`python -m shufflemamba_jax.main`); the
+resume, NaN and evaluation checks call the same library functions in-process to save start-up
+time. The model is the digits config's tiny one (16x16 images, patch 4, width 48, depth 4).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from shufflemamba_jax import checkpoint as checkpoint_lib
+from shufflemamba_jax import metrics as metrics_lib
+from shufflemamba_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS_CONFIG = os.path.join(ROOT, 'configs', 'digits.py')
+# Short-run overrides: 2 steps between logs and checkpoints, evaluation at step 4. The
+# associative scan compiles about twice as fast as the sequential one, and compilation is
+# most of a 4-step run.
+SHORT = {'batch_size': 32, 'total_steps': 4, 'log_every_steps': 2, 'eval_every_steps': 4,
+         'checkpoint_every_steps': 2, 'eval_batch_size': 120, 'async_checkpointing': False,
+         'model.scan_method': 'associative'}
+
+
+def _digits_config(data_dir, **overrides):
+  spec = importlib.util.spec_from_file_location('digits_config', DIGITS_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data_dir = data_dir
+  for name, value in {**SHORT, **overrides}.items():
+    *parents, leaf = name.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory, data_dir):
+  """A 4-step digits run through the command line; returns its workdir."""
+  workdir = str(tmp_path_factory.mktemp('digits_run'))
+  command = [sys.executable, '-m', 'shufflemamba_jax.main', f'--config={DIGITS_CONFIG}',
+             f'--workdir={workdir}', f'--config.data_dir={data_dir}']
+  command += [f'--config.{name}={value}' for name, value in SHORT.items()]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return workdir
+
+
+def test_metrics_file_has_the_required_keys(trained_workdir):
+  records = metrics_lib.read_metrics(trained_workdir)
+  train_records = [r for r in records if 'loss' in r]
+  eval_records = [r for r in records if 'eval_top1' in r]
+  assert [r['step'] for r in train_records] == [2, 4]
+  for record in train_records:
+    for key in ('loss', 'train_top1', 'lr', 'grad_norm', 'images_per_s', 'step_time_s'):
+      assert key in record, key
+  assert [r['step'] for r in eval_records] == [4]
+  assert 0.0 <= eval_records[0]['eval_top1'] <= eval_records[0]['eval_top5'] <= 1.0
+  assert os.listdir(os.path.join(trained_workdir, 'tensorboard'))
+  assert checkpoint_lib.Checkpointer(
+      checkpoint_lib.checkpoint_directory(trained_workdir)).all_steps() == [2, 4]
+
+
+def test_resume_continues_at_the_next_step(trained_workdir, data_dir):
+  config = _digits_config(data_dir, total_steps=6)
+  train.train_and_evaluate(config, trained_workdir)
+  steps = [r['step'] for r in metrics_lib.read_metrics(trained_workdir) if 'loss' in r]
+  assert steps == [2, 4, 6]  # Steps 1-4 were not trained again.
+  checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(trained_workdir))
+  assert checkpointer.latest_step() == 6
+  with open(os.path.join(checkpointer.directory, '6', 'meta', 'metadata')) as f:
+    assert json.load(f)['data_position'] == 6
+
+
+def test_evaluate_mode(trained_workdir, data_dir):
+  """Scores the latest checkpoint, also at twice the training resolution (resized positions)."""
+  config = _digits_config(data_dir)
+  record = train.evaluate(config, trained_workdir, split='validation', image_size=32)
+  assert record['image_size'] == 32 and record['split'] == 'validation'
+  assert record['num_examples'] == 360
+  assert 0.0 <= record['eval_top1'] <= 1.0
+  assert record['step'] in (4, 6)
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step(tmp_path, data_dir):
+  # A huge learning rate without warmup: step 0 is finite, its update makes step 1's loss NaN/Inf.
+  config = _digits_config(data_dir, lr=1e30, warmup_epochs=0.0, grad_clip=None, total_steps=4,
+                          eval_every_steps=100, checkpoint_every_steps=100)
+  with pytest.raises(FloatingPointError, match=r'at step 1 '):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints', '4'))
+
+
+@pytest.mark.parametrize('variant', ['shufflemamba_tiny', 'shufflemamba_reg_tiny'])
+def test_init_from_resizes_position_embeddings(tmp_path, variant):
+  """Multi-stage recipes: parameters from a 16px run initialise a 32px model (pos_embed resized)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  small = _digits_config(None)
+  small.model.variant = variant
+  shapes = train.split_model(nnx.eval_shape(lambda: train.create_model(small, num_classes=10)))[1]
+  leaves, treedef = jax.tree.flatten(shapes)
+  rng = np.random.default_rng(0)  # Random values of the right shapes: no model init needed.
+  source = jax.tree.unflatten(
+      treedef, [rng.standard_normal(leaf.shape).astype(np.float32) for leaf in leaves])
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  checkpointer.save(1, {'params': source}, meta={'step': 1}, config={}, force=True)
+  checkpointer.close()
+
+  large = _digits_config(None, image_size=32)
+  large.model.variant = variant
+  target = train.split_model(nnx.eval_shape(lambda: train.create_model(large, num_classes=10)))[1]
+  params = train._init_params_from(large, target, str(tmp_path))  # pylint: disable=protected-access
+  assert params['pos_embed'].shape == target['pos_embed'].shape != source['pos_embed'].shape
+  np.testing.assert_array_equal(params['head']['kernel'], source['head']['kernel'])
+  if variant == 'shufflemamba_tiny':  # The class-token slot is carried over, not resized.
+    np.testing.assert_allclose(params['pos_embed'][0], source['pos_embed'][0], rtol=1e-6)
+  assert jax.tree.structure(params) == jax.tree.structure(target)
