@@ -30,7 +30,7 @@ _EVAL_SPLIT = flags.DEFINE_string('eval_split', None, 'evaluate mode: split (def
 _EVAL_IMAGE_SIZE = flags.DEFINE_integer(
     'eval_image_size', None, 'evaluate mode: resolution (default config.image_size).')
 
-_SCAN_METHODS = ('associative', 'sequential', 'chunked')
+_SCAN_METHODS = ('auto', 'associative', 'sequential', 'chunked')
 _DTYPES = ('float32', 'bfloat16')
 
 
@@ -148,7 +148,7 @@ def main(argv):
   if _MODE.value == 'train':
     train.train_and_evaluate(config, _WORKDIR.value)
   else:
-    record = train.evaluate(config, _CHECKPOINT.value or _WORKDIR.value,
+    record = train.evaluate(config, _CHECKPOINT.value or config.init_from or _WORKDIR.value,
                             split=_EVAL_SPLIT.value, image_size=_EVAL_IMAGE_SIZE.value)
     print(record)
 

@@ -14,6 +14,19 @@ import jax
 import jax.numpy as jnp
 
 SCAN_METHODS = ("associative", "sequential", "chunked")
+# What method="auto" picks on each backend (jax.default_backend()), from the measurements in
+# BENCHMARKS.md; backends not listed get DEFAULT_SCAN_METHOD.
+AUTO_SCAN_METHODS = {"cpu": "sequential", "gpu": "chunked", "tpu": "chunked"}
+DEFAULT_SCAN_METHOD = "chunked"
+
+
+def resolve_scan_method(method: str, backend: str | None = None) -> str:
+  """Returns `method`, or for "auto" the measured default of `backend` (default: jax's backend)."""
+  if method == "auto":
+    return AUTO_SCAN_METHODS.get(backend or jax.default_backend(), DEFAULT_SCAN_METHOD)
+  if method not in SCAN_METHODS:
+    raise ValueError(f"scan method must be \"auto\" or one of {SCAN_METHODS}, got {method!r}")
+  return method
 
 
 def _combine(left, right):
@@ -96,7 +109,7 @@ def selective_scan(
     delta_softplus: bool = False,
     *,
     reverse: bool = False,
-    method: str = "associative",
+    method: str = "auto",
     chunk_size: int = 64,
 ) -> jax.Array:
   """Runs the selective SSM `h_l = exp(delta_l A) h_{l-1} + delta_l B_l u_l; y_l = C_l h_l + D u_l`.
@@ -112,14 +125,14 @@ def selective_scan(
     delta_softplus: apply softplus to delta (+ bias).
     reverse: run the recurrence from the last position to the first (the backward direction of
       a bidirectional mixer, without flipping copies).
-    method: "associative", "sequential" or "chunked" (see the module docstring).
+    method: "associative", "sequential" or "chunked" (see the module docstring), or "auto" for
+      the default of the backend being traced for (`resolve_scan_method`).
     chunk_size: chunk length of the chunked method; the length need not divide by it.
 
   Returns:
     (batch, length, channels) in u's dtype.
   """
-  if method not in SCAN_METHODS:
-    raise ValueError(f"scan method must be one of {SCAN_METHODS}, got {method!r}")
+  method = resolve_scan_method(method)
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
   if u.ndim != 3 or delta.shape != u.shape:

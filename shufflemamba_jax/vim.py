@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shufflemamba_jax import slws, ssm, tokens
+from shufflemamba_jax import sharding, slws, ssm, tokens
 from shufflemamba_jax.mamba import BiMamba, uniform_init
 
 NORMS = ("rmsnorm", "layernorm")
@@ -26,6 +26,19 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# What remat="auto" picks on each backend (jax.default_backend()), from BENCHMARKS.md: without
+# block rematerialization the backward pass keeps every layer's (batch, length, channels)
+# activations, which is what limits the batch on accelerators.
+AUTO_REMAT = {"cpu": True, "gpu": True, "tpu": True}
+
+
+def resolve_remat(remat: bool | str, backend: str | None = None) -> bool:
+  """Returns `remat` as a bool; "auto" gives the measured default of `backend` (default: jax's)."""
+  if remat == "auto":
+    return AUTO_REMAT.get(backend or jax.default_backend(), True)
+  if not isinstance(remat, (bool, np.bool_)):
+    raise ValueError(f'remat must be True, False or "auto", got {remat!r}')
+  return bool(remat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +63,9 @@ class VisionMambaConfig:
   slws_max_prob: float = 0.0
   slws_schedule: str = "linear"
   slws_group_size: int = 256
-  scan_method: str = "associative"
-  chunk_size: int = 64
-  remat: bool = False
+  scan_method: str = "auto"  # "auto": per backend, see ssm.resolve_scan_method
+  chunk_size: int = 16  # 16 keeps ShuffleMamba-B at batch 256 under 32 GiB (BENCHMARKS.md)
+  remat: bool | str = "auto"  # True, False or "auto" (per backend, see resolve_remat)
   remat_policy: str = "nothing_saveable"
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -89,8 +102,9 @@ class VisionMambaConfig:
       raise ValueError(f"slws_schedule must be one of {slws.SCHEDULES}, got {self.slws_schedule!r}")
     if not isinstance(self.slws_group_size, (int, np.integer)) or self.slws_group_size < 1:
       raise ValueError(f"slws_group_size must be an integer >= 1, got {self.slws_group_size!r}")
-    if self.scan_method not in ssm.SCAN_METHODS:
-      raise ValueError(f"scan_method must be one of {ssm.SCAN_METHODS}, got {self.scan_method!r}")
+    if self.scan_method != "auto" and self.scan_method not in ssm.SCAN_METHODS:
+      raise ValueError(f'scan_method must be "auto" or one of {ssm.SCAN_METHODS}, got {self.scan_method!r}')
+    resolve_remat(self.remat, backend="cpu")  # validates True / False / "auto"
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}")
     for name in ("dtype", "param_dtype"):
@@ -218,7 +232,7 @@ class VisionMamba(nnx.Module):
     config = self.config
     if train and key is None:
       raise ValueError("training mode needs a PRNG key: model(images, train=True, key=jax.random.key(...))")
-    hidden = self.embed(images)
+    hidden = sharding.constrain_batch(self.embed(images))
     batch, length, _ = hidden.shape
     drop_path = train and config.drop_path_rate > 0
     shuffle = train and config.slws_max_prob > 0
@@ -243,9 +257,10 @@ class VisionMamba(nnx.Module):
       out = block.mixer(mixer_in)
       if shuffle:
         out = slws.restore_tokens(out, order)
-      return (out.astype(hidden.dtype), residual), None
+      out = sharding.constrain_batch(out.astype(hidden.dtype))
+      return (out, sharding.constrain_batch(residual)), None
 
-    if config.remat:
+    if resolve_remat(config.remat):
       block_step = jax.checkpoint(block_step, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
     xs = (layer_state, jnp.arange(config.depth), jnp.asarray(self.shuffle_probs, jnp.float32),
           jnp.asarray(self.block_drop_rates, jnp.float32))
