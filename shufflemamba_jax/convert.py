@@ -188,6 +188,12 @@ def model_with_params(model_config, params) -> nnx.Module:
   if expected != given:
     raise ValueError(f"parameters do not match the model config: missing {sorted(expected - given)}, "
                      f"unexpected {sorted(given - expected)}")
+  expected_shapes = {name: tuple(value.shape) for name, value in _flatten(nnx.to_pure_dict(state)).items()}
+  wrong = [f"{name}: {tuple(np.shape(value))} given, {expected_shapes[name]} expected"
+           for name, value in _flatten(_as_pure_dict(params)).items()
+           if tuple(np.shape(value)) != expected_shapes[name]]
+  if wrong:
+    raise ValueError("parameters do not match the model config: " + "; ".join(sorted(wrong)))
   nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, _as_pure_dict(params)))
   nnx.update(model, state)
   return model

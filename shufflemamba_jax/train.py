@@ -29,6 +29,7 @@ from flax import nnx
 
 import shufflemamba_jax
 from shufflemamba_jax import checkpoint as checkpoint_lib
+from shufflemamba_jax import convert
 from shufflemamba_jax import metrics as metrics_lib
 from shufflemamba_jax import mixup
 from shufflemamba_jax import optim
@@ -244,10 +245,13 @@ def _init_params_from(config, params, path: str):
   For multi-stage recipes (e.g. 128px -> 224px): every parameter must exist with the same
   shape, except the patch position table, which is resized bicubically to the new grid.
   """
-  directory, step = checkpoint_lib.resolve(path)
-  source = checkpoint_lib.Checkpointer(directory, async_save=False)
-  saved = source.restore_raw(step)['params']
-  source.close()
+  if convert.is_params_checkpoint(path):  # converted official weights (shufflemamba_jax.convert)
+    saved = convert.load_params(path)[0]
+  else:
+    directory, step = checkpoint_lib.resolve(path)
+    source = checkpoint_lib.Checkpointer(directory, async_save=False)
+    saved = source.restore_raw(step)['params']
+    source.close()
   saved_flat = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
   model_config = shufflemamba_jax.model_config(
       config.model.variant, img_size=config.image_size, **model_overrides(config))
@@ -452,19 +456,26 @@ def evaluate(config, path: str, split: str | None = None, image_size: int | None
 
   split = split or config.eval_split
   image_size = image_size or config.image_size
-  directory, step = checkpoint_lib.resolve(path)
-  checkpointer = checkpoint_lib.Checkpointer(directory, async_save=False)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'No checkpoint in {directory}.')
+  converted = convert.is_params_checkpoint(path)  # official weights from shufflemamba_jax.convert
+  if converted:
+    directory, step = os.path.abspath(path), 0
+  else:
+    directory, step = checkpoint_lib.resolve(path)
+    checkpointer = checkpoint_lib.Checkpointer(directory, async_save=False)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {directory}.')
 
   info = input_pipeline.get_dataset_info(config.dataset, config.data_dir)
   num_classes = int(info.num_classes)
   abstract_model = nnx.eval_shape(lambda: create_model(config, num_classes))
   graphdef, abstract_params, rest = split_model(abstract_model)
   # Restored as saved (whatever optimizer the run used); only the parameter trees are kept.
-  state = checkpointer.restore_raw(step)
-  checkpointer.close()
+  if converted:
+    state = {'params': convert.load_params(path)[0]}
+  else:
+    state = checkpointer.restore_raw(step)
+    checkpointer.close()
   params = _match_params(state['params'], abstract_params, 'params')
   ema = _match_params(state['ema'], abstract_params, 'ema') if state.get('ema') else None
 

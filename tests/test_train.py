@@ -131,3 +131,17 @@ def test_init_from_resizes_position_embeddings(tmp_path, variant):
   if variant == 'shufflemamba_tiny':  # The class-token slot is carried over, not resized.
     np.testing.assert_allclose(params['pos_embed'][0], source['pos_embed'][0], rtol=1e-6)
   assert jax.tree.structure(params) == jax.tree.structure(target)
+
+
+def test_load_model_from_a_training_run(trained_workdir):
+  import jax
+  import numpy as np
+
+  import shufflemamba_jax
+  ema_model = shufflemamba_jax.load_model(trained_workdir, step=4)
+  raw_model = shufflemamba_jax.load_model(trained_workdir, step=4, ema=False)
+  assert ema_model.config.num_classes == 10 and ema_model.config.img_size == 16
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  ema_logits, raw_logits = ema_model(images), raw_model(images)
+  assert ema_logits.shape == (2, 10)
+  assert not np.allclose(ema_logits, raw_logits)  # EMA and raw parameters differ after 4 steps.
