@@ -97,5 +97,16 @@ def get_config():
   config.grad_accum_steps = 1  # Micro-batches per optimizer step (inside one jitted step).
   config.ema_decay = 0.0  # EMA of the parameters, updated every step; 0 = off.
 
+  # ---- Devices (shufflemamba_jax.sharding) ---------------------------------------------------
+  # Mesh axes: the batch is split over data x fsdp; parameters and optimizer state are split
+  # over fsdp. One size may be -1 (the rest of the devices); without -1, a smaller mesh uses the
+  # first devices (data=1, fsdp=1 trains on one device).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1  # Reserved for tensor parallelism; the model does not use it yet.
+  config.mesh.fsdp_min_size = 2 ** 16  # Parameters with fewer elements stay replicated.
+
   config.lock()
+
   return config

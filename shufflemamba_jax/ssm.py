@@ -16,7 +16,7 @@ import jax.numpy as jnp
 SCAN_METHODS = ("associative", "sequential", "chunked")
 # What method="auto" picks on each backend (jax.default_backend()), from the measurements in
 # BENCHMARKS.md; backends not listed get DEFAULT_SCAN_METHOD.
-AUTO_SCAN_METHODS = {"cpu": "sequential", "gpu": "chunked", "tpu": "chunked"}
+AUTO_SCAN_METHODS = {"cpu": "chunked", "gpu": "chunked", "tpu": "chunked"}
 DEFAULT_SCAN_METHOD = "chunked"
 
 
