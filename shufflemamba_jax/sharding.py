@@ -43,8 +43,10 @@ def mesh_shape(data: int, fsdp: int, tensor: int = 1, num_devices: int | None = 
 
 
 def create_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-  """Builds the ("data", "fsdp", "tensor") mesh over all (or the given) devices."""
+  """Builds the ("data", "fsdp", "tensor") mesh over all (or the given, or the first N) devices."""
   devices = jax.devices() if devices is None else list(devices)
+  if -1 not in (data, fsdp, tensor) and 0 < data * fsdp * tensor < len(devices):
+    devices = devices[:data * fsdp * tensor]  # An explicit smaller mesh uses the first devices.
   shape = mesh_shape(data, fsdp, tensor, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)

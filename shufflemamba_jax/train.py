@@ -33,6 +33,8 @@ from shufflemamba_jax import convert
 from shufflemamba_jax import metrics as metrics_lib
 from shufflemamba_jax import mixup
 from shufflemamba_jax import optim
+from shufflemamba_jax import preemption
+from shufflemamba_jax import sharding
 from shufflemamba_jax import tokens
 
 # Config fields under `model` that are not VisionMambaConfig overrides.
@@ -85,7 +87,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
                     num_classes: int, grad_accum_steps: int = 1, ema_decay: float = 0.0,
                     mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mixup_prob: float = 1.0,
                     mixup_switch_prob: float = 0.5, label_smoothing: float = 0.0,
-                    donate: bool = True):
+                    donate: bool = True, state_shardings=None, batch_sharding=None):
   """Returns `train_step(state, batch) -> (state, metrics)`, one jitted pure function.
 
   batch: {'image': (batch, H, W, 3) float32, 'label': (batch,) int32} (global batch on the
@@ -157,7 +159,13 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
     }
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+  donate_argnums = (0,) if donate else ()
+  if state_shardings is None:
+    return jax.jit(train_step, donate_argnums=donate_argnums)
+  # Explicit shardings: the state keeps its FSDP layout step after step, metrics are replicated.
+  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=donate_argnums)
 
 
 def make_eval_step(graphdef, rest):
@@ -183,13 +191,13 @@ def make_eval_step(graphdef, rest):
   return jax.jit(eval_step)
 
 
-def run_evaluation(eval_step, params, dataset) -> dict:
+def run_evaluation(eval_step, params, dataset, to_device=None) -> dict:
   """Top-1, top-5 (fractions) and mean loss of `params` over a finite eval dataset."""
   totals = {'top1': 0.0, 'top5': 0.0, 'loss': 0.0, 'count': 0.0}
   pending = []
   for batch in _as_numpy(dataset):
     batch = {name: batch[name] for name in ('image', 'label', 'mask')}
-    pending.append(eval_step(params, batch))
+    pending.append(eval_step(params, to_device(batch) if to_device else batch))
   for sums in jax.device_get(pending):
     for name in totals:
       totals[name] += float(sums[name])
@@ -307,9 +315,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   num_train, _ = _dataset_sizes(info, config)
   epoch_steps = steps_per_epoch(num_train, config.batch_size)
   total_steps = total_train_steps(config, epoch_steps)
-  if jax.device_count() > 1 and config.batch_size % jax.device_count():
-    raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the '
-                     f'{jax.device_count()} devices.')
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  sharding.check_batch_divisible(config.batch_size, mesh, 'config.batch_size')
+  sharding.check_batch_divisible(config.eval_batch_size, mesh, 'config.eval_batch_size')
 
   # ---- Model and optimizer ---------------------------------------------------------------
   tx, schedule = optim.create_optimizer_from_config(config, epoch_steps, total_steps)
@@ -325,6 +333,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.tree.leaves(rest):
     raise NotImplementedError('The model has non-parameter state; the trainer carries params only.')
   abstract_state = jax.eval_shape(initial_state)
+  # Created, restored and updated already sharded: FSDP over the mesh, never whole on one device.
+  state_shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+  abstract_state = jax.tree.map(
+      lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+      abstract_state, state_shardings)
 
   # ---- Checkpoint: resume or start -------------------------------------------------------
   checkpointer = checkpoint_lib.Checkpointer(
@@ -334,9 +347,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, meta = checkpointer.restore(abstract_state)
     logging.info('Resumed from %s at step %d.', checkpointer.directory, meta['step'])
   else:
-    state = jax.jit(initial_state)()
+    state = jax.jit(initial_state, out_shardings=state_shardings)()
     if config.init_from:
-      state['params'] = _init_params_from(config, state['params'], config.init_from)
+      state['params'] = jax.device_put(
+          _init_params_from(config, state['params'], config.init_from), state_shardings['params'])
       if state['ema'] is not None:
         state['ema'] = jax.tree.map(jnp.copy, state['params'])
   start_step = int(jax.device_get(state['step']))
@@ -350,7 +364,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
       mixup_alpha=config.aug.mixup_alpha, cutmix_alpha=config.aug.cutmix_alpha,
       mixup_prob=config.aug.mixup_prob, mixup_switch_prob=config.aug.mixup_switch_prob,
-      label_smoothing=config.aug.label_smoothing)
+      label_smoothing=config.aug.label_smoothing,
+      state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh))
   eval_step = make_eval_step(graphdef, rest)
 
   train_ds = input_pipeline.create_train_dataset(
@@ -363,12 +378,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = metrics_lib.MetricWriter(workdir)
   config_json = _config_json(config)
 
+  def to_device(batch):
+    return sharding.global_batch({name: batch[name] for name in ('image', 'label', 'mask')}, mesh)
+
   def evaluate_now(step: int) -> dict:
     record = {}
     for prefix, params in (('eval', state['params']), ('ema_eval', state['ema'])):
       if params is None:
         continue
-      result = run_evaluation(eval_step, params, eval_ds)
+      result = run_evaluation(eval_step, params, eval_ds, to_device)
       record.update({f'{prefix}_top1': result['top1'], f'{prefix}_top5': result['top5'],
                      f'{prefix}_loss': result['loss']})
     record = writer.write(step, record)
@@ -395,10 +413,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   last_eval: dict = {}
   pending_metrics = []
   window_start, window_steps = time.perf_counter(), 0
+  watcher = preemption.PreemptionWatcher()
   try:
     for step in range(start_step, total_steps):
       batch = next(train_iter)
-      state, step_metrics = train_step(state, {'image': batch['image'], 'label': batch['label']})
+      batch = sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)
+      with jax.set_mesh(mesh):  # Activation sharding constraints refer to this mesh.
+        state, step_metrics = train_step(state, batch)
       pending_metrics.append(step_metrics)
       window_steps += 1
       done = step + 1
@@ -429,9 +450,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
         save(done)
       if done % config.eval_every_steps == 0 or done % config.checkpoint_every_steps == 0:
         window_start = time.perf_counter()  # Keep evaluation and saving out of the speed.
+      if not is_last and watcher.should_stop(done):
+        if done % config.checkpoint_every_steps:
+          save(done)
+        checkpointer.wait()  # The process may be killed soon after: the save must be complete.
+        logging.warning('Stopped by %s after step %d; checkpoint saved in %s. Run the same command '
+                        'to resume.', watcher.signal_name, done, checkpointer.directory)
+        break
     if start_step >= total_steps:
       logging.info('Already trained %d of %d steps; nothing to do.', start_step, total_steps)
   finally:
+    watcher.close()
     if progress is not None:
       progress.close()
     checkpointer.wait()

@@ -25,12 +25,17 @@ def test_mesh_shape_takes_the_rest_with_minus_one(sizes, expected):
 
 
 @pytest.mark.parametrize("sizes,match", [
-    ((3, -1, 1), "do not divide"), ((2, 2, 1), "needs 4 devices"), ((-1, -1, 1), "only one"),
+    ((3, -1, 1), "do not divide"), ((4, 4, 1), "needs 16 devices"), ((-1, -1, 1), "only one"),
     ((0, 1, 1), "mesh.data"),
 ])
 def test_bad_mesh_is_named(sizes, match):
   with pytest.raises(ValueError, match=match):
     sharding.mesh_shape(*sizes, num_devices=8)
+
+
+def test_an_explicit_smaller_mesh_uses_the_first_devices():
+  mesh = sharding.create_mesh(1, 1)
+  assert mesh.devices.size == 1 and mesh.devices.flat[0] == jax.devices()[0]
 
 
 def test_fsdp_shards_the_largest_divisible_dimension_above_the_threshold():

@@ -24,7 +24,7 @@ DIGITS_CONFIG = os.path.join(ROOT, 'configs', 'digits.py')
 # most of a 4-step run.
 SHORT = {'batch_size': 32, 'total_steps': 4, 'log_every_steps': 2, 'eval_every_steps': 4,
          'checkpoint_every_steps': 2, 'eval_batch_size': 120, 'async_checkpointing': False,
-         'model.scan_method': 'associative'}
+         'model.scan_method': 'associative', 'mesh.data': 1}
 
 
 def _digits_config(data_dir, **overrides):
@@ -145,3 +145,60 @@ def test_load_model_from_a_training_run(trained_workdir):
   ema_logits, raw_logits = ema_model(images), raw_model(images)
   assert ema_logits.shape == (2, 10)
   assert not np.allclose(ema_logits, raw_logits)  # EMA and raw parameters differ after 4 steps.
+
+
+def test_sigterm_saves_at_a_step_boundary_and_the_run_resumes(tmp_path, data_dir):
+  import signal
+  import time
+
+  workdir = str(tmp_path / 'preempted')
+  command = [sys.executable, '-m', 'shufflemamba_jax.main', f'--config={DIGITS_CONFIG}',
+             f'--workdir={workdir}', f'--config.data_dir={data_dir}']
+  long_run = {**SHORT, 'total_steps': 10_000, 'checkpoint_every_steps': 10_000, 'eval_every_steps': 10_000}
+  command += [f'--config.{name}={value}' for name, value in long_run.items()]
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics_path) and os.path.getsize(metrics_path)) and time.time() < deadline:
+    assert process.poll() is None, process.stdout.read()[-4000:]
+    time.sleep(0.5)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, output[-4000:]
+  assert 'Stopped by SIGTERM after step' in output
+  checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(workdir))
+  stopped_at = checkpointer.latest_step()
+  checkpointer.close()
+  assert 2 <= stopped_at < 10_000
+
+  config = _digits_config(data_dir, total_steps=stopped_at + 2)
+  train.train_and_evaluate(config, workdir)
+  steps = [r['step'] for r in metrics_lib.read_metrics(workdir) if 'loss' in r]
+  assert steps[-1] == stopped_at + 2 and stopped_at + 1 not in steps[:-1]
+
+
+@pytest.mark.parametrize('data,fsdp', [(8, 1), (2, 4), (1, 8)])
+def test_meshes_give_the_losses_of_one_device(tmp_path, data_dir, data, fsdp, single_device_losses):
+  """Data-parallel, FSDP and mixed meshes over 8 simulated devices train like one device."""
+  import jax
+  import numpy as np
+  assert jax.device_count() == 8
+  losses = _five_step_losses(str(tmp_path / f'mesh_{data}x{fsdp}'), data_dir, data=data, fsdp=fsdp)
+  np.testing.assert_allclose(losses, single_device_losses, rtol=2e-4, atol=2e-5)
+
+
+def _five_step_losses(workdir, data_dir, data, fsdp):
+  # SLWS with group size 2 and drop path make the per-step randomness visible in the losses.
+  config = _digits_config(data_dir, total_steps=5, log_every_steps=1, eval_every_steps=100,
+                          checkpoint_every_steps=100, **{'mesh.data': data, 'mesh.fsdp': fsdp,
+                          'mesh.fsdp_min_size': 256, 'model.drop_path_rate': 0.1,
+                          'model.slws.max_prob': 0.5, 'model.slws.group_size': 2})
+  train.train_and_evaluate(config, workdir)
+  return [r['loss'] for r in metrics_lib.read_metrics(workdir) if 'loss' in r]
+
+
+@pytest.fixture(scope='module')
+def single_device_losses(tmp_path_factory, data_dir):
+  losses = _five_step_losses(str(tmp_path_factory.mktemp('one_device')), data_dir, data=1, fsdp=1)
+  assert len(losses) == 5
+  return losses
