@@ -30,6 +30,12 @@ _EVAL_SPLIT = flags.DEFINE_string('eval_split', None, 'evaluate mode: split (def
 _EVAL_IMAGE_SIZE = flags.DEFINE_integer(
     'eval_image_size', None, 'evaluate mode: resolution (default config.image_size).')
 
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process: HOST:PORT of process 0 (or JAX_COORDINATOR_ADDRESS); '
+    'not needed on TPU VMs and SLURM, where it is detected.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes (or JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this process, 0-based (or JAX_PROCESS_ID).')
+
 _SCAN_METHODS = ('auto', 'associative', 'sequential', 'chunked')
 _DTYPES = ('float32', 'bfloat16')
 
@@ -142,7 +148,11 @@ def main(argv):
   validate_config(config)
 
   import jax  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax import distributed  # pylint: disable=g-import-not-at-top
   from shufflemamba_jax import train  # pylint: disable=g-import-not-at-top
+
+  # Before anything touches the devices: joins the processes of a multi-host run.
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
   logging.info('JAX devices: %s', jax.devices())
   if _MODE.value == 'train':
