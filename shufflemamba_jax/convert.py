@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import pickle
 import sys
@@ -207,13 +206,14 @@ def model_with_params(model_config, params) -> nnx.Module:
 def _resized_pos_embed(value: np.ndarray, width: int, config) -> np.ndarray | None:
   """value (L, D) resized bicubically to config's patch grid, or None if it is not a square grid."""
   from shufflemamba_jax import tokens
-  extra = 0 if config.token_layout == "registers" else 1
-  old_side = math.isqrt(value.shape[0] - extra)
-  if value.ndim != 2 or value.shape[1] != width or old_side * old_side != value.shape[0] - extra:
+  if value.ndim != 2 or value.shape[1] != width:
     return None
-  resized = tokens.resize_position_embedding(
-      value, old_grid=(old_side, old_side), new_grid=config.grid, token_layout=config.token_layout)
-  _log.info("Resized pos_embed from the %dx%d patch grid to %dx%d.", old_side, old_side, *config.grid)
+  try:
+    resized = tokens.resize_pos_embed_table(value, config.grid, config.token_layout)
+  except ValueError:
+    return None  # reported with the other mis-shaped tensors
+  _log.info("Resized pos_embed %s to %s for the %dx%d patch grid.",
+            value.shape, resized.shape, *config.grid)
   return np.asarray(resized, value.dtype)
 
 

@@ -8,6 +8,8 @@ another resolution resizes only the patch slots.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +102,22 @@ def resize_position_embedding(pos_embed, *, old_grid, new_grid, token_layout: st
   new_patches = int(np.prod(new_grid))
   combined = jnp.concatenate([patch_rows, jnp.asarray(extra_row, patch_rows.dtype)], axis=0)
   return jnp.take(combined, sequence_order(new_patches, token_layout), axis=0)
+
+
+def resize_pos_embed_table(pos_embed, new_grid, token_layout: str) -> jax.Array:
+  """Resizes a saved position table to `new_grid`, its old grid inferred as a square.
+
+  Checkpoints store the table but not the grid it was trained on; every resolution here is a
+  square image, so the grid side is the square root of the patch rows (all rows but the cls
+  slot, or all rows of the patch-only "registers" table). Raises a ValueError naming the shape
+  when the rows do not form a square grid.
+  """
+  extra = 0 if token_layout == "registers" else num_extra_tokens(token_layout, 0)
+  shape = tuple(pos_embed.shape)
+  patches = shape[0] - extra if len(shape) == 2 else 0
+  side = math.isqrt(max(patches, 0))
+  if patches < 1 or side * side != patches:
+    raise ValueError(f"cannot infer the square patch grid of a pos_embed of shape {shape} "
+                     f"with token_layout {token_layout!r}")
+  return resize_position_embedding(pos_embed, old_grid=(side, side), new_grid=tuple(new_grid),
+                                   token_layout=token_layout)

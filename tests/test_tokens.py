@@ -65,3 +65,13 @@ def test_resize_registers_table_is_patch_only():
 def test_resize_is_jittable():
   fn = jax.jit(lambda t: tokens.resize_position_embedding(t, old_grid=(2, 2), new_grid=(3, 3), token_layout="head"))
   assert fn(jnp.ones((5, 2))).shape == (10, 2)
+
+
+@pytest.mark.parametrize("layout,rows", [("middle", 17), ("head", 17), ("registers", 16)])
+def test_a_saved_table_is_resized_from_its_inferred_square_grid(layout, rows):
+  table = jnp.asarray(np.random.default_rng(1).normal(size=(rows, 4)), jnp.float32)
+  resized = tokens.resize_pos_embed_table(table, (6, 6), layout)
+  expected = tokens.resize_position_embedding(table, old_grid=(4, 4), new_grid=(6, 6), token_layout=layout)
+  np.testing.assert_array_equal(resized, expected)
+  with pytest.raises(ValueError, match=r"square patch grid.*\(" + str(rows + 1) + r", 4\)"):
+    tokens.resize_pos_embed_table(jnp.ones((rows + 1, 4)), (6, 6), layout)
