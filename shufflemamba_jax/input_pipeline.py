@@ -1,15 +1,25 @@
 """tf.data input pipelines over TFDS (`imagenet2012`, `digits`) with exact, seeded resume.
 
-Training order. Each process reads its own contiguous slice of the split
-(`tfds.even_splits(split, process_count)[process_index]`), cut into chunks of at most
-`chunk_size` consecutive records. Every epoch the chunks are permuted with a NumPy generator
-seeded by (seed, epoch, process) and grouped into windows of about `shuffle_buffer` examples;
-a window is read whole and permuted with a stateless TF shuffle. Every example's augmentation
-seed is fold_in(seed, epoch, process, position). So the stream is a pure function of
-(seed, epoch), and a run restarted at `start_step` rebuilds the same plan and skips only inside
-one window (no decoding of skipped records), continuing the exact same stream. Each epoch has
-`num_train_examples // global_batch_size` steps; the leftover examples of the epoch are dropped
+Training order. The split is cut into V = `data_shards` contiguous shards
+(`tfds.even_splits(split, V)[v]`; the default 0 means V = process_count, one shard per process).
+Each shard is an independent stream: its records are cut into chunks of at most `chunk_size`
+consecutive records; every epoch the chunks are permuted with a NumPy generator seeded by
+(seed, epoch, shard) and grouped into windows of about `shuffle_buffer` examples; a window is
+read whole and permuted with a stateless TF shuffle seeded by (seed, epoch, shard, window).
+Every example's augmentation seed is fold_in(seed, epoch, shard, position in the shard's epoch).
+Each epoch has `num_train_examples // global_batch_size` steps, and a shard delivers
+G / V examples per step (G = global batch size); the leftover examples of the epoch are dropped
 (different ones every epoch).
+
+Global batch b is the concatenation of the b-th sub-batches of shards 0, 1, ..., V - 1. Process
+k of P reads shards [k V / P, (k + 1) V / P) and yields their sub-batches concatenated in order,
+i.e. exactly rows [k G / P, (k + 1) G / P) of the global batch. So the stream is a pure function
+of (seed, epoch, V): for a fixed `data_shards` the global batches are the same for every process
+count P dividing V (V must be a multiple of P, and G divisible by V). A run restarted at
+`start_step` rebuilds the same plans and every shard skips only inside one window (no decoding
+of skipped records), continuing the exact same stream, with any such P. With data_shards=0 the
+stream depends on P (V = P); set data_shards (e.g. to the largest process count expected) to
+make it independent of P.
 
 Repeated augmentation (DeiT's RASampler, `repeated_aug = r > 1`): in every window the first
 ceil(n / r) permuted examples are each emitted r times in a row (each copy augmented with its
@@ -17,12 +27,13 @@ own seed), cut to n, so an epoch keeps its length and sees about 1 / r of the da
 
 Corrupt images: the two ops that can fail on bad bytes (JPEG header parse, decode of the crop
 window) run in `tf.py_function`s that catch the error and log a warning naming the file; the
-example is then replaced by another one of the same window (the next, or one that repeated
-augmentation drops), so positions never shift and resume stays exact. An evaluation example
-that fails to decode gets mask 0. The Python part costs about 0.1 ms per image (GIL-bound).
+example is then replaced by another one of the same window of its shard (the next, or one that
+repeated augmentation drops), so positions never shift and resume stays exact. An evaluation
+example that fails to decode gets mask 0. The Python part costs about 0.1 ms per image (GIL-bound).
 
-Memory: a window holds `shuffle_buffer` encoded images and the next one is prefetched
-(16,384 ImageNet JPEGs are about 1.8 GB).
+Memory: every shard holds a window of `shuffle_buffer` encoded images and prefetches the next
+one (16,384 ImageNet JPEGs are about 1.8 GB), so a process holds V / P windows (plus their
+prefetches): lower `shuffle_buffer` about P / V-fold when V > P.
 
 TensorFlow is kept off the accelerators (`tf.config.set_visible_devices([], "GPU")`).
 """
@@ -67,6 +78,7 @@ _DEFAULTS = {
     "eval_split": "validation",
     "image_size": 224,
     "shuffle_buffer": 16_384,
+    "data_shards": 0,
     "chunk_size": DEFAULT_CHUNK_SIZE,
     "seed": 0,
     "repeated_aug": 1,
@@ -167,9 +179,13 @@ def get_dataset_info(dataset: str, data_dir: str | None = None, train_split: str
   )
 
 
-def _process_split(split: str, process_index: int, process_count: int):
+def _check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count}).")
+
+
+def _process_split(split: str, process_index: int, process_count: int):
+  _check_process(process_index, process_count)
   return tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
 
 
@@ -254,7 +270,7 @@ def _full_window(shape):
 
 
 def _chunks(file_instructions, chunk_size: int):
-  """Cuts a process slice into (file, skip, take) chunks of at most `chunk_size` records."""
+  """Cuts a shard of the split into (file, skip, take) chunks of at most `chunk_size` records."""
   chunks = []
   for instruction in file_instructions:
     take = instruction.take
@@ -278,15 +294,15 @@ class _Window:
   count: int  # Number of examples to emit.
 
 
-def plan_epoch(chunks, epoch: int, seed: int, process_index: int, shuffle_buffer: int,
+def plan_epoch(chunks, epoch: int, seed: int, shard: int, shuffle_buffer: int,
                examples_per_epoch: int, start_position: int = 0) -> list[_Window]:
-  """The windows of one epoch of one process, as a pure function of its arguments.
+  """The windows of one epoch of one data shard, as a pure function of its arguments.
 
-  Chunks are permuted by (seed, epoch, process_index) and grouped greedily into windows of at
+  Chunks are permuted by (seed, epoch, shard) and grouped greedily into windows of at
   least `shuffle_buffer` examples; the epoch stops after `examples_per_epoch` examples, and
   windows before `start_position` are left out (the one containing it starts at an offset).
   """
-  order = np.random.default_rng([seed, epoch, process_index]).permutation(len(chunks))
+  order = np.random.default_rng([seed, epoch, shard]).permutation(len(chunks))
   groups, current, size = [], [], 0
   for chunk_index in order:
     current.append(chunks[chunk_index])
@@ -318,20 +334,44 @@ def _fold(seed_pair, *values):
   return seed_pair
 
 
+def _data_shards(settings, global_batch_size: int, process_count: int) -> int:
+  """The number V of training data shards (`data_shards`, 0 = one per process), validated."""
+  value = settings["data_shards"]
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+    raise ValueError(
+        f"config.data_shards={value!r} must be an integer >= 0 (0 = one shard per process).")
+  shards = int(value) or process_count
+  if shards % process_count:
+    raise ValueError(
+        f"config.data_shards={shards} is not a multiple of the {process_count} processes.")
+  if global_batch_size % shards:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} is not divisible by config.data_shards={shards}.")
+  return shards
+
+
 def create_train_dataset(config=None, *, global_batch_size: int, start_step: int = 0,
                          process_index: int = 0, process_count: int = 1, **overrides):
   """Infinite training stream of local batches, a pure function of (seed, epoch, start_step).
 
+  The split is cut into V = `data_shards` shards (0: V = process_count), each an independent
+  stream (see the module docstring) delivering global_batch_size / V examples per step; global
+  batch b is shard 0's b-th sub-batch, then shard 1's, ... Process k of P yields shards
+  [k V / P, (k + 1) V / P), i.e. rows [k G / P, (k + 1) G / P) of the global batch, so for a
+  fixed V the global stream is the same for every process count dividing V.
+
   Args:
     config: ml_collections.ConfigDict with the data fields of configs/default.py (dataset,
-      data_dir, train_split, image_size, shuffle_buffer, seed, aug.*), or None.
+      data_dir, train_split, image_size, shuffle_buffer, data_shards, seed, aug.*), or None.
     global_batch_size: batch size over all processes; each process yields a 1 / process_count
-      share of it.
+      share of it. Must be divisible by V.
     start_step: global step to resume at; the stream continues exactly where a run started at
-      step 0 was after `start_step` batches.
-    process_index, process_count: this process and the number of processes (jax.process_*).
+      step 0 (with the same V, any process count) was after `start_step` batches.
+    process_index, process_count: this process and the number of processes (jax.process_*);
+      V must be a multiple of process_count.
     **overrides: any setting by its config name (e.g. dataset="digits", image_size=16,
-      repeated_aug=1, randaugment_num_ops=0, chunk_size=64), taking precedence over `config`.
+      repeated_aug=1, randaugment_num_ops=0, chunk_size=64, data_shards=8), taking precedence
+      over `config`.
 
   Returns:
     tf.data.Dataset of dicts: image float32 (local_batch, S, S, 3) normalized, label int32
@@ -339,6 +379,12 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
   """
   settings = _settings(config, overrides)
   local_batch = _local_batch_size(global_batch_size, process_count)
+  _check_process(process_index, process_count)
+  num_shards = _data_shards(settings, global_batch_size, process_count)
+  shard_batch = global_batch_size // num_shards  # Examples per step of one shard.
+  shards_per_process = num_shards // process_count
+  local_shards = range(process_index * shards_per_process,
+                       (process_index + 1) * shards_per_process)
   builder = get_builder(settings["dataset"], settings["data_dir"])
   split = settings["train_split"]
   num_examples = builder.info.splits[split].num_examples
@@ -347,27 +393,12 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
     raise ValueError(
         f"global_batch_size={global_batch_size} exceeds the {num_examples} examples of "
         f"{settings['dataset']}:{split}.")
-  process_split = _process_split(split, process_index, process_count)
-  chunks = _chunks(builder.info.splits[process_split].file_instructions, settings["chunk_size"])
-  examples_per_epoch = steps_per_epoch * local_batch
+  examples_per_epoch = steps_per_epoch * shard_batch  # Of one shard.
   seed = int(settings["seed"])
   shuffle_buffer = max(1, int(settings["shuffle_buffer"]))
   repeats = max(1, int(settings["repeated_aug"]))
   start_epoch, start_batch = divmod(int(start_step), steps_per_epoch)
-
-  def windows():
-    epoch, start_position = start_epoch, start_batch * local_batch
-    while True:
-      for window in plan_epoch(chunks, epoch, seed, process_index, shuffle_buffer,
-                               examples_per_epoch, start_position):
-        yield (window.files, window.skips, window.takes, window.epoch, window.index,
-               window.start, window.offset, window.count)
-      epoch, start_position = epoch + 1, 0
-
   int_spec = tf.TensorSpec([], tf.int64)
-  plan = tf.data.Dataset.from_generator(windows, output_signature=(
-      tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64),
-      tf.TensorSpec([None], tf.int64), int_spec, int_spec, int_spec, int_spec, int_spec))
 
   def read_window(files, skips, takes, epoch, index, start, offset, count):
     records = tf.data.Dataset.from_tensor_slices((files, skips, takes)).interleave(
@@ -377,24 +408,46 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
     records = records.batch(2**31 - 1).get_single_element()
     return records, epoch, index, start, offset, count
 
-  def expand_window(records, epoch, index, start, offset, count):
-    size = tf.shape(records, out_type=tf.int64)[0]
-    window_seed = _fold(tf.constant([seed, 1], tf.int64), epoch, process_index, index)
-    permutation = tf.argsort(tf.random.stateless_uniform([size], window_seed))
-    unique = (size + repeats - 1) // repeats
-    backup_shift = tf.where(unique < size, unique, 1)
+  def shard_stream(shard: int):
+    """Element stream of one shard: undecoded records with their epoch and shard position."""
+    shard_split = tfds.even_splits(split, n=num_shards, drop_remainder=False)[shard]
+    chunks = _chunks(builder.info.splits[shard_split].file_instructions, settings["chunk_size"])
 
-    def example(position_in_window):
-      source = position_in_window // repeats  # The copy's original in the permuted window.
-      return {
-          "record": tf.gather(records, permutation[source]),
-          # The substitute for a corrupt image: one repeated augmentation drops, else the next.
-          "backup": tf.gather(records, permutation[(source + backup_shift) % size]),
-          "epoch": epoch,
-          "position": start + position_in_window,
-      }
+    def windows():
+      epoch, start_position = start_epoch, start_batch * shard_batch
+      while True:
+        for window in plan_epoch(chunks, epoch, seed, shard, shuffle_buffer,
+                                 examples_per_epoch, start_position):
+          yield (window.files, window.skips, window.takes, window.epoch, window.index,
+                 window.start, window.offset, window.count)
+        epoch, start_position = epoch + 1, 0
 
-    return tf.data.Dataset.range(offset, offset + count).map(example)
+    plan = tf.data.Dataset.from_generator(windows, output_signature=(
+        tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64),
+        tf.TensorSpec([None], tf.int64), int_spec, int_spec, int_spec, int_spec, int_spec))
+
+    def expand_window(records, epoch, index, start, offset, count):
+      size = tf.shape(records, out_type=tf.int64)[0]
+      window_seed = _fold(tf.constant([seed, 1], tf.int64), epoch, shard, index)
+      permutation = tf.argsort(tf.random.stateless_uniform([size], window_seed))
+      unique = (size + repeats - 1) // repeats
+      backup_shift = tf.where(unique < size, unique, 1)
+
+      def example(position_in_window):
+        source = position_in_window // repeats  # The copy's original in the permuted window.
+        return {
+            "record": tf.gather(records, permutation[source]),
+            # The substitute for a corrupt image (same window): one repeated augmentation
+            # drops, else the next.
+            "backup": tf.gather(records, permutation[(source + backup_shift) % size]),
+            "epoch": epoch,
+            "shard": tf.constant(shard, tf.int64),
+            "position": start + position_in_window,
+        }
+
+      return tf.data.Dataset.range(offset, offset + count).map(example)
+
+    return plan.map(read_window).prefetch(1).flat_map(expand_window)
 
   features = builder.info.features
   decoders = {"image": tfds.decode.SkipDecoding()}
@@ -410,7 +463,7 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
   def decode_and_augment(element):
     primary = features.deserialize_example(element["record"], decoders=decoders)
     backup = features.deserialize_example(element["backup"], decoders=decoders)
-    example_seed = _fold(tf.constant([seed, 0], tf.int64), element["epoch"], process_index,
+    example_seed = _fold(tf.constant([seed, 0], tf.int64), element["epoch"], element["shard"],
                          element["position"])
     crop_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(example_seed, 2))
 
@@ -434,9 +487,17 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
         "decoded": used < 2,
     }
 
-  dataset = plan.map(read_window).prefetch(1).flat_map(expand_window)
+  streams = [shard_stream(shard) for shard in local_shards]
+  if len(streams) == 1:
+    dataset = streams[0]
+  else:
+    # shard_batch elements of each local shard in turn: one local batch per round.
+    pattern = np.repeat(np.arange(len(streams), dtype=np.int64), shard_batch)
+    choices = tf.data.Dataset.from_tensor_slices(pattern).repeat()
+    dataset = tf.data.Dataset.choose_from_datasets(streams, choices)
   dataset = dataset.map(decode_and_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  # Both the image and its substitute failing is vanishingly rare; the example is then dropped.
+  # Both the image and its substitute failing is vanishingly rare; the example is then dropped
+  # (and the rest of this process's stream shifts by one).
   dataset = dataset.filter(lambda example: example["decoded"])
   dataset = dataset.map(lambda example: {k: v for k, v in example.items() if k != "decoded"})
   dataset = dataset.batch(local_batch, drop_remainder=True)

@@ -1,4 +1,5 @@
-"""Input pipeline: TFDS builders, seeded order, exact resume, process slices, eval padding."""
+"""Input pipeline: TFDS builders, seeded order, exact resume, process slices, data shards,
+eval padding."""
 
 import logging
 
@@ -115,6 +116,87 @@ def test_process_slices_are_disjoint_and_cover_the_split(digits_data_dir):
   all_eval = np.concatenate(eval_ids)
   assert len(all_eval) == len(set(all_eval)) == 360  # Evaluation covers the split once.
   assert len(set(eval_batches)) == 1  # Every process runs the same number of eval steps.
+
+
+def _global_batches(digits_data_dir, count, process_count, **settings):
+  """The first `count` global batches: the local batches of all processes concatenated."""
+  local = [_batches(input_pipeline.create_train_dataset(
+      global_batch_size=BATCH, process_index=process, process_count=process_count,
+      data_dir=digits_data_dir, **settings), count) for process in range(process_count)]
+  for batch in local[0]:
+    assert batch["example_id"].shape == (BATCH // process_count,)
+  return [{key: np.concatenate([stream[i][key] for stream in local]) for key in local[0][i]}
+          for i in range(count)]
+
+
+def _assert_same_batches(got, want):
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])  # Ids, labels, epochs and images, bitwise.
+
+
+def _shard_ids(digits_data_dir, num_shards):
+  builder = input_pipeline.get_builder("digits", digits_data_dir)
+  return [{int(e["id"]) for e in tfds.as_numpy(builder.as_dataset(
+      split=split, decoders={"image": tfds.decode.SkipDecoding()}))}
+          for split in tfds.even_splits("train", num_shards)]
+
+
+def test_data_shards_make_the_stream_independent_of_the_process_count(digits_data_dir):
+  # Windows of 48 examples per shard, 16 per step: batches 0-3 cross a window boundary.
+  settings = dict(FAST, shuffle_buffer=40, chunk_size=16, random_erasing_prob=0.5, data_shards=4)
+  single = _global_batches(digits_data_dir, 4, 1, **settings)
+  ids = _ids(single)
+  assert len(set(ids)) == len(ids) == 4 * BATCH
+  shard_ids = _shard_ids(digits_data_dir, 4)
+  for batch in single:  # Global batch = shard 0's sub-batch, then shard 1's, ...
+    for shard, rows in enumerate(np.split(batch["example_id"], 4)):
+      assert set(rows.tolist()) <= shard_ids[shard]
+  for process_count in (2, 4):
+    _assert_same_batches(_global_batches(digits_data_dir, 4, process_count, **settings), single)
+
+
+def test_data_shards_resume_with_another_process_count(digits_data_dir):
+  settings = dict(FAST, random_erasing_prob=0.5, data_shards=2)
+  epoch = _global_batches(digits_data_dir, STEPS_PER_EPOCH, 1, **settings)
+  ids = _ids(epoch)
+  assert len(set(ids)) == len(ids) == STEPS_PER_EPOCH * BATCH  # No example twice in an epoch.
+  start_step = 13
+  builder = input_pipeline.get_builder("digits", digits_data_dir)
+  for shard_split in tfds.even_splits("train", 2):  # Step 13 is inside a window of each shard.
+    chunks = input_pipeline._chunks(  # pylint: disable=protected-access
+        builder.info.splits[shard_split].file_instructions, FAST["chunk_size"])
+    windows = input_pipeline.plan_epoch(
+        chunks, 0, 0, 0, FAST["shuffle_buffer"], STEPS_PER_EPOCH * BATCH // 2,
+        start_position=start_step * BATCH // 2)
+    assert windows[0].index > 0 and windows[0].offset > 0
+  for process_count in (2, 1):
+    resumed = _global_batches(digits_data_dir, 3, process_count, start_step=start_step, **settings)
+    _assert_same_batches(resumed, epoch[start_step : start_step + 3])
+
+
+def test_data_shards_equal_to_the_process_count_is_the_default_stream(digits_data_dir):
+  for process in range(2):
+    default, explicit = (_batches(input_pipeline.create_train_dataset(
+        global_batch_size=BATCH, process_index=process, process_count=2,
+        data_dir=digits_data_dir, data_shards=shards, **FAST), 3) for shards in (0, 2))
+    _assert_same_batches(explicit, default)
+
+
+def test_invalid_data_shards_are_rejected_naming_the_setting(digits_data_dir):
+  with pytest.raises(ValueError, match=r"config\.data_shards=-1"):
+    input_pipeline.create_train_dataset(
+        global_batch_size=BATCH, data_dir=digits_data_dir, data_shards=-1, **FAST)
+  config = ml_collections.ConfigDict({"data_shards": 3, "data_dir": digits_data_dir})
+  with pytest.raises(ValueError,
+                     match=r"config\.data_shards=3 is not a multiple of the 2 processes"):
+    input_pipeline.create_train_dataset(
+        config, global_batch_size=BATCH, process_count=2, **FAST)
+  with pytest.raises(ValueError, match=r"global_batch_size=64 .*config\.data_shards=3"):
+    input_pipeline.create_train_dataset(
+        global_batch_size=BATCH, data_dir=digits_data_dir, data_shards=3, **FAST)
 
 
 def test_repeated_augmentation_keeps_epoch_length(digits_data_dir):
