@@ -13,24 +13,13 @@ linear, one permutation per sample); images are not flipped (digits are not mirr
 and no mixup is used (it slows convergence at this size); mild random-resized crops instead.
 """
 
-import importlib.util
-import os
-
-
-def _default_config():
-  # Loaded by path: config_flags imports this file by path, and the repository root need not
-  # be on sys.path (e.g. when run as the `shufflemamba-train` console script).
-  spec = importlib.util.spec_from_file_location(
-      'shufflemamba_configs_default', os.path.join(os.path.dirname(__file__), 'default.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from shufflemamba_jax import config_files
 
 
 def get_config(arg: str | None = None):
   """The digits config; `arg` is unused (kept for a uniform `file.py:arg` interface)."""
   del arg
-  config = _default_config()
+  config = config_files.get_config(config_files.sibling(__file__, 'default.py'))
   config.dataset = 'digits'
   config.image_size = 16
   config.shuffle_buffer = 2048  # The whole train split.

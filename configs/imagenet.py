@@ -20,18 +20,7 @@ per epoch); Mamba-Reg's stages 1-2 use DeiT-III "ThreeAugment", which our pipeli
 so they use RandAugment like the other recipes (documented deviation).
 """
 
-import importlib.util
-import os
-
-
-def _default_config():
-  # Loaded by path: config_flags imports this file by path, and the repository root need not
-  # be on sys.path (e.g. when run as the `shufflemamba-train` console script).
-  spec = importlib.util.spec_from_file_location(
-      'shufflemamba_configs_default', os.path.join(os.path.dirname(__file__), 'default.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from shufflemamba_jax import config_files
 
 _VARIANTS = ('shufflemamba_base', 'vim_tiny', 'vim_small', 'shufflemamba_reg_base')
 
@@ -56,7 +45,7 @@ def _parse(arg: str | None) -> tuple[str, int | None]:
 def get_config(arg: str | None = None):
   """`arg` = 'variant[,stage=N]', e.g. 'shufflemamba_base' or 'shufflemamba_reg_base,stage=2'."""
   variant, stage = _parse(arg)
-  config = _default_config()
+  config = config_files.get_config(config_files.sibling(__file__, 'default.py'))
   config.dataset = 'imagenet2012'
   config.image_size = 224
   config.model.variant = variant

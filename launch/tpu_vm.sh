@@ -83,22 +83,8 @@ die() {
   exit 2
 }
 
-# Shell-quotes one word: plain words stay as they are, anything else goes in single quotes.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out='' word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
+# shellcheck source=SCRIPTDIR/quote.sh
+source "$(dirname "${BASH_SOURCE[0]}")/quote.sh"
 
 # Runs a command, or prints it shell-quoted on one line with --dry-run.
 run() {

@@ -10,7 +10,6 @@ checkpoint, which is the end), so an interrupted ablation can be restarted with 
 """
 
 import copy
-import importlib.util
 import os
 import time
 
@@ -20,6 +19,7 @@ from absl import flags
 from absl import logging
 
 # main defines --workdir and --config (config file with --config.field overrides); reused here.
+from shufflemamba_jax import config_files
 from shufflemamba_jax import main as main_lib
 
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per setting.')
@@ -35,10 +35,7 @@ SETTINGS = (('no_shuffle', 'linear', False), ('constant', 'constant', True),
 
 
 def _load_config(path: str):
-  spec = importlib.util.spec_from_file_location('ablation_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_files.get_config(path)
 
 
 def _default_config_path() -> str:

