@@ -24,6 +24,9 @@ def get_config():
   config.eval_every_steps = 5000  # Evaluation (model and EMA) period; also at the end.
   config.checkpoint_every_steps = 5000  # Checkpoint period; also at the end.
   config.keep_checkpoints = 3  # How many recent checkpoints the manager keeps.
+  # Besides those, how many of the best by `best_metric` to keep (every evaluation then saves).
+  config.keep_best_checkpoints = 1
+  config.best_metric = 'eval_top1'  # "eval_top1" | "eval_top5" | "ema_eval_top1" | "ema_eval_top5".
   config.async_checkpointing = True  # Write checkpoints in the background (Orbax async).
   config.eval_batch_size = 1024  # Global batch size of evaluation.
   # Workdir (or checkpoint step folder) whose parameters initialise training (multi-stage
@@ -60,6 +63,7 @@ def get_config():
   config.eval_split = 'validation'
   config.image_size = 224  # Training (and default evaluation) resolution in pixels.
   config.shuffle_buffer = 16_384  # tf.data shuffle buffer of the training stream, in examples.
+  config.data_shards = 0  # Train data shards, a multiple of the process count; 0 = one per process.
 
   config.aug = ml_collections.ConfigDict()
   config.aug.inception_crop = True  # RandomResizedCrop; False = plain resize (tiny images).

@@ -3,8 +3,14 @@
 Layout: WORKDIR/checkpoints/<step>/{state, meta, config}. `state` is the train-state pytree
 (params, optimizer state, EMA, step, rng key data); `meta` is JSON with the step and the data
 position (how many batches the input pipeline has delivered, so a resumed run skips exactly
-those); `config` is the run's config as JSON, for people and for `evaluate`. Saves are
-asynchronous; the newest `max_to_keep` checkpoints are kept.
+those); `config` is the run's config as JSON, for people and for `evaluate`.
+
+Saves are asynchronous and atomic (Orbax writes a temporary folder and renames it when the
+save is complete, so a process killed mid-save leaves the previous checkpoint intact). The save
+policy is Orbax's: `PreemptionCheckpointingPolicy` (all processes save at the step JAX's
+preemption service agreed on) or `FixedIntervalPolicy(save_every_steps)`. The newest `keep`
+checkpoints are kept, plus the `keep_best` with the highest `best_metric` among those saved
+with evaluation metrics.
 """
 
 import os
@@ -12,6 +18,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINT_DIR = 'checkpoints'
 _ITEMS = ('state', 'meta', 'config')
@@ -42,12 +49,34 @@ def resolve(path: str) -> tuple[str, int | None]:
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for the train state of `train.py`."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
-               save_interval_steps: int = 1):
+  def __init__(self, directory: str, *, keep: int = 3, keep_best: int = 0,
+               best_metric: str = 'eval_top1', save_every_steps: int | None = None,
+               async_save: bool = True):
+    """`keep`: newest checkpoints kept; `keep_best`: best by `best_metric` (higher is better)
+    kept besides them; `save_every_steps`: the fixed interval of `should_save` (None: only
+    preemption)."""
+    if keep < 1:
+      raise ValueError(f'config.keep_checkpoints={keep}: at least the latest checkpoint is kept.')
+    if keep_best < 0:
+      raise ValueError(f'config.keep_best_checkpoints={keep_best} must be >= 0.')
+    save_policies = [checkpoint_managers.PreemptionCheckpointingPolicy()]
+    if save_every_steps:
+      save_policies.append(checkpoint_managers.FixedIntervalPolicy(save_every_steps))
+    keep_policies = [checkpoint_managers.LatestN(n=keep)]
+    best = {}
+    if keep_best:
+      metric = lambda metrics: float(metrics[best_metric])  # noqa: E731
+      keep_policies.append(checkpoint_managers.BestN(
+          get_metric_fn=metric, n=keep_best, keep_checkpoints_without_metrics=False))
+      # best_fn makes Orbax write the metrics next to the checkpoint, so that the ranking
+      # survives a restart.
+      best = {'best_fn': metric, 'best_mode': 'max'}
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-        save_interval_steps=save_interval_steps)
+        create=True, enable_async_checkpointing=async_save,
+        save_decision_policy=checkpoint_managers.AnySavePolicy(save_policies),
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(keep_policies), **best)
     self.directory = os.path.abspath(directory)
+    self.best_metric = best_metric if keep_best else None
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   def latest_step(self) -> int | None:
@@ -56,10 +85,28 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, meta: dict, config: dict, force: bool = False) -> bool:
-    """Starts saving (asynchronously); returns whether a save was started."""
+  def should_save(self, step: int) -> bool:
+    """The save policy's decision for `step`; call it every step on every process."""
+    return self.manager.should_save(step)
+
+  def best_step(self) -> int | None:
+    """The kept step with the highest `best_metric` (the latest when keep_best is 0)."""
+    return self.manager.best_step()
+
+  def save(self, step: int, state: Any, meta: dict, config: dict, force: bool = False,
+           metrics: dict | None = None) -> bool:
+    """Starts saving (asynchronously); returns whether a save was started.
+
+    Without `force`, the save policy decides. `metrics` (an evaluation record) ranks the
+    checkpoint for keep_best; checkpoints saved without it are kept only as recent ones.
+    """
+    if metrics is not None and self.best_metric is not None and self.best_metric not in metrics:
+      raise ValueError(f'config.best_metric={self.best_metric!r} is not an evaluation metric; '
+                       f'evaluation reports {sorted(metrics)}.')
+    if self.best_metric is None:
+      metrics = None  # Orbax stores metrics only when it ranks checkpoints.
     return self.manager.save(
-        step, force=force,
+        step, force=force, metrics=metrics,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                 meta=ocp.args.JsonSave(meta),
                                 config=ocp.args.JsonSave(config)))
@@ -97,6 +144,29 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def best_step(directory: str) -> int:
+  """The kept step with the best evaluation, ranked by the run's own `best_metric`."""
+  with_config = Checkpointer(directory, async_save=False)
+  try:
+    latest = with_config.latest_step()
+    if latest is None:
+      raise FileNotFoundError(f'No checkpoint found in {directory}.')
+    metric = with_config.read_config(latest).get('best_metric', 'eval_top1')
+  finally:
+    with_config.close()
+  ranked = Checkpointer(directory, keep_best=1, best_metric=metric, async_save=False)
+  try:
+    ranked_steps = [step for step in ranked.all_steps()
+                    if ranked.manager.metrics(step) is not None]
+    if not ranked_steps:
+      raise FileNotFoundError(
+          f'No checkpoint in {directory} was saved with evaluation metrics (the run had '
+          'config.keep_best_checkpoints = 0); ask for a step instead.')
+    return ranked.best_step()
+  finally:
+    ranked.close()
 
 
 def abstract_like(tree: Any) -> Any:

@@ -38,6 +38,8 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this proc
 
 _SCAN_METHODS = ('auto', 'associative', 'sequential', 'chunked')
 _DTYPES = ('float32', 'bfloat16')
+# Evaluation metrics that rank checkpoints for keep_best_checkpoints (higher is better).
+_BEST_METRICS = ('eval_top1', 'eval_top5', 'ema_eval_top1', 'ema_eval_top5')
 
 
 def _fail(field: str, value, requirement: str):
@@ -73,6 +75,17 @@ def validate_config(config) -> None:
                 'shuffle_buffer', 'model.slws.group_size'):
     positive_int(field)
   positive_int('total_steps', allow_none=True)
+  shards = config.data_shards
+  if not isinstance(shards, int) or isinstance(shards, bool) or shards < 0:
+    _fail('data_shards', shards, 'must be an integer >= 0 (0 = one shard per process)')
+  if shards and config.batch_size % shards:
+    _fail('data_shards', shards, f'must divide config.batch_size={config.batch_size}')
+  if not isinstance(config.keep_best_checkpoints, int) or config.keep_best_checkpoints < 0:
+    _fail('keep_best_checkpoints', config.keep_best_checkpoints, 'must be an integer >= 0')
+  if config.best_metric not in _BEST_METRICS:
+    _fail('best_metric', config.best_metric, f'must be one of {_BEST_METRICS}')
+  if config.best_metric.startswith('ema_') and config.keep_best_checkpoints and not config.ema_decay:
+    _fail('best_metric', config.best_metric, 'needs the EMA (config.ema_decay > 0)')
   number_in('num_epochs', 0, math.inf)
   if config.total_steps is None and config.num_epochs <= 0:
     _fail('num_epochs', config.num_epochs, 'must be > 0 when total_steps is not set')

@@ -1,6 +1,6 @@
 """Using a trained model: `load_model` for inference and a command that classifies image files.
 
-  python -m shufflemamba_jax.predict --checkpoint=WORKDIR [--step=N] [--no-ema] cat.jpg dog.png
+  python -m shufflemamba_jax.predict --checkpoint=WORKDIR [--step=N|best] [--no-ema] cat.jpg dog.png
 
 `--checkpoint` is a training workdir (or its checkpoints/ folder, or one step folder) or a
 directory written by `shufflemamba_jax.convert`. Images are preprocessed as in evaluation
@@ -36,6 +36,8 @@ def _training_checkpoint(path: str, step: int | None, ema: bool):
   checkpointer = checkpoint_lib.Checkpointer(directory, async_save=False)
   try:
     step = step if step is not None else folder_step
+    if step == "best":
+      step = checkpoint_lib.best_step(directory)
     step = checkpointer.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
@@ -53,19 +55,29 @@ def _training_checkpoint(path: str, step: int | None, ema: bool):
   return convert.model_with_params(model_config, params), config.to_dict()
 
 
-def load_model(path: str, step: int | None = None, ema: bool = True) -> nnx.Module:
+def _step(text: str) -> int | str:
+  if text == "best":
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'--step={text!r}: a step number or "best"') from None
+
+
+def load_model(path: str, step: int | str | None = None, ema: bool = True) -> nnx.Module:
   """Returns the model saved at `path`, ready for `model(images)` (evaluation mode).
 
   Args:
     path: a training workdir, its checkpoints/ folder or a step folder; or a directory written
       by `python -m shufflemamba_jax.convert`.
-    step: the checkpoint step (default: the latest).
+    step: the checkpoint step (default: the latest), or "best": the kept step with the best
+      evaluation by the run's `best_metric`.
     ema: use the EMA parameters when the checkpoint has them.
   """
   return _load(path, step, ema)[0]
 
 
-def _load(path: str, step: int | None, ema: bool):
+def _load(path: str, step: int | str | None, ema: bool):
   from shufflemamba_jax import convert
   if not os.path.exists(path):
     raise FileNotFoundError(f"--checkpoint {path} does not exist")
@@ -118,7 +130,8 @@ def predict(model, images: np.ndarray, top_k: int = 5):
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description="Classify image files with a trained model.")
   parser.add_argument("--checkpoint", required=True, help="training workdir, checkpoint folder or converted weights")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  parser.add_argument("--step", type=_step, default=None,
+                      help='checkpoint step, or "best" (default: latest)')
   parser.add_argument("--no-ema", action="store_true", help="use the raw parameters, not the EMA")
   parser.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
   parser.add_argument("--top-k", type=int, default=5)

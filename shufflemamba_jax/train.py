@@ -35,7 +35,7 @@ from shufflemamba_jax import mixup
 from shufflemamba_jax import optim
 from shufflemamba_jax import preemption
 from shufflemamba_jax import sharding
-from shufflemamba_jax import tokens
+from shufflemamba_jax import warm_start
 
 # Config fields under `model` that are not VisionMambaConfig overrides.
 _MODEL_FIELDS_NOT_OVERRIDES = ('variant', 'slws')
@@ -247,54 +247,6 @@ def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def _init_params_from(config, params, path: str):
-  """`params` with values from the checkpoint at `path`, position embeddings resized.
-
-  For multi-stage recipes (e.g. 128px -> 224px): every parameter must exist with the same
-  shape, except the patch position table, which is resized bicubically to the new grid.
-  """
-  if convert.is_params_checkpoint(path):  # converted official weights (shufflemamba_jax.convert)
-    saved = convert.load_params(path)[0]
-  else:
-    directory, step = checkpoint_lib.resolve(path)
-    source = checkpoint_lib.Checkpointer(directory, async_save=False)
-    saved = source.restore_raw(step)['params']
-    source.close()
-  saved_flat = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
-  model_config = shufflemamba_jax.model_config(
-      config.model.variant, img_size=config.image_size, **model_overrides(config))
-  layout = model_config.token_layout
-
-  def take(tree_path, target):
-    name = jax.tree_util.keystr(tree_path)
-    if tree_path not in saved_flat:
-      raise ValueError(f'config.init_from={path}: the checkpoint has no parameter {name}.')
-    value = jnp.asarray(saved_flat[tree_path])
-    if value.shape == target.shape:
-      return value.astype(target.dtype)
-    if _path_last(tree_path) == 'pos_embed':
-      extra = 0 if layout == 'registers' else 1
-      old = int(round(math.sqrt(value.shape[0] - extra)))
-      if old * old + extra != value.shape[0]:
-        raise ValueError(f'config.init_from: cannot infer the square grid of pos_embed {value.shape}.')
-      if layout == 'registers':
-        resized = tokens.resize_patch_positions(value, (old, old), model_config.grid)
-      else:
-        resized = tokens.resize_position_embedding(
-            value, old_grid=(old, old), new_grid=model_config.grid, token_layout=layout)
-      logging.info('init_from: resized pos_embed %s -> %s', value.shape, resized.shape)
-      return resized.astype(target.dtype)
-    raise ValueError(f'config.init_from={path}: parameter {name} has shape {value.shape} in '
-                     f'the checkpoint but {target.shape} in the model.')
-
-  return jax.tree_util.tree_map_with_path(take, params)
-
-
-def _path_last(path) -> str:
-  entry = path[-1]
-  return str(getattr(entry, 'key', getattr(entry, 'name', entry)))
-
-
 # ----------------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------------
@@ -341,16 +293,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---- Checkpoint: resume or start -------------------------------------------------------
   checkpointer = checkpoint_lib.Checkpointer(
-      checkpoint_lib.checkpoint_directory(workdir), max_to_keep=config.keep_checkpoints,
-      async_save=config.async_checkpointing)
+      checkpoint_lib.checkpoint_directory(workdir), keep=config.keep_checkpoints,
+      keep_best=config.keep_best_checkpoints, best_metric=config.best_metric,
+      save_every_steps=config.checkpoint_every_steps, async_save=config.async_checkpointing)
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(abstract_state)
     logging.info('Resumed from %s at step %d.', checkpointer.directory, meta['step'])
+    saved_processes = meta.get('process_count', jax.process_count())
+    if saved_processes != jax.process_count() and not config.data_shards:
+      logging.warning(
+          'The checkpoint was written by %d processes, this run has %d: with config.data_shards '
+          '= 0 (one shard per process) the rest of this epoch sees other examples. Set '
+          'config.data_shards to a fixed multiple of both to keep the data order.',
+          saved_processes, jax.process_count())
   else:
     state = jax.jit(initial_state, out_shardings=state_shardings)()
     if config.init_from:
       state['params'] = jax.device_put(
-          _init_params_from(config, state['params'], config.init_from), state_shardings['params'])
+          warm_start.init_params_from(
+              config.init_from, state['params'], token_layout=abstract_model.config.token_layout,
+              grid=abstract_model.config.grid),
+          state_shardings['params'])
       if state['ema'] is not None:
         state['ema'] = jax.tree.map(jnp.copy, state['params'])
   start_step = int(jax.device_get(state['step']))
@@ -393,13 +356,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info('step %d: %s', step, record)
     return record
 
-  def save(step: int):
+  def save(step: int, metrics: dict | None = None):
     _raise_if_nonfinite(state, step)
     # A copy: the next train step donates `state`'s buffers while the async save may still be
     # reading them (on CPU, host views of device arrays are not copies).
     checkpointer.save(step, jax.tree.map(jnp.copy, state),
-                      meta={'step': step, 'data_position': step, 'seed': config.seed},
-                      config=config_json, force=True)
+                      meta={'step': step, 'data_position': step, 'seed': config.seed,
+                            'process_count': jax.process_count()},
+                      config=config_json, metrics=metrics, force=True)
 
   # ---- Loop ------------------------------------------------------------------------------
   train_iter = _as_numpy(train_ds)
@@ -444,14 +408,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
         pending_metrics = []
         window_start, window_steps = time.perf_counter(), 0
 
-      if done % config.eval_every_steps == 0 or is_last:
+      evaluated = done % config.eval_every_steps == 0 or is_last
+      if evaluated:
         last_eval = evaluate_now(done)
-      if done % config.checkpoint_every_steps == 0 or is_last:
-        save(done)
-      if done % config.eval_every_steps == 0 or done % config.checkpoint_every_steps == 0:
+      # The save policy (fixed interval, or the step all processes agreed on after a
+      # preemption notice) is asked on every step by every process; the last step, and every
+      # evaluation when the best checkpoints are kept, are saved regardless.
+      saved = (checkpointer.should_save(done) or is_last
+               or (evaluated and config.keep_best_checkpoints > 0))
+      if saved:
+        save(done, metrics=last_eval if evaluated else None)
+      if evaluated or saved:
         window_start = time.perf_counter()  # Keep evaluation and saving out of the speed.
       if not is_last and watcher.should_stop(done):
-        if done % config.checkpoint_every_steps:
+        if not saved:
           save(done)
         checkpointer.wait()  # The process may be killed soon after: the save must be complete.
         logging.warning('Stopped by %s after step %d; checkpoint saved in %s. Run the same command '

@@ -1,10 +1,21 @@
-"""Test-session setup: eight simulated CPU devices for the sharding tests.
+"""Test-session setup: eight simulated CPU devices and one compilation cache for the session.
 
 XLA reads the flag once, when JAX initializes its backend, so it is set before any test imports
-jax. Unsharded computations still run on one device.
+jax. Unsharded computations still run on one device. Many tests (and the training runs they
+start as subprocesses, which inherit the environment) compile the same digits train step:
+JAX's persistent compilation cache, in a fresh folder per session, compiles each program once.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="shufflemamba_jax_test_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -78,6 +78,10 @@ def test_unknown_field_is_rejected():
     ('grad_accum_steps', 3, 'grad_accum_steps'),  # 3 does not divide the batch (64).
     ('image_size', 18, 'image_size'),  # Not a multiple of the patch size (4).
     ('model.scan_method', 'fft', 'model.scan_method'),
+    ('keep_best_checkpoints', -1, 'keep_best_checkpoints'),
+    ('data_shards', 3, 'data_shards'),  # 3 does not divide the batch (64).
+    ('data_shards', -1, 'data_shards'),
+    ('best_metric', 'eval_loss', 'best_metric'),
 ])
 def test_invalid_values_are_rejected_naming_the_field(field, value, words):
   config = _parse()
@@ -88,3 +92,11 @@ def test_invalid_values_are_rejected_naming_the_field(field, value, words):
   node[name] = value
   with pytest.raises(ValueError, match=words.replace('.', r'\.')):
     main.validate_config(config)
+
+
+def test_ranking_checkpoints_by_the_ema_needs_the_ema():
+  config = _parse('--config.ema_decay=0', '--config.best_metric=ema_eval_top1')
+  with pytest.raises(ValueError, match=r'config\.best_metric.*ema_decay'):
+    main.validate_config(config)
+  config.keep_best_checkpoints = 0  # Nothing is ranked: the metric is never used.
+  main.validate_config(config)

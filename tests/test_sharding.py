@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import shufflemamba_jax as smj
 from shufflemamba_jax import sharding
+from shufflemamba_jax import slws
 
 TINY = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=48, depth=4)
 
@@ -83,3 +84,18 @@ def test_model_output_does_not_depend_on_the_mesh(shape):
     sharded_images = jax.device_put(images, sharding.batch_sharding(mesh))
     got = forward(sharded_state, sharded_images, jax.random.key(1))
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (2, 4), (1, 8)])
+def test_slws_permutations_do_not_depend_on_the_mesh(shape):
+  """The draws are a function of (key = f(seed, step, layer), group): sharding the batch over
+  any mesh gives every sample the permutation it gets on one device."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 7), 3)  # step 7, layer 3
+  expected = np.asarray(slws.sample_token_permutations(key, 16, 17, 0.5, 2))
+  mesh = sharding.create_mesh(*shape)
+  sample = jax.jit(lambda k: slws.sample_token_permutations(k, 16, 17, 0.5, 2),
+                   out_shardings=sharding.batch_sharding(mesh))
+  with jax.set_mesh(mesh):
+    got = sample(key)
+  assert len(got.addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(got), expected)
