@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -133,6 +134,33 @@ class Checkpointer:
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return restored.state
+
+  def restore_parts(self, names=('params', 'ema'), step: int | None = None) -> dict:
+    """Only the top-level entries `names` of the saved state, as host NumPy arrays.
+
+    For inference, evaluation and fine-tuning: the optimizer state (twice the parameters with
+    AdamW) is never read. Entries the checkpoint lacks (or saved as None) are left out.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint found in {self.directory}.')
+    # The state was written through the PyTree handler (StandardSave wraps it); reading it
+    # through that handler allows a partial restore.
+    reader = ocp.CheckpointManager(
+        self.directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+      saved = reader.item_metadata(step)['state']
+      saved = getattr(saved, 'tree', saved)
+      target = {name: jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
+                                   saved[name])
+                for name in names if saved.get(name) is not None}
+      restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, partial_restore=True,
+          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target))))
+    finally:
+      reader.close()
+    return dict(restored.state)
 
   def read_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step

@@ -44,7 +44,7 @@ def _training_checkpoint(path: str, step: int | None, ema: bool):
     if step not in checkpointer.all_steps():
       raise FileNotFoundError(f"no checkpoint step {step} in {directory}; steps: {checkpointer.all_steps()}")
     config = ml_collections.ConfigDict(checkpointer.read_config(step))
-    state = checkpointer.restore_raw(step)
+    state = checkpointer.restore_parts(('params', 'ema'), step)
   finally:
     checkpointer.close()
   params = state["ema"] if ema and state.get("ema") else state["params"]

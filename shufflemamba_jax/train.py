@@ -469,11 +469,11 @@ def evaluate(config, path: str, split: str | None = None, image_size: int | None
   num_classes = int(info.num_classes)
   abstract_model = nnx.eval_shape(lambda: create_model(config, num_classes))
   graphdef, abstract_params, rest = split_model(abstract_model)
-  # Restored as saved (whatever optimizer the run used); only the parameter trees are kept.
+  # Only the parameter trees are read (whatever optimizer the run used, its state stays on disk).
   if converted:
     state = {'params': convert.load_params(path)[0]}
   else:
-    state = checkpointer.restore_raw(step)
+    state = checkpointer.restore_parts(('params', 'ema'), step)
     checkpointer.close()
   params = _match_params(state['params'], abstract_params, 'params')
   ema = _match_params(state['ema'], abstract_params, 'ema') if state.get('ema') else None

@@ -37,7 +37,7 @@ def read_params(path: str) -> dict:
   directory, step = checkpoint_lib.resolve(path)
   source = checkpoint_lib.Checkpointer(directory, async_save=False)
   try:
-    return source.restore_raw(step)['params']
+    return source.restore_parts(('params',), step)['params']
   finally:
     source.close()
 

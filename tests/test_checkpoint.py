@@ -87,6 +87,17 @@ def test_keeps_the_latest_and_the_best_across_restarts(tmp_path):
     checkpoint_lib.Checkpointer(str(tmp_path), keep=0)
 
 
+def test_restore_parts_reads_only_the_named_entries(tmp_path):
+  state = _state()
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
+  checkpointer.save(7, dict(state, ema=None), meta={'step': 7}, config={}, force=True)
+  parts = checkpointer.restore_parts(('params', 'ema'))  # No EMA in this run: left out.
+  checkpointer.close()
+  assert set(parts) == {'params'}
+  jax.tree.map(np.testing.assert_array_equal, parts['params'], state['params'])
+  assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(parts))
+
+
 def test_best_step_ranks_by_the_runs_own_metric(tmp_path):
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), keep=3, keep_best=1,
                                              best_metric='eval_top5', async_save=False)
