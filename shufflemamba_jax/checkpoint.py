@@ -90,9 +90,23 @@ class Checkpointer:
     """The save policy's decision for `step`; call it every step on every process."""
     return self.manager.should_save(step)
 
-  def best_step(self) -> int | None:
-    """The kept step with the highest `best_metric` (the latest when keep_best is 0)."""
-    return self.manager.best_step()
+  def best_step(self) -> int:
+    """The kept step with the highest evaluation metric stored with it.
+
+    The metric is this manager's `best_metric`, else the run's own (its saved config).
+    """
+    latest = self.latest_step()
+    if latest is None:
+      raise FileNotFoundError(f'No checkpoint found in {self.directory}.')
+    metric = self.best_metric or self.read_config(latest).get('best_metric', 'eval_top1')
+    ranked = {step: self.manager.metrics(step) for step in self.all_steps()}
+    ranked = {step: metrics[metric] for step, metrics in ranked.items()
+              if metrics is not None and metric in metrics}
+    if not ranked:
+      raise FileNotFoundError(
+          f'No checkpoint in {self.directory} was saved with evaluation metrics (the run had '
+          'config.keep_best_checkpoints = 0); ask for a step instead.')
+    return max(ranked, key=ranked.get)
 
   def save(self, step: int, state: Any, meta: dict, config: dict, force: bool = False,
            metrics: dict | None = None) -> bool:
@@ -172,29 +186,6 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
-
-
-def best_step(directory: str) -> int:
-  """The kept step with the best evaluation, ranked by the run's own `best_metric`."""
-  with_config = Checkpointer(directory, async_save=False)
-  try:
-    latest = with_config.latest_step()
-    if latest is None:
-      raise FileNotFoundError(f'No checkpoint found in {directory}.')
-    metric = with_config.read_config(latest).get('best_metric', 'eval_top1')
-  finally:
-    with_config.close()
-  ranked = Checkpointer(directory, keep_best=1, best_metric=metric, async_save=False)
-  try:
-    ranked_steps = [step for step in ranked.all_steps()
-                    if ranked.manager.metrics(step) is not None]
-    if not ranked_steps:
-      raise FileNotFoundError(
-          f'No checkpoint in {directory} was saved with evaluation metrics (the run had '
-          'config.keep_best_checkpoints = 0); ask for a step instead.')
-    return ranked.best_step()
-  finally:
-    ranked.close()
 
 
 def abstract_like(tree: Any) -> Any:

@@ -37,7 +37,7 @@ def _training_checkpoint(path: str, step: int | None, ema: bool):
   try:
     step = step if step is not None else folder_step
     if step == "best":
-      step = checkpoint_lib.best_step(directory)
+      step = checkpointer.best_step()
     step = checkpointer.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")

@@ -106,14 +106,18 @@ def test_best_step_ranks_by_the_runs_own_metric(tmp_path):
     checkpointer.save(step, {'x': np.zeros(2, np.float32)}, meta={'step': step}, config=config,
                       metrics={'eval_top1': top1, 'eval_top5': top5}, force=True)
   checkpointer.close()
-  assert checkpoint_lib.best_step(str(tmp_path)) == 2
+  reader = checkpoint_lib.Checkpointer(str(tmp_path))  # Opened without keep_best.
+  assert reader.best_step() == 2
+  reader.close()
 
   unranked = tmp_path / 'unranked'
   checkpointer = checkpoint_lib.Checkpointer(str(unranked), async_save=False)
   checkpointer.save(1, {'x': np.zeros(2, np.float32)}, meta={'step': 1}, config={}, force=True)
   checkpointer.close()
+  reader = checkpoint_lib.Checkpointer(str(unranked))
   with pytest.raises(FileNotFoundError, match='keep_best_checkpoints'):
-    checkpoint_lib.best_step(str(unranked))
+    reader.best_step()
+  reader.close()
 
 
 _KILLED_DURING_SAVE = textwrap.dedent('''

@@ -113,7 +113,9 @@ def test_load_model_from_a_training_run(trained_workdir):
   ema_logits, raw_logits = ema_model(images), raw_model(images)
   assert ema_logits.shape == (2, 10)
   assert not np.allclose(ema_logits, raw_logits)  # EMA and raw parameters differ after 4 steps.
-  best = checkpoint_lib.best_step(checkpoint_lib.checkpoint_directory(trained_workdir))
+  checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(trained_workdir))
+  best = checkpointer.best_step()
+  checkpointer.close()
   best_model = shufflemamba_jax.load_model(trained_workdir, step='best')
   np.testing.assert_array_equal(
       best_model(images), shufflemamba_jax.load_model(trained_workdir, step=best)(images))
