@@ -9,6 +9,8 @@ A `None` model field means "keep the variant's own value" (see `shufflemamba_jax
 import ml_collections
 from ml_collections import config_dict
 
+from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD
+
 
 def get_config():
   """Returns the locked default ConfigDict (DeiT / ShuffleMamba-B style ImageNet training)."""
@@ -42,10 +44,11 @@ def get_config():
   config.model.depth = config_dict.placeholder(int)  # Number of bidirectional Mamba blocks.
   config.model.d_state = config_dict.placeholder(int)  # SSM state size N.
   config.model.drop_path_rate = config_dict.placeholder(float)  # Stochastic depth (last block).
-  # Selective-scan implementation: "associative" | "sequential" | "chunked".
+  # Selective-scan implementation: "associative" | "sequential" | "chunked" (None: chunked).
   config.model.scan_method = config_dict.placeholder(str)
-  config.model.chunk_size = config_dict.placeholder(int)  # Chunk length of the chunked scan.
-  config.model.remat = config_dict.placeholder(bool)  # Rematerialise blocks in the backward pass.
+  config.model.chunk_size = config_dict.placeholder(int)  # Chunk length of the chunked scan (None: 16).
+  # Rematerialise blocks in the backward pass (None: True, what large models need; BENCHMARKS.md).
+  config.model.remat = config_dict.placeholder(bool)
   config.model.dtype = 'bfloat16'  # Computation dtype ("float32" | "bfloat16"); params float32.
   # Stochastic layer-wise shuffle (SPEC section 1); training only.
   config.model.slws = ml_collections.ConfigDict()
@@ -56,7 +59,7 @@ def get_config():
   # Consecutive samples sharing one draw and one permutation (256 = reference per-GPU batch).
   config.model.slws.group_size = 256
 
-  # ---- Data (read by shufflemamba_jax.input_pipeline) ---------------------------------------
+  # ---- Data (read by shufflemamba_jax.data.pipeline) ---------------------------------------
   config.dataset = 'imagenet2012'  # "digits" | "imagenet2012" (a TFDS name).
   config.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None = TFDS default.
   config.train_split = 'train'
@@ -77,17 +80,17 @@ def get_config():
   config.aug.color_jitter = 0.3  # Brightness/contrast/saturation strength; 0 = off.
   config.aug.random_erasing_prob = 0.25  # Random erasing (pixel mode) probability.
   config.aug.repeated_aug = 3  # Repeated augmentation count; 1 = off.
-  config.aug.mean = (0.485, 0.456, 0.406)  # Per-channel normalisation of [0, 1] pixels.
-  config.aug.std = (0.229, 0.224, 0.225)
+  config.aug.mean = IMAGENET_MEAN  # Per-channel normalisation of [0, 1] pixels.
+  config.aug.std = IMAGENET_STD
   config.aug.eval_crop_ratio = 0.875  # Evaluation: resize to size / ratio, then center crop.
-  # Applied inside the jitted train step (shufflemamba_jax.mixup), timm semantics.
+  # Applied inside the jitted train step (shufflemamba_jax.training.mixup), timm semantics.
   config.aug.mixup_alpha = 0.8  # Beta(alpha, alpha) for mixup; 0 = no mixup.
   config.aug.cutmix_alpha = 1.0  # Beta(alpha, alpha) for cutmix; 0 = no cutmix.
   config.aug.mixup_prob = 1.0  # Probability that a batch is mixed at all.
   config.aug.mixup_switch_prob = 0.5  # Probability of cutmix instead of mixup when both on.
   config.aug.label_smoothing = 0.1  # Label smoothing of the (mixed) soft targets.
 
-  # ---- Optimizer (shufflemamba_jax.optim) -------------------------------------------------
+  # ---- Optimizer (shufflemamba_jax.training.optim) ----------------------------------------
   config.lr = 5e-4  # Base peak learning rate per 512 images.
   config.lr_scale_batch = True  # True: peak lr = lr * batch_size / 512; False: peak lr = lr.
   config.warmup_epochs = 5.0  # Linear warmup length in epochs (from warmup_lr to peak).
@@ -101,14 +104,13 @@ def get_config():
   config.grad_accum_steps = 1  # Micro-batches per optimizer step (inside one jitted step).
   config.ema_decay = 0.0  # EMA of the parameters, updated every step; 0 = off.
 
-  # ---- Devices (shufflemamba_jax.sharding) ---------------------------------------------------
+  # ---- Devices (shufflemamba_jax.parallel.sharding) -------------------------------------------
   # Mesh axes: the batch is split over data x fsdp; parameters and optimizer state are split
   # over fsdp. One size may be -1 (the rest of the devices); without -1, a smaller mesh uses the
   # first devices (data=1, fsdp=1 trains on one device).
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1
   config.mesh.fsdp = 1
-  config.mesh.tensor = 1  # Reserved for tensor parallelism; the model does not use it yet.
   config.mesh.fsdp_min_size = 2 ** 16  # Parameters with fewer elements stay replicated.
 
   config.lock()

@@ -13,7 +13,7 @@ linear, one permutation per sample); images are not flipped (digits are not mirr
 and no mixup is used (it slows convergence at this size); mild random-resized crops instead.
 """
 
-from shufflemamba_jax import config_files
+from shufflemamba_jax.training import config_files
 
 
 def get_config(arg: str | None = None):

@@ -20,7 +20,7 @@ per epoch); Mamba-Reg's stages 1-2 use DeiT-III "ThreeAugment", which our pipeli
 so they use RandAugment like the other recipes (documented deviation).
 """
 
-from shufflemamba_jax import config_files
+from shufflemamba_jax.training import config_files
 
 _VARIANTS = ('shufflemamba_base', 'vim_tiny', 'vim_small', 'shufflemamba_reg_base')
 

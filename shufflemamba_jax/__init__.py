@@ -1,30 +1,41 @@
 """Vision Mamba and ShuffleMamba (stochastic layer-wise shuffle) in JAX / Flax NNX.
 
-The model package needs only jax, flax and optax; the training modules import TensorFlow,
-tensorflow-datasets, Orbax and ml_collections lazily.
+Layers, each a subpackage: `models` (needs only jax, flax and numpy) and `parallel` at the
+bottom; `data` (tf.data over TFDS), `weights` (checkpoints, PyTorch import and export) and
+`training` on top of them; the command-line entry points (`main`, `predict`, `convert`,
+`prepare`, `benchmark`, `ablation`) above everything, imported by nothing.
 """
 
-from shufflemamba_jax.ssm import selective_scan
-from shufflemamba_jax.slws import layer_shuffle_probabilities, sample_token_permutations
-from shufflemamba_jax.variants import VARIANTS, create_model, model_config
-from shufflemamba_jax.vim import VisionMamba, VisionMambaConfig
+from shufflemamba_jax.models import (
+    VARIANTS,
+    SettingError,
+    VisionMamba,
+    VisionMambaConfig,
+    create_model,
+    layer_shuffle_probabilities,
+    model_config,
+    sample_token_permutations,
+    selective_scan,
+)
 
 __version__ = "0.1.0"
 
 
-def load_model(path: str, step: int | None = None, ema: bool = True):
-  """Loads a trained or converted model for inference (see `shufflemamba_jax.predict.load_model`)."""
-  from shufflemamba_jax import predict  # Lazy: checkpoints need Orbax and ml_collections.
-  return predict.load_model(path, step=step, ema=ema)
+def load_model(path: str, step: int | str | None = None, ema: bool = True) -> VisionMamba:
+  """The model saved at `path` (a training workdir or converted weights); see `weights.load_model`."""
+  from shufflemamba_jax import weights  # Lazy: reading checkpoints needs Orbax.
+
+  return weights.load_model(path, step=step, ema=ema)
 
 
 __all__ = [
     "VARIANTS",
+    "SettingError",
     "VisionMamba",
     "VisionMambaConfig",
     "create_model",
-    "load_model",
     "layer_shuffle_probabilities",
+    "load_model",
     "model_config",
     "sample_token_permutations",
     "selective_scan",

@@ -10,18 +10,21 @@ checkpoint, which is the end), so an interrupted ablation can be restarted with 
 """
 
 import copy
-import os
+import pathlib
 import time
 
 import numpy as np
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
 
-# main defines --workdir and --config (config file with --config.field overrides); reused here.
-from shufflemamba_jax import config_files
-from shufflemamba_jax import main as main_lib
+from shufflemamba_jax.training import metrics as metrics_lib
 
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'digits.py'),
+    'Training config of every run (default: configs/digits.py), with --config.field overrides.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the runs, the table and the plot.')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per setting.')
 _MAX_PROB = flags.DEFINE_float('max_prob', None, 'P of the shuffled settings (default: the config\'s).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data_dir (default: the config\'s).')
@@ -34,19 +37,8 @@ SETTINGS = (('no_shuffle', 'linear', False), ('constant', 'constant', True),
             ('linear', 'linear', True))
 
 
-def _load_config(path: str):
-  return config_files.get_config(path)
-
-
-def _default_config_path() -> str:
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      'configs', 'digits.py')
-
-
 def run_summary(workdir: str) -> dict:
   """Final train loss, validation loss/top-1 and the curves of one finished run."""
-  from shufflemamba_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-
   records = metrics_lib.read_metrics(workdir)
   train_records = [r for r in records if 'loss' in r]
   eval_records = [r for r in records if 'eval_top1' in r]
@@ -63,7 +55,6 @@ def run_summary(workdir: str) -> dict:
 
 def _finished(run_dir: str) -> bool:
   """Whether a run wrote its final evaluation (the last record of a finished run)."""
-  from shufflemamba_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   try:
     records = metrics_lib.read_metrics(run_dir)
   except FileNotFoundError:
@@ -117,23 +108,24 @@ def plot(results: dict, path: str):
     axis.grid(alpha=0.3)
     axis.legend()
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  with epath.Path(path).open('wb') as f:
+    figure.savefig(f, format='png', dpi=120)
   plt.close(figure)
 
 
 def main(argv):
   del argv
-  from shufflemamba_jax import train  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.training import trainer  # pylint: disable=g-import-not-at-top
 
-  base = flags.FLAGS.config or _load_config(_default_config_path())
+  base = _CONFIG.value
   max_prob = _MAX_PROB.value if _MAX_PROB.value is not None else base.model.slws.max_prob
-  workdir = os.path.abspath(flags.FLAGS.workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = epath.Path(_WORKDIR.value)
+  workdir.mkdir(parents=True, exist_ok=True)
   results = {name: [] for name, _, _ in SETTINGS}
   # Seed-major order: if the ablation is stopped early, every setting has the same seeds done.
   for seed in range(_SEEDS.value):
     for name, schedule, shuffled in SETTINGS:
-      run_dir = os.path.join(workdir, f'{name}_seed{seed}')
+      run_dir = workdir / f'{name}_seed{seed}'
       if not _REPORT_ONLY.value:
         config = copy.deepcopy(base)
         config.seed = seed
@@ -143,9 +135,8 @@ def main(argv):
           config.data_dir = _DATA_DIR.value
         if _NUM_EPOCHS.value:
           config.num_epochs = _NUM_EPOCHS.value
-        main_lib.validate_config(config)
         start = time.time()
-        train.train_and_evaluate(config, run_dir)
+        trainer.train_and_evaluate(config, run_dir)
         logging.info('%s seed %d: %.1f s', name, seed, time.time() - start)
       elif not _finished(run_dir):
         continue
@@ -155,9 +146,8 @@ def main(argv):
     raise SystemExit(f'No finished runs in {workdir}.')
   results = {name: runs[:done] for name, runs in results.items()}
   table = markdown_table(results, max_prob)
-  with open(os.path.join(workdir, 'ablation.md'), 'w') as f:
-    f.write(table + '\n')
-  plot(results, os.path.join(workdir, 'ablation.png'))
+  (workdir / 'ablation.md').write_text(table + '\n')
+  plot(results, workdir / 'ablation.png')
   print(table)
 
 

@@ -1,10 +1,9 @@
 """Training-step benchmark: compile time, XLA memory and FLOPs, step time, images/s and MFU.
 
-Builds the real training step (`train.make_train_step`: mixup/cutmix, soft-target loss, masked
+Builds the real training step (`training.steps.make_train_step`: mixup/cutmix, soft-target loss, masked
 AdamW with clipping, EMA) for a named variant on synthetic in-memory data, compiles it ahead of
 time from abstract shapes (so `--compile_only` of a large model never allocates its state), and
-reads XLA's compiled memory and cost analyses. It needs only jax, flax and optax (train.py
-also imports orbax-checkpoint, which flax itself requires); no TensorFlow.
+reads XLA's compiled memory and cost analyses. It needs only jax, flax and optax; no TensorFlow.
 
   python -m shufflemamba_jax.benchmark --variant shufflemamba_tiny --img_size 224 --batch_size 8 \
       --steps 10 --json
@@ -22,7 +21,7 @@ cost analysis, which counts a while-loop body once, so the lax.scan over layers 
 layer) and flops_analytic (`analytic_train_flops`); step_time_median_s, step_times_s and
 images_per_s (None with --compile_only); mfu with --peak_tflops; slws_overhead_ratio (median P>0
 step / median P=0 step), slws_pair_ratio_median and the *_p0 timings with --compare_slws; and
-the settings (resolved_method / resolved_remat are what "auto" chose on this backend).
+the settings.
 """
 
 from __future__ import annotations
@@ -41,16 +40,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import shufflemamba_jax as smj
-from shufflemamba_jax import optim, ssm, train, vim
+from shufflemamba_jax.models import ssm, variants, vim
+from shufflemamba_jax.training import mixup, optim, steps
 
-REMAT_CHOICES = ("auto", "none") + tuple(vim.REMAT_POLICIES)
-METHOD_CHOICES = ("auto",) + ssm.SCAN_METHODS
+REMAT_CHOICES = ("none",) + tuple(vim.REMAT_POLICIES)
 NUM_CLASSES = 1000
 
 # SPEC §4 recipe values that shape the step's work: AdamW with clipping, EMA, mixup/cutmix.
-_RECIPE = dict(peak_lr=2e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=3.0,
-               ema_decay=0.9999, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+_OPTIMIZER = optim.OptimizerSettings(lr=2e-3, lr_scale_batch=False, warmup_epochs=1.0, warmup_lr=5e-7,
+                                     min_lr=5e-6, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=3.0,
+                                     ema_decay=0.9999)
+_MIXUP = mixup.MixupSettings(mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
+                             label_smoothing=0.1)
 
 MARKDOWN_HEADER = (
     "| variant | px | batch | method | chunk | remat | dtype | P | compile s | temp GiB | arg GiB "
@@ -65,9 +66,9 @@ class Settings:
   variant: str = "shufflemamba_tiny"
   img_size: int = 224
   batch_size: int = 8
-  method: str = "auto"
-  chunk_size: int | None = None  # None: the model's default
-  remat: str = "auto"
+  method: str = ssm.DEFAULT_SCAN_METHOD
+  chunk_size: int = ssm.DEFAULT_CHUNK_SIZE
+  remat: str = "nothing_saveable"  # A rematerialization policy, or "none"
   dtype: str = "float32"
   slws_prob: float | None = None  # None: the variant's own max shuffle probability
   overrides: tuple = ()  # extra VisionMambaConfig overrides as (name, value) pairs
@@ -75,13 +76,9 @@ class Settings:
   def model_overrides(self, slws_prob: float | None = None) -> dict:
     prob = self.slws_prob if slws_prob is None else slws_prob
     settings = dict(self.overrides)
-    settings.update(scan_method=self.method, dtype=self.dtype)
-    if self.chunk_size is not None:
-      settings["chunk_size"] = self.chunk_size
+    settings.update(scan_method=self.method, chunk_size=self.chunk_size, dtype=self.dtype)
     if self.remat == "none":
       settings["remat"] = False
-    elif self.remat == "auto":
-      settings["remat"] = "auto"
     else:
       settings.update(remat=True, remat_policy=self.remat)
     if prob is not None:
@@ -150,25 +147,23 @@ def build_step(settings: Settings, slws_prob: float | None = None) -> CompiledSt
   """Lowers and compiles the real training step from abstract state and batch shapes."""
   overrides = settings.model_overrides(slws_prob)
 
-  def new_model():
-    return smj.create_model(settings.variant, rngs=nnx.Rngs(0), num_classes=NUM_CLASSES,
-                            img_size=settings.img_size, **overrides)
+  config = variants.model_config(settings.variant, num_classes=NUM_CLASSES, img_size=settings.img_size,
+                                 **overrides)
 
-  abstract_model = nnx.eval_shape(new_model)
-  graphdef, _, rest = train.split_model(abstract_model)
-  schedule = optim.warmup_cosine_schedule(peak_lr=_RECIPE["peak_lr"], total_steps=1000, warmup_steps=100,
-                                          warmup_lr=5e-7, min_lr=5e-6)
-  tx = optim.create_optimizer(schedule=schedule, weight_decay=_RECIPE["weight_decay"], b1=_RECIPE["b1"],
-                              b2=_RECIPE["b2"], eps=_RECIPE["eps"], grad_clip=_RECIPE["grad_clip"])
+  def new_model():
+    return vim.VisionMamba(config, rngs=nnx.Rngs(0))
+
+  graphdef, _, rest = steps.split_model(nnx.eval_shape(new_model))
+  schedule = optim.learning_rate_schedule(_OPTIMIZER, batch_size=settings.batch_size, steps_per_epoch=100,
+                                          total_steps=1000)
+  tx = optim.create_optimizer(_OPTIMIZER, schedule)
 
   def init_state():
-    _, params, _ = train.split_model(new_model())
-    return train.init_train_state(params, tx, seed=0, ema_decay=_RECIPE["ema_decay"])
+    _, params, _ = steps.split_model(new_model())
+    return steps.init_train_state(params, tx, ema_decay=_OPTIMIZER.ema_decay)
 
-  step = train.make_train_step(
-      graphdef, rest, tx, schedule, num_classes=NUM_CLASSES, ema_decay=_RECIPE["ema_decay"],
-      mixup_alpha=_RECIPE["mixup_alpha"], cutmix_alpha=_RECIPE["cutmix_alpha"],
-      label_smoothing=_RECIPE["label_smoothing"])
+  step = steps.make_train_step(graphdef, rest, tx, schedule, num_classes=NUM_CLASSES, seed=0,
+                               mixup_settings=_MIXUP, ema_decay=_OPTIMIZER.ema_decay)
   abstract_state = jax.eval_shape(init_state)
   abstract_batch = {
       "image": jax.ShapeDtypeStruct((settings.batch_size, settings.img_size, settings.img_size, 3), jnp.float32),
@@ -179,7 +174,7 @@ def build_step(settings: Settings, slws_prob: float | None = None) -> CompiledSt
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   done = time.perf_counter()
-  return CompiledStep(abstract_model.config, compiled, jax.jit(init_state), abstract_batch,
+  return CompiledStep(config, compiled, jax.jit(init_state), abstract_batch,
                       compile_s=done - start, lower_s=lowered_at - start)
 
 
@@ -225,9 +220,7 @@ def run(settings: Settings, *, steps: int = 10, warmup: int = 2, compile_only: b
   memory = main.compiled.memory_analysis()
   record = {
       "variant": settings.variant, "img_size": settings.img_size, "batch_size": settings.batch_size,
-      "method": settings.method, "resolved_method": ssm.resolve_scan_method(config.scan_method),
-      "chunk_size": config.chunk_size, "remat": settings.remat,
-      "resolved_remat": vim.resolve_remat(config.remat), "remat_policy": config.remat_policy,
+      "method": config.scan_method, "chunk_size": config.chunk_size, "remat": settings.remat,
       "dtype": settings.dtype, "slws_prob": config.slws_max_prob, "sequence_length":
       (settings.img_size // config.patch_size) ** 2 + config.num_extra_tokens,
       "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
@@ -287,8 +280,7 @@ def markdown_row(record: dict) -> str:
   step = record["step_time_median_s"]
   cells = [
       record["variant"], record["img_size"], record["batch_size"],
-      f"{record['method']} ({record['resolved_method']})", record["chunk_size"],
-      f"{record['remat']} ({record['resolved_remat'] and record['remat_policy'] or 'off'})",
+      record["method"], record["chunk_size"], record["remat"],
       record["dtype"], record["slws_prob"], f"{record['compile_s']:.1f}", gib("temp_bytes"),
       gib("argument_bytes"), gib("output_bytes"), gib("peak_bytes"), gflop(record["flops_xla"]),
       gflop(record["flops_analytic"]), "-" if step is None else f"{step:.3f}",
@@ -305,14 +297,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m shufflemamba_jax.benchmark", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--variant", default="shufflemamba_tiny", choices=sorted(smj.VARIANTS))
+  parser.add_argument("--variant", default="shufflemamba_tiny", choices=sorted(variants.VARIANTS))
   parser.add_argument("--img_size", type=int, default=224)
   parser.add_argument("--batch_size", type=int, default=8, help="images per step (one device)")
-  parser.add_argument("--method", default="auto", choices=METHOD_CHOICES, help="selective-scan method")
-  parser.add_argument("--chunk_size", type=int, default=None,
-                      help="chunk length of the chunked scan (default: the model's)")
-  parser.add_argument("--remat", default="auto", choices=REMAT_CHOICES,
-                      help="block rematerialization: a policy name, none, or auto (per backend)")
+  parser.add_argument("--method", default=Settings.method, choices=ssm.SCAN_METHODS, help="selective-scan method")
+  parser.add_argument("--chunk_size", type=int, default=Settings.chunk_size, help="chunk length of the chunked scan")
+  parser.add_argument("--remat", default=Settings.remat, choices=REMAT_CHOICES,
+                      help="block rematerialization: a policy name, or none")
   parser.add_argument("--dtype", default="float32", choices=tuple(vim.DTYPES), help="computation dtype")
   parser.add_argument("--slws_prob", type=float, default=None,
                       help="SLWS max shuffle probability P (default: the variant's)")

@@ -1,4 +1,4 @@
-"""Using a trained model: `load_model` for inference and a command that classifies image files.
+"""Command line: classifies image files with a trained or converted model.
 
   python -m shufflemamba_jax.predict --checkpoint=WORKDIR [--step=N|best] [--no-ema] cat.jpg dog.png
 
@@ -12,47 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from etils import epath
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _training_checkpoint(path: str, step: int | None, ema: bool):
-  """(model, run config dict) from a training checkpoint written by train.py."""
-  import ml_collections
-
-  from shufflemamba_jax import checkpoint as checkpoint_lib
-  from shufflemamba_jax import convert
-  from shufflemamba_jax import train
-
-  directory, folder_step = checkpoint_lib.resolve(path)
-  checkpointer = checkpoint_lib.Checkpointer(directory, async_save=False)
-  try:
-    step = step if step is not None else folder_step
-    if step == "best":
-      step = checkpointer.best_step()
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {directory}")
-    if step not in checkpointer.all_steps():
-      raise FileNotFoundError(f"no checkpoint step {step} in {directory}; steps: {checkpointer.all_steps()}")
-    config = ml_collections.ConfigDict(checkpointer.read_config(step))
-    state = checkpointer.restore_parts(('params', 'ema'), step)
-  finally:
-    checkpointer.close()
-  params = state["ema"] if ema and state.get("ema") else state["params"]
-  num_classes = int(np.shape(params["head"]["bias"])[0])
-  import shufflemamba_jax as smj
-  model_config = smj.model_config(config.model.variant, num_classes=num_classes,
-                                  img_size=config.image_size, **train.model_overrides(config))
-  return convert.model_with_params(model_config, params), config.to_dict()
+from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _step(text: str) -> int | str:
@@ -64,33 +31,11 @@ def _step(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f'--step={text!r}: a step number or "best"') from None
 
 
-def load_model(path: str, step: int | str | None = None, ema: bool = True) -> nnx.Module:
-  """Returns the model saved at `path`, ready for `model(images)` (evaluation mode).
-
-  Args:
-    path: a training workdir, its checkpoints/ folder or a step folder; or a directory written
-      by `python -m shufflemamba_jax.convert`.
-    step: the checkpoint step (default: the latest), or "best": the kept step with the best
-      evaluation by the run's `best_metric`.
-    ema: use the EMA parameters when the checkpoint has them.
-  """
-  return _load(path, step, ema)[0]
-
-
-def _load(path: str, step: int | str | None, ema: bool):
-  from shufflemamba_jax import convert
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"--checkpoint {path} does not exist")
-  if convert.is_params_checkpoint(path):
-    return convert.load_model(path), {}
-  return _training_checkpoint(path, step, ema)
-
-
 def preprocess(path: str, image_size: int, crop_ratio: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD):
   """Reads an image file into a normalized float32 (image_size, image_size, 3) array."""
   from PIL import Image, UnidentifiedImageError
   try:
-    with Image.open(path) as image:
+    with epath.Path(path).open("rb") as file, Image.open(file) as image:
       image = image.convert("RGB")
   except (OSError, UnidentifiedImageError) as error:
     raise ValueError(f"cannot read image {path}: {error}") from None
@@ -111,7 +56,7 @@ def class_names(dataset: str | None, num_classes: int) -> list[str]:
     try:
       import tensorflow_datasets as tfds
       if dataset == "digits":
-        from shufflemamba_jax import digits_dataset  # noqa: F401  (registers the builder)
+        from shufflemamba_jax.data import digits  # noqa: F401  (registers the builder)
       names = tfds.builder(dataset).info.features["label"].names
       if len(names) == num_classes:
         return list(names)
@@ -138,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--json", action="store_true", help="print one JSON object per image")
   parser.add_argument("images", nargs="+")
   args = parser.parse_args(argv)
+  from shufflemamba_jax import weights  # pylint: disable=g-import-not-at-top
+
   try:
-    model, run_config = _load(args.checkpoint, args.step, not args.no_ema)
+    saved = weights.read_weights(args.checkpoint, args.step, ema=not args.no_ema)
+    model, run_config = saved.model(), saved.run_config
     size = args.image_size or model.config.img_size
     aug = run_config.get("aug", {})
     batch = np.stack([preprocess(path, size, aug.get("eval_crop_ratio", 0.875),

@@ -1,4 +1,5 @@
-"""Test-session setup: eight simulated CPU devices and one compilation cache for the session.
+"""Test-session setup: eight simulated CPU devices, one compilation cache for the session, and
+the prepared datasets of data_fixtures.py for every test that asks for them.
 
 XLA reads the flag once, when JAX initializes its backend, so it is set before any test imports
 jax. Unsharded computations still run on one device. Many tests (and the training runs they
@@ -19,3 +20,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# Session fixtures digits_data_dir and imagenet_data (prepared on first use).
+pytest_plugins = ("data_fixtures",)

@@ -1,7 +1,7 @@
 """Test data for the input pipeline: tiny ILSVRC2012-format tars and prepared TFDS datasets.
 
-Imported by the data tests (not a conftest). Preparing a dataset costs seconds, so each is
-built once per session and cached here by name, whichever test module asks first.
+A pytest plugin of conftest.py. Preparing a dataset costs seconds, so each is built once per
+session, when a test first asks for it.
 """
 
 import contextlib
@@ -19,8 +19,6 @@ TRAIN_IMAGES_PER_CLASS = 4
 NUM_VAL_IMAGES = 6
 # One training JPEG with a valid start and garbage after: the pipeline must skip it, naming it.
 CORRUPT_TRAIN_IMAGE = "n01443537_2.JPEG"
-
-_PREPARED = {}
 
 
 def jpeg_bytes(rng: np.random.Generator, height: int, width: int) -> bytes:
@@ -94,34 +92,24 @@ def _no_network():
     yield
 
 
-def _prepared(name, tmp_path_factory, build):
-  if name not in _PREPARED:
-    _PREPARED[name] = build(tmp_path_factory.mktemp(name))
-  return _PREPARED[name]
-
-
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory):
   """A TFDS data_dir with `digits` prepared (offline)."""
-  from shufflemamba_jax import prepare  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  def build(root):
-    with _no_network():
-      prepare.prepare("digits", data_dir=str(root), compute_stats=False)
-    return str(root)
-
-  return _prepared("digits", tmp_path_factory, build)
+  root = tmp_path_factory.mktemp("digits")
+  with _no_network():
+    pipeline.prepare("digits", data_dir=str(root), compute_stats=False)
+  return str(root)
 
 
 @pytest.fixture(scope="session")
 def imagenet_data(tmp_path_factory):
   """(data_dir, {file_name: synset}): TFDS's real imagenet2012 builder run on tiny tars."""
-  from shufflemamba_jax import prepare  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  def build(root):
-    labels = write_imagenet_tars(str(root / "manual"))
-    prepare.prepare("imagenet2012", data_dir=str(root / "tfds"), manual_dir=str(root / "manual"),
-                    compute_stats=False)
-    return str(root / "tfds"), labels
-
-  return _prepared("imagenet2012", tmp_path_factory, build)
+  root = tmp_path_factory.mktemp("imagenet2012")
+  labels = write_imagenet_tars(str(root / "manual"))
+  pipeline.prepare("imagenet2012", data_dir=str(root / "tfds"), manual_dir=str(root / "manual"),
+                   compute_stats=False)
+  return str(root / "tfds"), labels

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
-from shufflemamba_jax import augment  # pylint: disable=g-import-not-at-top
+from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD, augment, pipeline  # pylint: disable=g-import-not-at-top
 
 SEED = tf.constant([3, 7], tf.int64)
 FILL = (124, 116, 104)
@@ -132,12 +132,18 @@ def test_inception_crop_window_bounds_and_jpeg_crop():
   pixels = tf.constant(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
   encoded = tf.io.encode_jpeg(pixels)
   top, left, height, width = augment.random_crop_window(shape, SEED).numpy()
-  crop = augment.decode_and_random_crop(encoded, SEED)
+  def crop_of(image_bytes):  # What the input pipeline decodes: only the crop window.
+    window_fn = lambda image_shape: augment.random_crop_window(image_shape, SEED)  # noqa: E731
+    image, ok = pipeline.safe_decode_crop(image_bytes, tf.constant("image"), window_fn)
+    assert ok
+    return image
+
+  crop = crop_of(encoded)
   full = tf.io.decode_jpeg(encoded).numpy()
   # decode_and_crop_jpeg upsamples chroma at the window edge on its own: near-equal, not equal.
   difference = np.abs(crop.numpy().astype(int) - full[top : top + height, left : left + width])
   assert crop.shape == (height, width, 3) and difference.mean() < 1.0
-  png_crop = augment.decode_and_random_crop(tf.io.encode_png(pixels), SEED)
+  png_crop = crop_of(tf.io.encode_png(pixels))
   np.testing.assert_array_equal(png_crop.numpy(), pixels.numpy()[top : top + height, left : left + width])
 
 
@@ -160,22 +166,22 @@ def test_eval_resize_and_center_crop_geometry():
 
 def test_train_and_eval_transforms_shapes_ranges_and_determinism():
   rng = np.random.default_rng(3)
-  encoded = tf.io.encode_jpeg(tf.constant(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)))
+  image = tf.constant(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8))
   settings = augment.TrainAugmentation(random_erasing_prob=0.0)
-  low = (0 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
-  high = (1 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
-  outs = [augment.preprocess_train(encoded, tf.constant([s, 1], tf.int64), settings, 24).numpy()
+  low = (0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+  high = (1 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+  outs = [augment.augment_train_image(image, tf.constant([s, 1], tf.int64), settings, 24).numpy()
           for s in range(4)]
   for out in outs:
     assert out.shape == (24, 24, 3) and out.dtype == np.float32
     assert np.all(out >= low - 1e-5) and np.all(out <= high + 1e-5)
   assert len({o.tobytes() for o in outs}) == 4
-  again = augment.preprocess_train(encoded, tf.constant([0, 1], tf.int64), settings, 24).numpy()
+  again = augment.augment_train_image(image, tf.constant([0, 1], tf.int64), settings, 24).numpy()
   np.testing.assert_array_equal(outs[0], again)
-  with_erasing = augment.preprocess_train(
-      encoded, SEED, augment.TrainAugmentation(random_erasing_prob=1.0), 24).numpy()
+  with_erasing = augment.augment_train_image(
+      image, SEED, augment.TrainAugmentation(random_erasing_prob=1.0), 24).numpy()
   assert with_erasing.shape == (24, 24, 3) and np.all(np.isfinite(with_erasing))
-  evaluated = augment.preprocess_eval(encoded, 24).numpy()
+  evaluated = augment.normalize(augment.to_uint8(augment.eval_resize_and_center_crop(image, 24))).numpy()
   assert evaluated.shape == (24, 24, 3)
   assert np.all(evaluated >= low - 1e-5) and np.all(evaluated <= high + 1e-5)
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from shufflemamba_jax import benchmark, vim
+from shufflemamba_jax import benchmark
+from shufflemamba_jax.models import vim
 
-# RULES: width 48, depth 4, 16x16 images with patch 4 (17 tokens). The default scan and remat
-# ("auto": sequential with block remat on CPU) are also the fastest to compile there.
+# Width 48, depth 4, 16x16 images with patch 4 (17 tokens), the default scan (chunked) and remat.
 SMOKE = ["--variant", "shufflemamba_tiny", "--img_size", "16", "--patch_size", "4", "--embed_dim", "48",
          "--depth", "4", "--batch_size", "4",
          "--steps", "2", "--warmup", "1", "--peak_tflops", "1.0", "--json"]

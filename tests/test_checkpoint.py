@@ -11,8 +11,11 @@ import pytest
 
 pytest.importorskip('orbax.checkpoint')
 
-from shufflemamba_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-from shufflemamba_jax import sharding  # pylint: disable=g-import-not-at-top
+from shufflemamba_jax.models import VisionMambaConfig  # pylint: disable=g-import-not-at-top
+from shufflemamba_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+from shufflemamba_jax.weights import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+
+MODEL = VisionMambaConfig()  # The model item every checkpoint carries.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +47,7 @@ def test_a_checkpoint_saved_on_8_devices_restores_on_4_and_on_1(tmp_path, data, 
   assert saved['params']['in_proj'].sharding.spec == saved_shardings['params']['in_proj'].spec
   assert len(saved['params']['in_proj'].sharding.device_set) == 8  # Really split over 8.
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
-  checkpointer.save(7, saved, meta={'step': 7}, config={}, force=True)
+  checkpointer.save(7, saved, meta={'step': 7}, model=MODEL, force=True)
 
   mesh = sharding.create_mesh(data=data, fsdp=fsdp)
   target = jax.tree.map(
@@ -71,17 +74,17 @@ def test_keeps_the_latest_and_the_best_across_restarts(tmp_path):
   assert [s for s in range(1, 7) if checkpointer.should_save(s)] == [2, 4, 6]
   for step, top1 in ((2, 0.4), (4, 0.9), (6, 0.5), (8, None), (10, 0.3)):
     metrics = None if top1 is None else {'eval_top1': top1, 'eval_top5': 1.0}
-    checkpointer.save(step, state, meta={'step': step}, config={}, metrics=metrics, force=True)
+    checkpointer.save(step, state, meta={'step': step}, model=MODEL, metrics=metrics, force=True)
   assert checkpointer.all_steps() == [4, 8, 10]  # The 2 latest, and the best (step 4).
-  assert checkpointer.best_step() == 4 and checkpointer.latest_step() == 10
+  assert checkpointer.step('best') == 4 and checkpointer.latest_step() == 10
   checkpointer.close()
   checkpointer = manager()  # The ranking is stored with the checkpoints.
-  assert checkpointer.best_step() == 4
-  checkpointer.save(12, state, meta={'step': 12}, config={}, metrics={'eval_top1': 0.1},
+  assert checkpointer.step('best') == 4
+  checkpointer.save(12, state, meta={'step': 12}, model=MODEL, metrics={'eval_top1': 0.1},
                     force=True)
   assert checkpointer.all_steps() == [4, 10, 12]
   with pytest.raises(ValueError, match='best_metric'):
-    checkpointer.save(14, state, meta={'step': 14}, config={}, metrics={'loss': 1.0}, force=True)
+    checkpointer.save(14, state, meta={'step': 14}, model=MODEL, metrics={'loss': 1.0}, force=True)
   checkpointer.close()
   with pytest.raises(ValueError, match='keep_checkpoints'):
     checkpoint_lib.Checkpointer(str(tmp_path), keep=0)
@@ -90,7 +93,7 @@ def test_keeps_the_latest_and_the_best_across_restarts(tmp_path):
 def test_restore_parts_reads_only_the_named_entries(tmp_path):
   state = _state()
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
-  checkpointer.save(7, dict(state, ema=None), meta={'step': 7}, config={}, force=True)
+  checkpointer.save(7, dict(state, ema=None), meta={'step': 7}, model=MODEL, force=True)
   parts = checkpointer.restore_parts(('params', 'ema'))  # No EMA in this run: left out.
   checkpointer.close()
   assert set(parts) == {'params'}
@@ -103,39 +106,42 @@ def test_best_step_ranks_by_the_runs_own_metric(tmp_path):
                                              best_metric='eval_top5', async_save=False)
   config = {'best_metric': 'eval_top5'}
   for step, (top1, top5) in ((1, (0.9, 0.2)), (2, (0.1, 0.8)), (3, (0.5, 0.5))):
-    checkpointer.save(step, {'x': np.zeros(2, np.float32)}, meta={'step': step}, config=config,
+    checkpointer.save(step, {'x': np.zeros(2, np.float32)}, meta={'step': step}, model=MODEL, config=config,
                       metrics={'eval_top1': top1, 'eval_top5': top5}, force=True)
   checkpointer.close()
   reader = checkpoint_lib.Checkpointer(str(tmp_path))  # Opened without keep_best.
-  assert reader.best_step() == 2
+  assert reader.step('best') == 2
   reader.close()
 
   unranked = tmp_path / 'unranked'
   checkpointer = checkpoint_lib.Checkpointer(str(unranked), async_save=False)
-  checkpointer.save(1, {'x': np.zeros(2, np.float32)}, meta={'step': 1}, config={}, force=True)
+  checkpointer.save(1, {'x': np.zeros(2, np.float32)}, meta={'step': 1}, model=MODEL, force=True)
   checkpointer.close()
   reader = checkpoint_lib.Checkpointer(str(unranked))
   with pytest.raises(FileNotFoundError, match='keep_best_checkpoints'):
-    reader.best_step()
+    reader.step('best')
   reader.close()
 
 
 _KILLED_DURING_SAVE = textwrap.dedent('''
     import os, sys
     import numpy as np
-    from shufflemamba_jax import checkpoint as checkpoint_lib
+    from shufflemamba_jax.models import VisionMambaConfig
+    from shufflemamba_jax.weights import checkpoint as checkpoint_lib
+    MODEL = VisionMambaConfig()
     checkpointer = checkpoint_lib.Checkpointer(sys.argv[1], async_save=True)
     small = {'x': np.full((4,), 1.0, np.float32)}
-    checkpointer.save(1, small, meta={'step': 1}, config={}, force=True)
+    checkpointer.save(1, small, meta={'step': 1}, model=MODEL, force=True)
     checkpointer.wait()
     # 512 MiB: its asynchronous write is still running when the process dies.
     large = {'x': np.full((128, 1024, 1024), 2.0, np.float32)}
-    checkpointer.save(2, large, meta={'step': 2}, config={}, force=True)
+    checkpointer.save(2, large, meta={'step': 2}, model=MODEL, force=True)
     print('SAVE STARTED', flush=True)
     os.kill(os.getpid(), 9)
 ''')
 
 
+@pytest.mark.slow
 def test_kill_9_during_an_asynchronous_save_keeps_the_previous_checkpoint(tmp_path):
   directory = str(tmp_path / 'checkpoints')
   result = subprocess.run([sys.executable, '-c', _KILLED_DURING_SAVE, directory], cwd=ROOT,
@@ -152,6 +158,6 @@ def test_kill_9_during_an_asynchronous_save_keeps_the_previous_checkpoint(tmp_pa
   np.testing.assert_array_equal(state['x'], np.ones(4, np.float32))
   assert meta['step'] == 1
   # The run goes on: step 2 can be saved again over the debris of the killed save.
-  checkpointer.save(2, {'x': np.zeros(4, np.float32)}, meta={'step': 2}, config={}, force=True)
+  checkpointer.save(2, {'x': np.zeros(4, np.float32)}, meta={'step': 2}, model=MODEL, force=True)
   assert checkpointer.all_steps() == [1, 2]
   checkpointer.close()

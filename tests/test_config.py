@@ -1,4 +1,5 @@
-"""Training configs: command-line overrides, locked fields, value checks naming the field."""
+"""Training configs: command-line overrides, locked fields, and value checks naming the field,
+run by the parts of a run that the fields configure (`trainer.Settings.from_config`)."""
 
 import os
 
@@ -6,7 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from shufflemamba_jax import main
+from shufflemamba_jax.training import trainer
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
@@ -31,7 +32,7 @@ def test_command_line_overrides():
   assert config.total_steps == 7
   assert config.model.remat is True
   assert config.aug.mixup_alpha == 0.8
-  main.validate_config(config)
+  trainer.Settings.from_config(config)
 
 
 def test_imagenet_config_argument_picks_the_recipe():
@@ -40,7 +41,7 @@ def test_imagenet_config_argument_picks_the_recipe():
   assert config.image_size == 128 and config.num_epochs == 300
   assert config.model.slws.max_prob == 0.1
   assert config.batch_size == 256
-  main.validate_config(config)
+  trainer.Settings.from_config(config)
 
 
 def test_required_fields_exist():
@@ -82,6 +83,15 @@ def test_unknown_field_is_rejected():
     ('data_shards', 3, 'data_shards'),  # 3 does not divide the batch (64).
     ('data_shards', -1, 'data_shards'),
     ('best_metric', 'eval_loss', 'best_metric'),
+    ('model.depth', 0, 'config.model.depth'),
+    ('model.chunk_size', -2, 'config.model.chunk_size'),
+    ('dataset', 'cifar10', 'config.dataset'),
+    ('total_steps', 0, 'config.total_steps'),
+    ('aug.crop_area_min', 1.5, 'config.aug.crop_area_min'),
+    ('aug.repeated_aug', 0, 'config.aug.repeated_aug'),
+    ('aug.eval_crop_ratio', 0.0, 'config.aug.eval_crop_ratio'),
+    ('aug.cutmix_alpha', -1.0, 'config.aug.cutmix_alpha'),
+    ('b2', 1.5, 'config.b2'),
 ])
 def test_invalid_values_are_rejected_naming_the_field(field, value, words):
   config = _parse()
@@ -91,12 +101,12 @@ def test_invalid_values_are_rejected_naming_the_field(field, value, words):
     node = node[parent]
   node[name] = value
   with pytest.raises(ValueError, match=words.replace('.', r'\.')):
-    main.validate_config(config)
+    trainer.Settings.from_config(config)
 
 
 def test_ranking_checkpoints_by_the_ema_needs_the_ema():
   config = _parse('--config.ema_decay=0', '--config.best_metric=ema_eval_top1')
   with pytest.raises(ValueError, match=r'config\.best_metric.*ema_decay'):
-    main.validate_config(config)
+    trainer.Settings.from_config(config)
   config.keep_best_checkpoints = 0  # Nothing is ranked: the metric is never used.
-  main.validate_config(config)
+  trainer.Settings.from_config(config)

@@ -14,6 +14,7 @@ from flax import nnx
 
 import shufflemamba_jax as smj
 from shufflemamba_jax import convert
+from shufflemamba_jax.weights import checkpoint, params, pytorch
 
 # Tiny stand-ins for each official token layout (16x16 images, patch 4: 16 patches).
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=2, num_classes=10)
@@ -115,7 +116,7 @@ def test_imported_model_matches_pytorch_reference(case, images):
 
   config = case_config(case)
   sd = random_official_state_dict(config)
-  model = convert.model_with_params(config, convert.from_pytorch_state_dict(sd, config))
+  model = params.model_with_params(config, pytorch.import_params(sd, config, source="the state dict"))
   ours = np.asarray(model(np.transpose(images, (0, 2, 3, 1)), train=False))
   with torch.no_grad():
     reference = torch_reference.forward({k: torch.from_numpy(v) for k, v in sd.items()},
@@ -137,56 +138,43 @@ def test_import_then_export_is_bitwise_exact(case, extension, tmp_path):
   config = case_config(case)
   sd = random_official_state_dict(config, seed=2)
   path = str(tmp_path / f"weights{extension}")
-  convert.save_state_dict(path, sd)
-  params = convert.from_pytorch_state_dict(convert.load_state_dict(path), config)
-  assert params["layers"]["mixer"]["in_proj"]["kernel"].shape == (2, 48, 192)
-  assert params["layers"]["mixer"]["conv1d_b"]["kernel"].shape == (2, 4, 96)
-  exported = convert.to_pytorch_state_dict(params, config)
+  pytorch.write_state_dict(path, sd)
+  imported = pytorch.import_params(pytorch.read_state_dict(path), config, source=path)
+  assert imported["layers"]["mixer"]["in_proj"]["kernel"].shape == (2, 48, 192)
+  assert imported["layers"]["mixer"]["conv1d_b"]["kernel"].shape == (2, 4, 96)
+  exported = pytorch.export_state_dict(imported)
   assert_same_state_dict(exported, sd)
   # Writing the export and reading it back changes nothing either.
   again = str(tmp_path / f"again{extension}")
-  convert.save_state_dict(again, exported)
-  assert_same_state_dict(convert.load_state_dict(again), sd)
+  pytorch.write_state_dict(again, exported)
+  assert_same_state_dict(pytorch.read_state_dict(again), sd)
 
 
 def test_layouts_follow_the_contract():
   config = case_config("registers_neck")
   sd = random_official_state_dict(config, seed=3)
-  params = convert.from_pytorch_state_dict(sd, config)
-  mixer = params["layers"]["mixer"]
+  imported = pytorch.import_params(sd, config, source="the state dict")
+  mixer = imported["layers"]["mixer"]
   np.testing.assert_array_equal(mixer["in_proj"]["kernel"][1], sd["layers.1.mixer.in_proj.weight"].T)
   # conv1d.kernel[:, k, e] == torch conv1d.weight[e, 0, k]
   np.testing.assert_array_equal(mixer["conv1d"]["kernel"][0, 3, 5], sd["layers.0.mixer.conv1d.weight"][5, 0, 3])
   np.testing.assert_array_equal(mixer["A_b_log"][1], sd["layers.1.mixer.A_b_log"])
-  np.testing.assert_array_equal(params["patch_embed"]["kernel"][1, 2, 0, 7],
+  np.testing.assert_array_equal(imported["patch_embed"]["kernel"][1, 2, 0, 7],
                                 sd["patch_embed.proj.weight"][7, 0, 1, 2])
-  np.testing.assert_array_equal(params["pos_embed_cls"], sd["pos_embed_cls"][0])
-  np.testing.assert_array_equal(params["neck"]["kernel"], sd["neck.weight"].T)
-  np.testing.assert_array_equal(params["norm_neck"]["scale"], sd["norm_neck.weight"])
-  np.testing.assert_array_equal(params["layers"]["norm"]["scale"][0], sd["layers.0.norm.weight"])
-
-
-def test_safetensors_header_is_standard(tmp_path):
-  import json
-  path = str(tmp_path / "w.safetensors")
-  convert.write_safetensors(path, {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float64)})
-  with open(path, "rb") as f:
-    size = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(size))
-  assert (8 + size) % 8 == 0
-  assert header["a"] == {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
-  assert header["b"] == {"dtype": "F64", "shape": [3], "data_offsets": [24, 48]}
-  assert os.path.getsize(path) == 8 + size + 48
+  np.testing.assert_array_equal(imported["pos_embed_cls"], sd["pos_embed_cls"][0])
+  np.testing.assert_array_equal(imported["neck"]["kernel"], sd["neck.weight"].T)
+  np.testing.assert_array_equal(imported["norm_neck"]["scale"], sd["norm_neck.weight"])
+  np.testing.assert_array_equal(imported["layers"]["norm"]["scale"][0], sd["layers.0.norm.weight"])
 
 
 def test_bfloat16_weights_round_trip_through_safetensors(tmp_path):
   import ml_dtypes
   weights = {"w": np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16)}
   path = str(tmp_path / "w.safetensors")
-  convert.save_state_dict(path, weights)
-  assert_same_state_dict(convert.load_state_dict(path), weights)
+  pytorch.write_state_dict(path, weights)
+  assert_same_state_dict(pytorch.read_state_dict(path), weights)
   with pytest.raises(ValueError, match="cannot hold bfloat16"):
-    convert.save_state_dict(str(tmp_path / "w.npz"), weights)
+    pytorch.write_state_dict(str(tmp_path / "w.npz"), weights)
 
 
 def test_bfloat16_weights_round_trip_through_pth(tmp_path):
@@ -194,9 +182,9 @@ def test_bfloat16_weights_round_trip_through_pth(tmp_path):
   import ml_dtypes
   weights = {"w": np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16)}
   path = str(tmp_path / "w.pth")
-  convert.save_state_dict(path, weights)
+  pytorch.write_state_dict(path, weights)
   assert torch.load(path)["model"]["w"].dtype == torch.bfloat16
-  assert_same_state_dict(convert.load_state_dict(path), weights)
+  assert_same_state_dict(pytorch.read_state_dict(path), weights)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,18 +200,19 @@ def test_every_missing_unused_and_misshaped_tensor_in_one_error():
   sd["layers.0.mixer.in_proj.bias"] = np.zeros(192, np.float32)
   sd["layers.1.mixer.x_proj_b.weight"] = sd["layers.1.mixer.x_proj_b.weight"][:, :-1]
   with pytest.raises(ValueError) as error:
-    convert.from_pytorch_state_dict(sd, config, source="bad.pth")
+    pytorch.import_params(sd, config, source="bad.pth")
   message = str(error.value)
+  # Named as the file names them: official names and PyTorch layouts.
   for fragment in ("bad.pth", "2 missing", "layers.1.mixer.A_b_log", "norm_f.weight",
-                   "1 unused", "layers.0.mixer.in_proj.bias",
-                   "1 mis-shaped", "layers.1.mixer.x_proj_b.weight: (35, 95)"):
+                   "1 not in the model", "layers.0.mixer.in_proj.bias",
+                   "1 with another shape", "layers.1.mixer.x_proj_b.weight: (35, 95) in the checkpoint, (35, 96)"):
     assert fragment in message, (fragment, message)
 
 
 def test_a_checkpoint_of_another_variant_is_rejected():
   sd = random_official_state_dict(case_config("middle"))
   with pytest.raises(ValueError, match="missing.*pos_embed_cls"):
-    convert.from_pytorch_state_dict(sd, case_config("registers_neck"))
+    pytorch.import_params(sd, case_config("registers_neck"), source="vim.pth")
 
 
 @pytest.mark.parametrize("case", ["middle", "registers_neck"])
@@ -231,18 +220,19 @@ def test_position_embeddings_are_resized_for_another_image_size(case):
   config = case_config(case)
   sd = random_official_state_dict(config)
   bigger = smj.model_config(CASES[case][0], **dict(CASES[case][1], img_size=32))
-  with pytest.raises(ValueError, match="mis-shaped: pos_embed"):
-    convert.from_pytorch_state_dict(sd, bigger)  # only on request
-  params = convert.from_pytorch_state_dict(sd, bigger, resize_pos_embed=True)
+  rows = 16 + (case == "middle")
+  with pytest.raises(ValueError, match=rf"pos_embed: \(1, {rows}, 48\) in the checkpoint, \(1, {rows + 48}, 48\)"):
+    pytorch.import_params(sd, bigger, source="small.pth")  # only on request
+  imported = pytorch.import_params(sd, bigger, source="small.pth", resize_positions=True)
   if case == "middle":
-    assert params["pos_embed"].shape == (8 * 8 + 1, 48)
+    assert imported["pos_embed"].shape == (8 * 8 + 1, 48)
     # The cls slot (index num_patches // 2) is carried over, not interpolated.
-    np.testing.assert_array_equal(params["pos_embed"][32], sd["pos_embed"][0, 8])
+    np.testing.assert_array_equal(imported["pos_embed"][32], sd["pos_embed"][0, 8])
   else:
-    assert params["pos_embed"].shape == (8 * 8, 48)
-    np.testing.assert_array_equal(params["pos_embed_cls"], sd["pos_embed_cls"][0])
+    assert imported["pos_embed"].shape == (8 * 8, 48)
+    np.testing.assert_array_equal(imported["pos_embed_cls"], sd["pos_embed_cls"][0])
   # Everything else is untouched.
-  np.testing.assert_array_equal(params["cls_token"], sd["cls_token"][0])
+  np.testing.assert_array_equal(imported["cls_token"], sd["cls_token"][0])
 
 
 class UnsafeObject:
@@ -259,41 +249,46 @@ def test_reads_official_training_checkpoints(tmp_path):
   torch.save({"model": {f"module.{k}": torch.from_numpy(v) for k, v in sd.items()},
               "optimizer": {"state": {}}, "epoch": 299, "args": argparse.Namespace(lr=1e-3),
               "max_accuracy": np.float64(76.1)}, path)
-  assert_same_state_dict(convert.load_state_dict(path), sd)
+  assert_same_state_dict(pytorch.read_state_dict(path), sd)
   # Arbitrary pickled objects are refused unless the caller trusts the file.
   torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "hook": UnsafeObject()}, path)
   with pytest.raises(ValueError, match="allow-pickle"):
-    convert.load_state_dict(path)
-  assert_same_state_dict(convert.load_state_dict(path, allow_pickle=True), sd)
+    pytorch.read_state_dict(path)
+  assert_same_state_dict(pytorch.read_state_dict(path, allow_pickle=True), sd)
   torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
-  assert_same_state_dict(convert.load_state_dict(path), sd)
+  assert_same_state_dict(pytorch.read_state_dict(path), sd)
 
 
 def test_other_num_classes_reinitializes_only_the_head(tmp_path):
   variant, overrides = CASES["head"]
   sd = random_official_state_dict(case_config("head"))
   path = str(tmp_path / "weights.npz")
-  convert.save_state_dict(path, sd)
-  model = convert.convert_pytorch_checkpoint(path, variant, **dict(overrides, num_classes=3))
-  assert model.head.kernel.shape == (48, 3)
-  exported = convert.to_pytorch_state_dict(nnx.state(model, nnx.Param))
+  pytorch.write_state_dict(path, sd)
+  config = smj.model_config(variant, **dict(overrides, num_classes=3))
+  imported = pytorch.import_params(pytorch.read_state_dict(path), config, source=path, new_head_seed=0)
+  assert imported["head"]["kernel"].shape == (48, 3)
+  assert 0.01 < imported["head"]["kernel"].std() < 0.03 and not imported["head"]["bias"].any()  # SPEC §2 init
+  exported = pytorch.export_state_dict(imported)
   assert_same_state_dict({k: v for k, v in exported.items() if not k.startswith("head.")},
                          {k: v for k, v in sd.items() if not k.startswith("head.")})
 
 
-def test_command_line_round_trip_on_full_size_vim_tiny(tmp_path):
+@pytest.mark.slow
+def test_command_line_round_trip_on_full_size_vim_tiny(tmp_path, capsys):
   config = smj.model_config("vim_tiny")
   sd = random_official_state_dict(config, seed=4)
   assert sum(v.size for v in sd.values()) == 7_148_008  # SPEC section 2
   source = str(tmp_path / "vim_tiny.safetensors")
-  convert.save_state_dict(source, sd)
+  pytorch.write_state_dict(source, sd)
   out = str(tmp_path / "converted")
   assert convert.main(["--from-pytorch", source, "--variant", "vim_tiny", "--out", out]) == 0
-  assert convert.is_params_checkpoint(out) and not convert.is_params_checkpoint(str(tmp_path))
-  meta = convert.load_model_config(out)
-  assert meta["variant"] == "vim_tiny" and meta["overrides"] == {}
-  model = convert.load_model(out)
+  saved = checkpoint.read_weights(out)
+  assert saved.step == 0 and saved.model_config == config and saved.ema is None and saved.run_config == {}
+  model = smj.load_model(out)
   np.testing.assert_array_equal(model.layers.mixer.A_b_log[...][23], sd["layers.23.mixer.A_b_log"])
   exported = str(tmp_path / "exported.npz")
   assert convert.main(["--to-pytorch", out, "--out", exported]) == 0
-  assert_same_state_dict(convert.load_state_dict(exported), sd)
+  assert_same_state_dict(pytorch.read_state_dict(exported), sd)
+  with pytest.raises(SystemExit):  # Never over an existing checkpoint.
+    convert.main(["--from-pytorch", source, "--variant", "vim_tiny", "--out", out])
+  assert "already holds a checkpoint" in capsys.readouterr().err

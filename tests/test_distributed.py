@@ -2,7 +2,7 @@
 
 import pytest
 
-from shufflemamba_jax import distributed
+from shufflemamba_jax.parallel import distributed
 
 
 def test_single_process_initializes_nothing():

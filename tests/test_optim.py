@@ -1,5 +1,7 @@
 """The optimizer of the training recipe: schedule, weight-decay mask, gradient accumulation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,15 +10,28 @@ import pytest
 from flax import nnx
 
 import shufflemamba_jax as smj
-from shufflemamba_jax import optim
-from shufflemamba_jax import train
+from shufflemamba_jax.training import mixup, optim, steps
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=4, num_classes=10)
+# The ShuffleMamba-B recipe's optimizer (SPEC §4); tests replace what they vary.
+RECIPE = optim.OptimizerSettings(lr=5e-4, lr_scale_batch=True, warmup_epochs=30.0, warmup_lr=5e-7, min_lr=5e-6,
+                                 weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=3.0, ema_decay=0.9999)
+NO_MIXUP = mixup.MixupSettings(mixup_alpha=0.0, cutmix_alpha=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,
+                               label_smoothing=0.1)
+
+
+def reference_schedule(step, *, peak_lr, total_steps, warmup_steps, warmup_lr, min_lr):
+  """The recipe's schedule written out: linear warmup, then half a cosine to min_lr, held after."""
+  if step < warmup_steps:
+    return warmup_lr + (peak_lr - warmup_lr) * step / warmup_steps
+  progress = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
+  return min_lr + 0.5 * (peak_lr - min_lr) * (1 + np.cos(np.pi * progress))
 
 
 def test_lr_schedule_key_steps():
-  schedule = optim.warmup_cosine_schedule(peak_lr=2e-3, total_steps=1000, warmup_steps=100,
-                                          warmup_lr=1e-6, min_lr=1e-5)
+  settings = dataclasses.replace(RECIPE, lr=2e-3, lr_scale_batch=False, warmup_epochs=1.0, warmup_lr=1e-6,
+                                 min_lr=1e-5)
+  schedule = optim.learning_rate_schedule(settings, batch_size=256, steps_per_epoch=100, total_steps=1000)
   np.testing.assert_allclose(schedule(0), 1e-6, rtol=1e-5)  # Starts at warmup_lr.
   np.testing.assert_allclose(schedule(50), 1e-6 + 0.5 * (2e-3 - 1e-6), rtol=1e-5)  # Linear.
   np.testing.assert_allclose(schedule(100), 2e-3, rtol=1e-5)  # Peak at the end of warmup.
@@ -27,14 +42,24 @@ def test_lr_schedule_key_steps():
   assert np.all(np.diff(values) < 0)  # Decays monotonically after warmup.
 
 
-def test_peak_lr_scales_with_global_batch():
-  assert optim.peak_learning_rate(5e-4, 2048, True) == pytest.approx(2e-3)  # ShuffleMamba-B.
-  assert optim.peak_learning_rate(5e-4, 2048, False) == pytest.approx(5e-4)
+def test_lr_schedule_is_the_recipe_at_every_step():
+  """optax's warmup-cosine equals the recipe's formula (DeiT scaling: peak = lr * batch / 512)."""
+  schedule = optim.learning_rate_schedule(RECIPE, batch_size=2048, steps_per_epoch=10, total_steps=3000)
+  expected = [reference_schedule(step, peak_lr=2e-3, total_steps=3000, warmup_steps=300, warmup_lr=5e-7,
+                                 min_lr=5e-6) for step in range(3100)]
+  # atol: optax interpolates from the peak in float32, 1e-10 off at the 5e-7 start (1e-7 of the peak).
+  np.testing.assert_allclose(jax.vmap(schedule)(jnp.arange(3100)), expected, rtol=2e-5, atol=3e-10)
+  unscaled = optim.learning_rate_schedule(dataclasses.replace(RECIPE, lr_scale_batch=False), batch_size=2048,
+                                          steps_per_epoch=10, total_steps=3000)
+  np.testing.assert_allclose(unscaled(300), 5e-4, rtol=1e-6)
+  # Warmup longer than the run: warmup all the way, never a zero-length decay.
+  short = optim.learning_rate_schedule(RECIPE, batch_size=512, steps_per_epoch=10, total_steps=50)
+  np.testing.assert_allclose(short(25), 5e-7 + (5e-4 - 5e-7) * 25 / 50, rtol=1e-5)
 
 
 def test_weight_decay_mask_on_a_real_model():
   model = nnx.eval_shape(lambda: smj.create_model('shufflemamba_tiny', rngs=nnx.Rngs(0), **TINY))
-  _, params, _ = train.split_model(model)
+  _, params, _ = steps.split_model(model)
   mask = {jax.tree_util.keystr(path, simple=True, separator='.'): value
           for path, value in jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params))}
   decayed = sorted(name for name, value in mask.items() if value)
@@ -54,7 +79,7 @@ def test_weight_decay_mask_on_a_real_model():
 def test_weight_decay_mask_registers_layout():
   model = nnx.eval_shape(lambda: smj.create_model(
       'shufflemamba_reg_small', rngs=nnx.Rngs(0), **dict(TINY, depth=2)))
-  _, params, _ = train.split_model(model)
+  _, params, _ = steps.split_model(model)
   mask = {jax.tree_util.keystr(path, simple=True, separator='.'): value
           for path, value in jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params))}
   assert mask['pos_embed_cls'] is False and mask['pos_embed'] is False
@@ -63,8 +88,7 @@ def test_weight_decay_mask_registers_layout():
 
 def test_decay_applies_only_to_masked_parameters():
   params = {'w': jnp.ones((2, 2)), 'pos_embed': jnp.ones((3, 2)), 'b': jnp.ones((2,))}
-  tx = optim.create_optimizer(schedule=lambda _: 0.1, weight_decay=0.5, b1=0.9, b2=0.999,
-                              eps=1e-8, grad_clip=None)
+  tx = optim.create_optimizer(dataclasses.replace(RECIPE, weight_decay=0.5, grad_clip=None), lambda _: 0.1)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
   np.testing.assert_allclose(updates['w'], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
@@ -75,8 +99,7 @@ def test_decay_applies_only_to_masked_parameters():
 def test_grad_clipping_bounds_the_global_norm():
   """Adam's first moment after one step is (1 - b1) * the clipped gradient (norm 1, not 20)."""
   params = {'w': jnp.zeros((4,))}
-  tx = optim.create_optimizer(schedule=lambda _: 1.0, weight_decay=0.0, b1=0.9, b2=0.999,
-                              eps=1e-8, grad_clip=1.0)
+  tx = optim.create_optimizer(dataclasses.replace(RECIPE, weight_decay=0.0, grad_clip=1.0), lambda _: 1.0)
   _, opt_state = tx.update({'w': jnp.full((4,), 10.0)}, tx.init(params), params)
   first_moment = optax.tree_utils.tree_get(opt_state, 'mu')
   np.testing.assert_allclose(optax.tree.norm(first_moment), 0.1, rtol=1e-5)
@@ -86,16 +109,16 @@ def test_gradient_accumulation_equals_one_big_batch():
   """Four micro-batches in one jitted step give the same update as the whole batch at once."""
   model = smj.create_model('shufflemamba_tiny', rngs=nnx.Rngs(0), slws_max_prob=0.0,
                            scan_method='associative', **TINY)
-  graphdef, params, rest = train.split_model(model)
+  graphdef, params, rest = steps.split_model(model)
   tx = optax.sgd(0.5)  # Plain SGD: the update is the gradient itself, no normalisation.
   schedule = lambda step: jnp.float32(0.5)
   batch = {'image': jax.random.normal(jax.random.key(1), (16, 16, 16, 3)),
            'label': jnp.arange(16, dtype=jnp.int32) % 10}
   results = []
   for accum in (1, 4):
-    state = train.init_train_state(params, tx, seed=0, ema_decay=0.0)
-    step = train.make_train_step(graphdef, rest, tx, schedule, num_classes=10,
-                                 grad_accum_steps=accum, label_smoothing=0.1, donate=False)
+    state = steps.init_train_state(params, tx, ema_decay=0.0)
+    step = steps.make_train_step(graphdef, rest, tx, schedule, num_classes=10, seed=0, mixup_settings=NO_MIXUP,
+                                 grad_accum_steps=accum, donate=False)
     results.append(step(state, batch))
   (big_state, big_metrics), (acc_state, acc_metrics) = results
   np.testing.assert_allclose(acc_metrics['loss'], big_metrics['loss'], rtol=1e-5)
@@ -106,6 +129,19 @@ def test_gradient_accumulation_equals_one_big_batch():
   assert int(acc_state['step']) == 1
 
 
-def test_ema_update():
-  ema = optim.ema_update({'w': jnp.zeros(3)}, {'w': jnp.ones(3)}, 0.9)
-  np.testing.assert_allclose(ema['w'], 0.1, rtol=1e-6)
+def test_the_train_step_updates_the_ema_and_labels_like_the_recipe():
+  """One step: EMA = decay * EMA + (1 - decay) * new params (optax.incremental_update), and the
+  loss is the cross entropy against label-smoothed one-hots (optax.smooth_labels)."""
+  model = smj.create_model('shufflemamba_tiny', rngs=nnx.Rngs(0), slws_max_prob=0.0, **TINY)
+  graphdef, params, rest = steps.split_model(model)
+  tx = optax.sgd(0.5)
+  batch = {'image': jax.random.normal(jax.random.key(1), (8, 16, 16, 3)), 'label': jnp.arange(8) % 10}
+  state = steps.init_train_state(params, tx, ema_decay=0.9)
+  step = steps.make_train_step(graphdef, rest, tx, lambda _: 0.5, num_classes=10, seed=0, mixup_settings=NO_MIXUP,
+                               ema_decay=0.9, donate=False)
+  new_state, metrics = step(state, batch)
+  for ema, old, new in zip(*(jax.tree.leaves(tree) for tree in (new_state['ema'], params, new_state['params']))):
+    np.testing.assert_allclose(ema, 0.9 * old + 0.1 * new, rtol=1e-5, atol=1e-7)
+  log_probs = jax.nn.log_softmax(model(batch['image']))
+  targets = jax.nn.one_hot(batch['label'], 10) * 0.9 + 0.01
+  np.testing.assert_allclose(metrics['loss'], -jnp.mean(jnp.sum(targets * log_probs, axis=-1)), rtol=1e-5)

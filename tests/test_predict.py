@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 import shufflemamba_jax as smj
-from shufflemamba_jax import convert, predict
+from shufflemamba_jax import predict
+from shufflemamba_jax.weights import checkpoint, params
 
 TINY = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=48, depth=2)
 
@@ -18,7 +19,9 @@ TINY = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=48, depth=2)
 def converted_dir(tmp_path_factory):
   model = smj.create_model("shufflemamba_tiny", rngs=nnx.Rngs(3), **TINY)
   directory = str(tmp_path_factory.mktemp("weights") / "tiny")
-  convert.save_params(directory, model, "shufflemamba_tiny", TINY)
+  # What `python -m shufflemamba_jax.convert` writes: step 0 of a workdir, parameters only.
+  with checkpoint.Checkpointer(checkpoint.checkpoint_directory(directory), async_save=False) as saver:
+    saver.save(0, {"params": params.param_tree(model)}, model=model.config, force=True)
   return directory, model
 
 
@@ -75,7 +78,7 @@ def test_bad_inputs_are_named(converted_dir, image_files, capsys, tmp_path):
 
 def test_a_checkpoint_of_another_model_is_rejected(converted_dir):
   directory, _ = converted_dir
-  params, _ = convert.load_params(directory)
+  saved = checkpoint.read_weights(directory)
   other = smj.model_config("shufflemamba_tiny", **{**TINY, "embed_dim": 32})
-  with pytest.raises(ValueError, match="do not match the model config"):
-    convert.model_with_params(other, params)
+  with pytest.raises(ValueError, match=f"{directory} does not fit the model"):
+    params.model_with_params(other, saved.params, source=directory)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shufflemamba_jax import slws
+from shufflemamba_jax.models import slws
 
 
 def test_linear_schedule_is_linspace_and_first_layer_never_shuffled():

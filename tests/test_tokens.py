@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shufflemamba_jax import tokens
+from shufflemamba_jax.models import tokens
 
 
 def test_vim_cls_sits_in_the_middle_and_shufflemamba_cls_at_the_head():

@@ -216,7 +216,7 @@ def test_jitted_training_step_of_vim_tiny_at_224():
 
 @pytest.mark.parametrize("overrides,match", [
     (dict(depth_=3), "unknown model setting"),
-    (dict(img_size=225), "not divisible by patch_size"),
+    (dict(img_size=225), "img_size=225: must be divisible by patch_size 16"),
     (dict(slws_max_prob=1.2), "slws_max_prob"),
     (dict(slws_max_prob=-0.1), "slws_max_prob"),
     (dict(slws_group_size=0), "slws_group_size"),
@@ -233,5 +233,5 @@ def test_bad_settings_are_named(overrides, match):
 
 
 def test_unknown_variant_is_named():
-  with pytest.raises(ValueError, match="unknown model variant 'vim_huge'"):
+  with pytest.raises(ValueError, match="variant='vim_huge': unknown model variant"):
     smj.create_model("vim_huge", rngs=nnx.Rngs(0))

@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 import shufflemamba_jax as smj
-from shufflemamba_jax import checkpoint as checkpoint_lib
-from shufflemamba_jax import convert
-from shufflemamba_jax import tokens
-from shufflemamba_jax import warm_start
+from shufflemamba_jax.models import tokens
+from shufflemamba_jax.training import trainer
+from shufflemamba_jax.weights import checkpoint as checkpoint_lib
+from shufflemamba_jax.weights import params as params_lib
 
 # The digits config's tiny model (configs/digits.py): 16x16 images, patch 4, width 48, depth 4.
 DIGITS = dict(img_size=16, num_classes=10, patch_size=4, embed_dim=48, depth=4, d_state=8)
@@ -31,17 +31,14 @@ def random_params(config, seed=0):
   return jax.tree.map(lambda leaf: rng.standard_normal(leaf.shape).astype(leaf.dtype), shapes)
 
 
-def save_run(directory, params, step=1):
+def save_run(directory, params, config, step=1):
   """Writes `params` the way a training run checkpoints its state."""
-  checkpointer = checkpoint_lib.Checkpointer(str(directory), async_save=False)
-  checkpointer.save(step, {'params': params, 'ema': None}, meta={'step': step}, config={},
-                    force=True)
-  checkpointer.close()
+  with checkpoint_lib.Checkpointer(str(directory), async_save=False) as checkpointer:
+    checkpointer.save(step, {'params': params, 'ema': None}, model=config, meta={'process_count': 1}, force=True)
 
 
 def init_from(path, params, config):
-  return warm_start.init_params_from(str(path), params, token_layout=config.token_layout,
-                                     grid=config.grid)
+  return trainer.init_params_from(str(path), params, config)
 
 
 def assert_same(got, expected):
@@ -56,7 +53,7 @@ def test_init_from_resizes_position_embeddings(tmp_path, variant):
   """Multi-stage recipes: parameters from a 16px run initialise a 32px model (pos_embed resized)."""
   small, large = model_config(variant), model_config(variant, img_size=32)
   source = random_params(small)
-  save_run(tmp_path / 'checkpoints', source)
+  save_run(tmp_path / 'checkpoints', source, small)
   target = random_params(large, seed=1)
 
   params = init_from(tmp_path, target, large)  # the workdir
@@ -76,19 +73,19 @@ def test_init_from_resizes_position_embeddings(tmp_path, variant):
 def test_a_step_folder_selects_that_step(tmp_path):
   config = model_config()
   first, second = random_params(config, seed=1), random_params(config, seed=2)
-  save_run(tmp_path / 'checkpoints', first, step=1)
-  save_run(tmp_path / 'checkpoints', second, step=2)
+  save_run(tmp_path / 'checkpoints', first, config, step=1)
+  save_run(tmp_path / 'checkpoints', second, config, step=2)
   assert_same(init_from(tmp_path / 'checkpoints' / '1', second, config), first)
   assert_same(init_from(tmp_path / 'checkpoints', first, config), second)  # the latest
 
 
 def test_other_num_classes_reinitializes_only_the_head(tmp_path, caplog):
   source = random_params(model_config(num_classes=10))
-  save_run(tmp_path / 'checkpoints', source)
+  save_run(tmp_path / 'checkpoints', source, model_config(num_classes=10))
   config = model_config(num_classes=7)
   target = random_params(config, seed=1)  # stands for the run's fresh initialisation
 
-  with caplog.at_level('WARNING', logger='shufflemamba_jax.warm_start'):
+  with caplog.at_level('WARNING', logger=params_lib.__name__):
     params = init_from(tmp_path, target, config)
 
   np.testing.assert_array_equal(params['head']['kernel'], target['head']['kernel'])
@@ -110,7 +107,7 @@ def test_other_num_classes_reinitializes_only_the_head(tmp_path, caplog):
                                              'missing from the checkpoint: pos_embed_cls (12, 48)']),
 ])
 def test_another_architecture_is_one_error_naming_each_difference(tmp_path, change, fragments):
-  save_run(tmp_path / 'checkpoints', random_params(model_config()))
+  save_run(tmp_path / 'checkpoints', random_params(model_config()), model_config())
   config = model_config(**change)
   with pytest.raises(ValueError) as error:
     init_from(tmp_path, random_params(config), config)
@@ -118,14 +115,14 @@ def test_another_architecture_is_one_error_naming_each_difference(tmp_path, chan
   assert message.startswith(f'config.init_from={tmp_path} does not fit the model'), message
   for fragment in fragments:
     assert fragment in message, (fragment, message)
-  assert len(message.splitlines()) <= 1 + warm_start._MAX_LISTED + 1  # pylint: disable=protected-access
+  assert len(message.splitlines()) <= 1 + params_lib.MAX_LISTED + 1
 
 
 def test_unused_checkpoint_parameters_are_listed(tmp_path):
   config = model_config()
   source = random_params(config)
   source['extra'] = {'kernel': np.zeros((2, 3), np.float32)}
-  save_run(tmp_path / 'checkpoints', source)
+  save_run(tmp_path / 'checkpoints', source, config)
   with pytest.raises(ValueError, match=r'1 not in the model.*\n  not in the model: extra.kernel \(2, 3\)'):
     init_from(tmp_path, random_params(config), config)
 
@@ -134,7 +131,9 @@ def test_a_converted_weights_directory_works_too(tmp_path):
   small = model_config('vim_tiny')
   source = random_params(small)
   directory = str(tmp_path / 'converted')
-  convert.save_params(directory, convert.model_with_params(small, source), 'vim_tiny', DIGITS)
+  # What `python -m shufflemamba_jax.convert` writes: step 0 of a workdir, parameters only.
+  with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(directory), async_save=False) as saver:
+    saver.save(0, {'params': source}, model=small, force=True)
   large = model_config('vim_tiny', img_size=32, num_classes=7)
   target = random_params(large, seed=1)
 

@@ -14,13 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shufflemamba_jax.models import checks
+
 TOKEN_LAYOUTS = ("middle", "head", "registers")
 
 
 def num_extra_tokens(token_layout: str, num_registers: int) -> int:
   """Returns how many non-patch tokens a layout adds (1 cls token, or the registers)."""
-  if token_layout not in TOKEN_LAYOUTS:
-    raise ValueError(f"token_layout must be one of {TOKEN_LAYOUTS}, got {token_layout!r}")
+  checks.one_of("token_layout", token_layout, TOKEN_LAYOUTS)
   return num_registers if token_layout == "registers" else 1
 
 
@@ -37,7 +38,7 @@ def extra_token_indices(num_patches: int, token_layout: str, num_registers: int 
     return np.array([0], np.int32)
   group = num_patches // (n_extra + 1)
   if group < 1:
-    raise ValueError(f"{n_extra} registers need more than {num_patches} patches")
+    raise checks.SettingError("num_registers", n_extra, f"must be fewer than the {num_patches} patches")
   return np.array([(i + 1) * group + i for i in range(n_extra)], np.int32)
 
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shufflemamba_jax.models import checks
+
 SCHEDULES = ("linear", "constant")
 
 
@@ -22,16 +24,12 @@ def layer_shuffle_probabilities(depth: int, max_prob: float, schedule: str = "li
   "linear" is `linspace(0, max_prob, depth)`; "constant" is `[0] + [max_prob] * (depth - 1)`.
   The first layer is never shuffled under either schedule.
   """
-  if depth < 1:
-    raise ValueError(f"depth must be >= 1, got {depth}")
-  if not 0.0 <= max_prob <= 1.0:
-    raise ValueError(f"slws max_prob must be in [0, 1], got {max_prob}")
-  if schedule == "linear":
+  checks.integer("depth", depth)
+  checks.number("slws_max_prob", max_prob, 0.0, 1.0)
+  if checks.one_of("slws_schedule", schedule, SCHEDULES) == "linear":
     probs = np.linspace(0.0, max_prob, depth) if depth > 1 else np.zeros(1)
-  elif schedule == "constant":
-    probs = np.array([0.0] + [max_prob] * (depth - 1))
   else:
-    raise ValueError(f"slws schedule must be one of {SCHEDULES}, got {schedule!r}")
+    probs = np.array([0.0] + [max_prob] * (depth - 1))
   return probs.astype(np.float32)
 
 
@@ -45,8 +43,7 @@ def sample_token_permutations(
   not fire are the identity. Group g uses `fold_in(key, g)`, so each group's draw is the same
   whatever the batch is split into.
   """
-  if group_size < 1:
-    raise ValueError(f"slws group_size must be >= 1, got {group_size}")
+  checks.integer("slws_group_size", group_size)
   num_groups = -(-batch_size // group_size)
 
   def one_group(group):

@@ -7,11 +7,12 @@ TensorFlow is imported lazily (it is part of the training install, not of the mo
 
 import json
 import math
-import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -31,10 +32,10 @@ class MetricWriter:
 
   def __init__(self, workdir: str, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = epath.Path(workdir) / METRICS_FILE
     self._summary_writer = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      self.path.parent.mkdir(parents=True, exist_ok=True)
       if tensorboard:
         import tensorflow as tf  # Lazy: only the training path needs TensorFlow.
         from tensorflow.core.framework import summary_pb2
@@ -43,7 +44,7 @@ class MetricWriter:
         # install; the core tf.summary.write with the scalars plugin tag gives the same events.
         self._scalar_metadata = summary_pb2.SummaryMetadata(
             plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
-        self._summary_writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+        self._summary_writer = tf.summary.create_file_writer(str(epath.Path(workdir) / 'tensorboard'))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
     """Writes scalar `metrics` at `step`; returns the record as Python numbers."""
@@ -51,7 +52,7 @@ class MetricWriter:
     record.update({name: _to_python(value) for name, value in metrics.items()})
     if not self.enabled:
       return record
-    with open(self.path, 'a') as f:
+    with self.path.open('a') as f:
       f.write(json.dumps(record) + '\n')
     if self._summary_writer is not None:
       with self._summary_writer.as_default():
@@ -70,5 +71,5 @@ class MetricWriter:
 
 def read_metrics(workdir: str) -> list[dict]:
   """All records of WORKDIR/metrics.jsonl, in order."""
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = (epath.Path(workdir) / METRICS_FILE).read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

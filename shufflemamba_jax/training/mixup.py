@@ -1,23 +1,48 @@
 """Mixup / CutMix with label smoothing, as pure jnp functions for the jitted train step.
 
 timm `Mixup` semantics in "batch" mode (the DeiT recipe, SPEC section 4): with probability
-`prob` a batch is mixed at all; if both alphas are on, CutMix is used with probability
-`switch_prob`, else Mixup. One lambda ~ Beta(alpha, alpha) for the whole batch; every sample is
+`mixup_prob` a batch is mixed at all; if both alphas are on, CutMix is used with probability
+`mixup_switch_prob`, else Mixup. One lambda ~ Beta(alpha, alpha) for the whole batch; every sample is
 mixed with the batch reversed along its leading axis. CutMix pastes one box of relative side
 sqrt(1 - lambda) (centre uniform, clipped at the borders) and corrects lambda to the pasted area.
-Targets are label-smoothed one-hots mixed with the same lambda.
+Targets are label-smoothed one-hots (`optax.smooth_labels`) mixed with the same lambda.
 """
+
+from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from shufflemamba_jax.models import checks
+
+
+@dataclasses.dataclass(frozen=True)
+class MixupSettings:
+  """The mixup / cutmix / label-smoothing fields of a training config's `aug` (configs/default.py)."""
+
+  mixup_alpha: float  # Beta(alpha, alpha) for mixup; 0 = no mixup.
+  cutmix_alpha: float  # Beta(alpha, alpha) for cutmix; 0 = no cutmix.
+  mixup_prob: float  # Probability that a batch is mixed at all.
+  mixup_switch_prob: float  # Probability of cutmix instead of mixup when both are on.
+  label_smoothing: float
+
+  def __post_init__(self):
+    for name in ("mixup_alpha", "cutmix_alpha"):
+      checks.number(f"config.aug.{name}", getattr(self, name))
+    for name in ("mixup_prob", "mixup_switch_prob", "label_smoothing"):
+      checks.number(f"config.aug.{name}", getattr(self, name), 0.0, 1.0)
+
+  @classmethod
+  def from_config(cls, config) -> MixupSettings:
+    return cls(**{field.name: config.aug[field.name] for field in dataclasses.fields(cls)})
 
 
 def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
   """(batch,) int -> (batch, num_classes) float32: 1 - s + s/C on the label, s/C elsewhere."""
-  off_value = smoothing / num_classes
-  on_value = 1.0 - smoothing + off_value
-  one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-  return one_hot * (on_value - off_value) + off_value
+  return optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), smoothing)
 
 
 def cutmix_box(key: jax.Array, lam: jax.Array, height: int, width: int):
@@ -48,26 +73,28 @@ def box_mask(box, height: int, width: int) -> jax.Array:
 
 
 def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: int,
-              mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
-              switch_prob: float = 0.5, label_smoothing: float = 0.1):
+              settings: MixupSettings):
   """Mixes a batch; returns (images, soft targets, lam).
 
   Args:
     key: a typed PRNG key for this batch.
     images: (batch, height, width, channels) float, NHWC.
     labels: (batch,) int class indices.
+    num_classes: width of the targets.
+    settings: the alphas, probabilities and label smoothing.
   Returns:
     images of the same shape and dtype; targets (batch, num_classes) float32 whose rows sum to 1;
     lam, float32 scalar: the weight of each sample's own label (1 when the batch is not mixed).
   """
-  targets = smooth_one_hot(labels, num_classes, label_smoothing)
-  if (mixup_alpha <= 0 and cutmix_alpha <= 0) or prob <= 0:
+  mixup_alpha, cutmix_alpha = settings.mixup_alpha, settings.cutmix_alpha
+  targets = smooth_one_hot(labels, num_classes, settings.label_smoothing)
+  if (mixup_alpha <= 0 and cutmix_alpha <= 0) or settings.mixup_prob <= 0:
     return images, targets, jnp.ones((), jnp.float32)
   _, height, width, _ = images.shape
   key_apply, key_switch, key_mixup, key_cutmix, key_box = jax.random.split(key, 5)
-  apply = jax.random.uniform(key_apply) < prob
+  apply = jax.random.uniform(key_apply) < settings.mixup_prob
   if mixup_alpha > 0 and cutmix_alpha > 0:
-    use_cutmix = jax.random.uniform(key_switch) < switch_prob
+    use_cutmix = jax.random.uniform(key_switch) < settings.mixup_switch_prob
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
   lam_mixup = (jax.random.beta(key_mixup, mixup_alpha, mixup_alpha)
@@ -89,9 +116,3 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *, num_class
   images = jnp.where(apply, mixed, images)
   targets = targets * lam + targets[::-1] * (1.0 - lam)
   return images, targets, lam
-
-
-def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-example cross entropy with soft targets: (batch, classes) x2 -> (batch,) float32."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.sum(targets * log_probs, axis=-1)

@@ -1,6 +1,6 @@
 """Device mesh and shardings: data parallelism and FSDP over named mesh axes.
 
-The mesh has the axes ("data", "fsdp", "tensor"). The batch is split over data x fsdp; each
+The mesh has the axes ("data", "fsdp"). The batch is split over data x fsdp; each
 parameter (and its optimizer state) is split along its largest dimension that divides by the
 fsdp size, once it holds at least `fsdp_min_size` elements, and replicated otherwise. Moving
 from pure data parallelism to FSDP is therefore one config line (`mesh.fsdp`).
@@ -16,14 +16,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = MESH_AXES
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int = 1, num_devices: int | None = None) -> tuple[int, int, int]:
-  """Resolves the sizes of (data, fsdp, tensor); one size may be -1 ("the rest of the devices")."""
+def mesh_shape(data: int, fsdp: int, num_devices: int | None = None) -> tuple[int, int]:
+  """Resolves the sizes of (data, fsdp); one size may be -1 ("the rest of the devices")."""
   num_devices = jax.device_count() if num_devices is None else num_devices
-  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  sizes = {"data": data, "fsdp": fsdp}
   for name, size in sizes.items():
     if size == 0 or size < -1:
       raise ValueError(f"mesh.{name} must be a positive size or -1 (the rest), got {size}")
@@ -37,17 +37,17 @@ def mesh_shape(data: int, fsdp: int, tensor: int = 1, num_devices: int | None = 
                        f"(product {known}) of mesh {sizes}")
     sizes[free[0]] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} "
+    raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} "
                      f"needs {math.prod(sizes.values())} devices, but there are {num_devices}")
-  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+  return sizes["data"], sizes["fsdp"]
 
 
-def create_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-  """Builds the ("data", "fsdp", "tensor") mesh over all (or the given, or the first N) devices."""
+def create_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+  """Builds the ("data", "fsdp") mesh over all (or the given, or the first N) devices."""
   devices = jax.devices() if devices is None else list(devices)
-  if -1 not in (data, fsdp, tensor) and 0 < data * fsdp * tensor < len(devices):
-    devices = devices[:data * fsdp * tensor]  # An explicit smaller mesh uses the first devices.
-  shape = mesh_shape(data, fsdp, tensor, len(devices))
+  if -1 not in (data, fsdp) and 0 < data * fsdp < len(devices):
+    devices = devices[:data * fsdp]  # An explicit smaller mesh uses the first devices.
+  shape = mesh_shape(data, fsdp, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shufflemamba_jax import ssm
+from shufflemamba_jax.models import ssm
 
 
 def uniform_init(bound: float):
@@ -73,8 +73,8 @@ class BiMamba(nnx.Module):
       expand: int = 2,
       dt_rank: int | None = None,
       num_layers: int = 1,
-      scan_method: str = "associative",
-      chunk_size: int = 64,
+      scan_method: str = ssm.DEFAULT_SCAN_METHOD,
+      chunk_size: int = ssm.DEFAULT_CHUNK_SIZE,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
       rngs: nnx.Rngs,

@@ -1,20 +1,19 @@
 """Loads config files (`configs/*.py`) by path, the way ml_collections' `config_flags` does.
 
-Config files are not a package: they are found by path, so that they work whatever the current
-directory and whether or not the repository root is on sys.path.
+Config files are Python modules found by path, so they work whatever the current directory and
+whether or not the repository root is on sys.path. Being code, they are local files (pathlib).
 """
 
 import importlib.util
-import os
+import pathlib
 
 
 def load_module(path: str):
   """Imports the Python file at `path` as a fresh module."""
-  path = os.path.abspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'No config file at {path}.')
-  name = 'shufflemamba_config_' + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
+  path = pathlib.Path(path).resolve()
+  if not path.is_file():
+    raise FileNotFoundError(f"No config file at {path}.")
+  spec = importlib.util.spec_from_file_location(f"shufflemamba_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -28,4 +27,4 @@ def get_config(path: str, arg: str | None = None):
 
 def sibling(config_file: str, name: str) -> str:
   """The path of `name` in the folder of `config_file` (a config file's `__file__`)."""
-  return os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  return str(pathlib.Path(config_file).resolve().parent / name)

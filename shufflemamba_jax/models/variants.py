@@ -6,7 +6,8 @@ import dataclasses
 
 from flax import nnx
 
-from shufflemamba_jax.vim import VisionMamba, VisionMambaConfig
+from shufflemamba_jax.models import checks
+from shufflemamba_jax.models.vim import VisionMamba, VisionMambaConfig
 
 _VIM = dict(token_layout="middle")
 _SHUFFLE = dict(token_layout="head", slws_max_prob=0.5)
@@ -37,10 +38,10 @@ def model_config(variant: str, *, num_classes: int = 1000, img_size: int = 224, 
   Vim variants to 0 (no shuffle).
   """
   if variant not in VARIANTS:
-    raise ValueError(f"unknown model variant {variant!r}; choose one of {sorted(VARIANTS)}")
-  unknown = sorted(set(overrides) - set(CONFIG_FIELDS))
-  if unknown:
-    raise ValueError(f"unknown model setting(s) {unknown}; valid settings are {list(CONFIG_FIELDS)}")
+    raise checks.SettingError("variant", variant, f"unknown model variant; choose one of {sorted(VARIANTS)}")
+  for name, value in overrides.items():
+    if name not in CONFIG_FIELDS:
+      raise checks.SettingError(name, value, f"unknown model setting; the settings are {list(CONFIG_FIELDS)}")
   settings = {**VARIANTS[variant], "num_classes": num_classes, "img_size": img_size, **overrides}
   return VisionMambaConfig(**settings)
 
@@ -51,7 +52,8 @@ def create_model(variant: str, *, rngs: nnx.Rngs, num_classes: int = 1000, img_s
 
   `overrides` change any VisionMambaConfig field (depth, embed_dim, patch_size, num_registers,
   drop_path_rate, slws_max_prob, slws_schedule, slws_group_size, scan_method, chunk_size, remat,
-  dtype, ...); an unknown or invalid setting raises a ValueError that names it.
+  dtype, ...); an unknown or invalid setting raises a `checks.SettingError` (a ValueError) that
+  names it.
   """
   return _build(model_config(variant, num_classes=num_classes, img_size=img_size, **overrides), rngs)
 

@@ -2,7 +2,7 @@
 
 Training order. The split is cut into V = `data_shards` contiguous shards
 (`tfds.even_splits(split, V)[v]`; the default 0 means V = process_count, one shard per process).
-Each shard is an independent stream: its records are cut into chunks of at most `chunk_size`
+Each shard is an independent stream: its records are cut into chunks of at most `records_per_chunk`
 consecutive records; every epoch the chunks are permuted with a NumPy generator seeded by
 (seed, epoch, shard) and grouped into windows of about `shuffle_buffer` examples; a window is
 read whole and permuted with a stateless TF shuffle seeded by (seed, epoch, shard, window).
@@ -47,13 +47,14 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
-from shufflemamba_jax import augment
+from shufflemamba_jax.data import augment
+from shufflemamba_jax.models import checks
 
 _LOGGER = logging.getLogger(__name__)
 
 DATASETS = ("digits", "imagenet2012")
-DEFAULT_CHUNK_SIZE = 256
 
 
 def _hide_accelerators_from_tensorflow():
@@ -71,7 +72,8 @@ _hide_accelerators_from_tensorflow()
 # Settings: a ConfigDict (configs/default.py field names) and/or keyword overrides.
 # ---------------------------------------------------------------------------------------------
 
-_DEFAULTS = {
+# Top-level config fields the pipeline reads, with their values when no config is given.
+_FIELDS = {
     "dataset": "digits",
     "data_dir": None,
     "train_split": "train",
@@ -79,52 +81,43 @@ _DEFAULTS = {
     "image_size": 224,
     "shuffle_buffer": 16_384,
     "data_shards": 0,
-    "chunk_size": DEFAULT_CHUNK_SIZE,
     "seed": 0,
-    "repeated_aug": 1,
-    "eval_crop_ratio": 0.875,
 }
-_AUG_FIELDS = tuple(f.name for f in dataclasses.fields(augment.TrainAugmentation))
+# Fields under config.aug: the training augmentation's, and these two.
+_AUG_FIELDS = {"repeated_aug": 1, "eval_crop_ratio": 0.875,
+               **dataclasses.asdict(augment.TrainAugmentation())}
 
 
-def _lookup(config, name):
-  """Value of `name` (a top-level or `aug.` field) in an ml_collections config, else KeyError."""
-  for path in (name, f"aug.{name}"):
-    node = config
-    try:
-      for part in path.split("."):
-        node = node[part]
-    except (KeyError, AttributeError, TypeError):
-      continue
-    return node
-  raise KeyError(name)
+def settings(config=None, **overrides) -> dict[str, Any]:
+  """The pipeline's settings: defaults < `config` < keyword `overrides`, checked.
 
-
-def _settings(config, overrides: dict[str, Any]) -> dict[str, Any]:
-  """Merges defaults < config < keyword overrides into one flat dict; unknown keys are errors."""
-  known = set(_DEFAULTS) | set(_AUG_FIELDS)
-  unknown = set(overrides) - known
-  if unknown:
-    raise TypeError(f"Unknown input pipeline setting(s) {sorted(unknown)}; known: {sorted(known)}")
-  settings = dict(_DEFAULTS)
-  settings.update(dataclasses.asdict(augment.TrainAugmentation()))
+  config: an ml_collections config with configs/default.py's field names, or None.
+  overrides: any setting by its config name (without `aug.`), or `records_per_chunk` (records
+    per chunk of the shuffle plan; tests shrink it).
+  A bad value raises a SettingError naming the config field. The result also holds the checked
+  `augmentation` (augment.TrainAugmentation).
+  """
+  values = {**_FIELDS, **_AUG_FIELDS, "records_per_chunk": 256}
+  unknown = sorted(set(overrides) - set(values))
+  if unknown:  # Like any unknown keyword argument.
+    raise TypeError(f"Unknown input pipeline setting(s) {unknown}; known: {sorted(values)}")
   if config is not None:
-    for name in known:
-      try:
-        settings[name] = _lookup(config, name)
-      except KeyError:
-        pass
-  settings.update(overrides)
-  if settings["dataset"] not in DATASETS:
-    raise ValueError(f"config.dataset={settings['dataset']!r}: expected one of {DATASETS}.")
-  return settings
-
-
-def _train_augmentation(settings) -> augment.TrainAugmentation:
-  values = {name: settings[name] for name in _AUG_FIELDS}
-  values["mean"] = tuple(float(v) for v in values["mean"])
-  values["std"] = tuple(float(v) for v in values["std"])
-  return augment.TrainAugmentation(**values)
+    values.update({name: config[name] for name in _FIELDS if name in config})
+    values.update({name: config.aug[name] for name in _AUG_FIELDS if "aug" in config and name in config.aug})
+  values.update(overrides)
+  checks.one_of("config.dataset", values["dataset"], DATASETS)
+  for name in ("image_size", "shuffle_buffer"):
+    checks.integer(f"config.{name}", values[name])
+  for name in ("data_shards", "seed"):
+    checks.integer(f"config.{name}", values[name], minimum=0)
+  checks.integer("records_per_chunk", values["records_per_chunk"])
+  checks.integer("config.aug.repeated_aug", values["repeated_aug"])
+  if checks.number("config.aug.eval_crop_ratio", values["eval_crop_ratio"], 0.0, 1.0) == 0:
+    raise checks.SettingError("config.aug.eval_crop_ratio", values["eval_crop_ratio"], "must be > 0")
+  augmentation = {name: values[name] for name in dataclasses.asdict(augment.TrainAugmentation())}
+  values["augmentation"] = augment.TrainAugmentation(
+      **dict(augmentation, mean=tuple(map(float, values["mean"])), std=tuple(map(float, values["std"]))))
+  return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,51 +125,77 @@ def _train_augmentation(settings) -> augment.TrainAugmentation:
 # ---------------------------------------------------------------------------------------------
 
 
-def get_builder(dataset: str, data_dir: str | None = None, prepare_digits: bool = True):
+IMAGENET_TARS = {"train": "ILSVRC2012_img_train.tar", "validation": "ILSVRC2012_img_val.tar"}
+
+
+def check_imagenet_manual_dir(manual_dir: str | None) -> None:
+  """Raises FileNotFoundError naming every ImageNet tar missing from `manual_dir`."""
+  if not manual_dir:
+    raise FileNotFoundError(
+        "--manual_dir is required for imagenet2012: a folder holding "
+        + " and ".join(IMAGENET_TARS.values()) + " (download them from https://image-net.org).")
+  missing = [f"{name} ({split} split) -> put it at {epath.Path(manual_dir) / name}"
+             for split, name in IMAGENET_TARS.items() if not (epath.Path(manual_dir) / name).is_file()]
+  if missing:
+    raise FileNotFoundError(
+        "Missing ImageNet archive(s) in --manual_dir: " + "; ".join(missing)
+        + ". Download them from https://image-net.org (registration required).")
+
+
+def _builder(dataset: str, data_dir: str | None):
+  checks.one_of("config.dataset", dataset, DATASETS)
+  if dataset == "digits":
+    from shufflemamba_jax.data import digits  # noqa: F401  (registers the builder)
+  return tfds.builder(dataset, data_dir=data_dir)
+
+
+def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = None,
+            compute_stats: bool = True):
+  """Builds `dataset` into `data_dir` with TFDS's own builder and returns the builder.
+
+  `digits` needs nothing; `imagenet2012` reads ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar
+  (from https://image-net.org, after registering) in `manual_dir`, checked first so that a
+  missing tar is named with where to put it.
+  """
+  if dataset == "imagenet2012":
+    check_imagenet_manual_dir(manual_dir)  # Before TFDS, whose own error is less specific.
+  builder = _builder(dataset, data_dir)
+  stats = tfds.download.ComputeStatsMode.AUTO if compute_stats else tfds.download.ComputeStatsMode.SKIP
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir,
+                                                                            compute_stats=stats))
+  return builder
+
+
+def get_builder(dataset: str, data_dir: str | None = None):
   """Returns the prepared TFDS builder of `dataset` in `data_dir`.
 
   `digits` is built on first use (it needs no download); `imagenet2012` must have been prepared
   with `python -m shufflemamba_jax.prepare --dataset=imagenet2012 ...` first.
   """
-  if dataset not in DATASETS:
-    raise ValueError(f"dataset={dataset!r}: expected one of {DATASETS}.")
+  builder = _builder(dataset, data_dir)
+  if builder.is_prepared():
+    return builder
   if dataset == "digits":
-    from shufflemamba_jax import digits_dataset  # pylint: disable=g-import-not-at-top,unused-import
-  builder = tfds.builder(dataset, data_dir=data_dir)
-  if not builder.is_prepared():
-    if dataset == "digits" and prepare_digits:
-      builder.download_and_prepare()
-    else:
-      raise FileNotFoundError(
-          f"TFDS dataset {dataset!r} is not prepared in data_dir={builder.data_dir_root!r}. Run: "
-          f"python -m shufflemamba_jax.prepare --dataset={dataset} --data_dir={builder.data_dir_root}"
-          + (" --manual_dir=DIR_WITH_ILSVRC2012_TARS" if dataset == "imagenet2012" else ""))
-  return builder
+    return prepare(dataset, data_dir)
+  raise FileNotFoundError(
+      f"TFDS dataset {dataset!r} is not prepared in data_dir={builder.data_dir_root!r}. Run: "
+      f"python -m shufflemamba_jax.prepare --dataset={dataset} --data_dir={builder.data_dir_root}"
+      " --manual_dir=DIR_WITH_ILSVRC2012_TARS")
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """Sizes of a prepared dataset. `num_eval_examples` is the `eval_split` size."""
+  """What training needs to know of a prepared dataset before reading it."""
 
-  name: str
   num_classes: int
-  num_train_examples: int
-  num_eval_examples: int
-  split_sizes: dict[str, int]
+  split_sizes: dict[str, int]  # Examples per split name.
 
 
-def get_dataset_info(dataset: str, data_dir: str | None = None, train_split: str = "train",
-                     eval_split: str = "validation") -> DatasetInfo:
+def get_dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
   """Number of classes and examples per split of a prepared TFDS dataset."""
   builder = get_builder(dataset, data_dir)
-  splits = builder.info.splits
-  return DatasetInfo(
-      name=dataset,
-      num_classes=builder.info.features["label"].num_classes,
-      num_train_examples=splits[train_split].num_examples,
-      num_eval_examples=splits[eval_split].num_examples,
-      split_sizes={name: split.num_examples for name, split in splits.items()},
-  )
+  return DatasetInfo(num_classes=builder.info.features["label"].num_classes,
+                     split_sizes={name: split.num_examples for name, split in builder.info.splits.items()})
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -269,16 +288,16 @@ def _full_window(shape):
 # ---------------------------------------------------------------------------------------------
 
 
-def _chunks(file_instructions, chunk_size: int):
-  """Cuts a shard of the split into (file, skip, take) chunks of at most `chunk_size` records."""
+def _chunks(file_instructions, records_per_chunk: int):
+  """Cuts a shard of the split into (file, skip, take) chunks of at most `records_per_chunk` records."""
   chunks = []
   for instruction in file_instructions:
     take = instruction.take
     if take is None or take < 0:
       take = instruction.examples_in_shard - instruction.skip
-    for start in range(0, take, chunk_size):
+    for start in range(0, take, records_per_chunk):
       chunks.append((os.fspath(instruction.filename), instruction.skip + start,
-                     min(chunk_size, take - start)))
+                     min(records_per_chunk, take - start)))
   return chunks
 
 
@@ -334,19 +353,13 @@ def _fold(seed_pair, *values):
   return seed_pair
 
 
-def _data_shards(settings, global_batch_size: int, process_count: int) -> int:
-  """The number V of training data shards (`data_shards`, 0 = one per process), validated."""
-  value = settings["data_shards"]
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-    raise ValueError(
-        f"config.data_shards={value!r} must be an integer >= 0 (0 = one shard per process).")
-  shards = int(value) or process_count
+def num_data_shards(values: dict[str, Any], global_batch_size: int, process_count: int) -> int:
+  """The number V of training data shards of `settings` (`data_shards`, 0 = one per process)."""
+  shards = values["data_shards"] or process_count
   if shards % process_count:
-    raise ValueError(
-        f"config.data_shards={shards} is not a multiple of the {process_count} processes.")
+    raise checks.SettingError("config.data_shards", shards, f"must be a multiple of the {process_count} processes")
   if global_batch_size % shards:
-    raise ValueError(
-        f"global_batch_size={global_batch_size} is not divisible by config.data_shards={shards}.")
+    raise checks.SettingError("config.data_shards", shards, f"must divide the global batch {global_batch_size}")
   return shards
 
 
@@ -370,33 +383,31 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
     process_index, process_count: this process and the number of processes (jax.process_*);
       V must be a multiple of process_count.
     **overrides: any setting by its config name (e.g. dataset="digits", image_size=16,
-      repeated_aug=1, randaugment_num_ops=0, chunk_size=64, data_shards=8), taking precedence
+      repeated_aug=1, randaugment_num_ops=0, records_per_chunk=64, data_shards=8), taking precedence
       over `config`.
 
   Returns:
     tf.data.Dataset of dicts: image float32 (local_batch, S, S, 3) normalized, label int32
     (local_batch,), example_id int64 (local_batch,), epoch int64 (local_batch,).
   """
-  settings = _settings(config, overrides)
+  values = settings(config, **overrides)
   local_batch = _local_batch_size(global_batch_size, process_count)
   _check_process(process_index, process_count)
-  num_shards = _data_shards(settings, global_batch_size, process_count)
+  num_shards = num_data_shards(values, global_batch_size, process_count)
   shard_batch = global_batch_size // num_shards  # Examples per step of one shard.
   shards_per_process = num_shards // process_count
   local_shards = range(process_index * shards_per_process,
                        (process_index + 1) * shards_per_process)
-  builder = get_builder(settings["dataset"], settings["data_dir"])
-  split = settings["train_split"]
+  builder = get_builder(values["dataset"], values["data_dir"])
+  split = values["train_split"]
   num_examples = builder.info.splits[split].num_examples
   steps_per_epoch = num_examples // global_batch_size
   if steps_per_epoch == 0:
     raise ValueError(
         f"global_batch_size={global_batch_size} exceeds the {num_examples} examples of "
-        f"{settings['dataset']}:{split}.")
+        f"{values['dataset']}:{split}.")
   examples_per_epoch = steps_per_epoch * shard_batch  # Of one shard.
-  seed = int(settings["seed"])
-  shuffle_buffer = max(1, int(settings["shuffle_buffer"]))
-  repeats = max(1, int(settings["repeated_aug"]))
+  seed, shuffle_buffer, repeats = values["seed"], values["shuffle_buffer"], values["repeated_aug"]
   start_epoch, start_batch = divmod(int(start_step), steps_per_epoch)
   int_spec = tf.TensorSpec([], tf.int64)
 
@@ -411,7 +422,7 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
   def shard_stream(shard: int):
     """Element stream of one shard: undecoded records with their epoch and shard position."""
     shard_split = tfds.even_splits(split, n=num_shards, drop_remainder=False)[shard]
-    chunks = _chunks(builder.info.splits[shard_split].file_instructions, settings["chunk_size"])
+    chunks = _chunks(builder.info.splits[shard_split].file_instructions, values["records_per_chunk"])
 
     def windows():
       epoch, start_position = start_epoch, start_batch * shard_batch
@@ -451,8 +462,8 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
 
   features = builder.info.features
   decoders = {"image": tfds.decode.SkipDecoding()}
-  aug = _train_augmentation(settings)
-  image_size = int(settings["image_size"])
+  aug = values["augmentation"]
+  image_size = int(values["image_size"])
 
   if aug.inception_crop:
     area_range = (aug.crop_area_min, 1.0)
@@ -511,11 +522,6 @@ def _options():
   return options
 
 
-def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
-  """Training steps per epoch (drop_remainder): the epoch length of `create_train_dataset`."""
-  return num_train_examples // global_batch_size
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation stream.
 # ---------------------------------------------------------------------------------------------
@@ -535,18 +541,17 @@ def create_eval_dataset(config=None, *, split: str | None = None, global_batch_s
     or config.image_size), label int32, mask float32 (1 real, 0 padding), example_id int64
     (-1 for padding), each (local_batch,).
   """
-  settings = _settings(config, overrides)
-  split = split or settings["eval_split"]
-  image_size = int(image_size or settings["image_size"])
+  values = settings(config, **overrides)
+  split = split or values["eval_split"]
+  image_size = int(image_size or values["image_size"])
   local_batch = _local_batch_size(global_batch_size, process_count)
-  builder = get_builder(settings["dataset"], settings["data_dir"])
+  builder = get_builder(values["dataset"], values["data_dir"])
   num_examples = builder.info.splits[split].num_examples
   num_batches = math.ceil(math.ceil(num_examples / process_count) / local_batch)
   process_split = _process_split(split, process_index, process_count)
   local_examples = builder.info.splits[process_split].num_examples
-  crop_ratio = float(settings["eval_crop_ratio"])
-  mean = tuple(float(v) for v in settings["mean"])
-  std = tuple(float(v) for v in settings["std"])
+  crop_ratio = values["eval_crop_ratio"]
+  mean, std = values["augmentation"].mean, values["augmentation"].std
 
   def preprocess(example):
     image, ok = safe_decode_crop(example["image"], example["file_name"], _full_window)

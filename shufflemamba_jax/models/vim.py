@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shufflemamba_jax import sharding, slws, ssm, tokens
-from shufflemamba_jax.mamba import BiMamba, uniform_init
+from shufflemamba_jax.models import checks, slws, ssm, tokens
+from shufflemamba_jax.models.mamba import BiMamba, uniform_init
+from shufflemamba_jax.parallel import sharding
 
 NORMS = ("rmsnorm", "layernorm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -26,24 +27,16 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-# What remat="auto" picks on each backend (jax.default_backend()), from BENCHMARKS.md: without
-# block rematerialization the backward pass keeps every layer's (batch, length, channels)
-# activations, which is what limits the batch on accelerators.
-AUTO_REMAT = {"cpu": True, "gpu": True, "tpu": True}
-
-
-def resolve_remat(remat: bool | str, backend: str | None = None) -> bool:
-  """Returns `remat` as a bool; "auto" gives the measured default of `backend` (default: jax's)."""
-  if remat == "auto":
-    return AUTO_REMAT.get(backend or jax.default_backend(), True)
-  if not isinstance(remat, (bool, np.bool_)):
-    raise ValueError(f'remat must be True, False or "auto", got {remat!r}')
-  return bool(remat)
+# The stacked blocks: every parameter under this attribute has a leading (depth,) axis.
+LAYERS = "layers"
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionMambaConfig:
-  """Every setting of a Vim / ShuffleMamba / ShuffleMamba-Reg model (see SPEC §2)."""
+  """Every setting of a Vim / ShuffleMamba / ShuffleMamba-Reg model (see SPEC §2).
+
+  A bad value raises a `checks.SettingError` that names the field.
+  """
 
   img_size: int = 224
   patch_size: int = 16
@@ -63,53 +56,42 @@ class VisionMambaConfig:
   slws_max_prob: float = 0.0
   slws_schedule: str = "linear"
   slws_group_size: int = 256
-  scan_method: str = "auto"  # "auto": per backend, see ssm.resolve_scan_method
-  chunk_size: int = 16  # 16 keeps ShuffleMamba-B at batch 256 under 32 GiB (BENCHMARKS.md)
-  remat: bool | str = "auto"  # True, False or "auto" (per backend, see resolve_remat)
+  scan_method: str = ssm.DEFAULT_SCAN_METHOD
+  chunk_size: int = ssm.DEFAULT_CHUNK_SIZE
+  # Rematerializes each block in the backward pass: without it the backward pass keeps every
+  # layer's activations, which is what limits the batch on accelerators (BENCHMARKS.md).
+  remat: bool = True
   remat_policy: str = "nothing_saveable"
   dtype: str = "float32"
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    positive = ("img_size", "patch_size", "num_classes", "embed_dim", "depth", "d_state", "d_conv",
-                "expand", "cls_reduce", "chunk_size")
-    for name in positive:
-      value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"model setting {name} must be a positive integer, got {value!r}")
+    for name in ("img_size", "patch_size", "num_classes", "embed_dim", "depth", "d_state", "d_conv",
+                 "expand", "cls_reduce", "chunk_size", "slws_group_size"):
+      checks.integer(name, getattr(self, name))
     if self.img_size % self.patch_size:
-      raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-    if self.dt_rank is not None and self.dt_rank < 1:
-      raise ValueError(f"dt_rank must be a positive integer or None, got {self.dt_rank!r}")
-    if self.token_layout not in tokens.TOKEN_LAYOUTS:
-      raise ValueError(f"token_layout must be one of {tokens.TOKEN_LAYOUTS}, got {self.token_layout!r}")
+      raise checks.SettingError("img_size", self.img_size, f"must be divisible by patch_size {self.patch_size}")
+    if self.dt_rank is not None:
+      checks.integer("dt_rank", self.dt_rank)
+    checks.one_of("token_layout", self.token_layout, tokens.TOKEN_LAYOUTS)
+    checks.integer("num_registers", self.num_registers, minimum=0)
     if self.token_layout == "registers":
-      if self.num_registers < 1:
-        raise ValueError("token_layout 'registers' needs num_registers >= 1")
+      checks.integer("num_registers", self.num_registers)
       if self.embed_dim % self.cls_reduce:
-        raise ValueError(f"embed_dim {self.embed_dim} is not divisible by cls_reduce {self.cls_reduce}")
+        raise checks.SettingError("cls_reduce", self.cls_reduce, f"must divide embed_dim {self.embed_dim}")
       tokens.extra_token_indices(self.num_patches, "registers", self.num_registers)
     elif self.num_registers:
-      raise ValueError(f"num_registers={self.num_registers} needs token_layout 'registers', "
-                       f"not {self.token_layout!r}")
-    if self.norm not in NORMS:
-      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-    if not 0.0 <= self.drop_path_rate < 1.0:
-      raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-    if not 0.0 <= self.slws_max_prob <= 1.0:
-      raise ValueError(f"slws_max_prob must be in [0, 1], got {self.slws_max_prob}")
-    if self.slws_schedule not in slws.SCHEDULES:
-      raise ValueError(f"slws_schedule must be one of {slws.SCHEDULES}, got {self.slws_schedule!r}")
-    if not isinstance(self.slws_group_size, (int, np.integer)) or self.slws_group_size < 1:
-      raise ValueError(f"slws_group_size must be an integer >= 1, got {self.slws_group_size!r}")
-    if self.scan_method != "auto" and self.scan_method not in ssm.SCAN_METHODS:
-      raise ValueError(f'scan_method must be "auto" or one of {ssm.SCAN_METHODS}, got {self.scan_method!r}')
-    resolve_remat(self.remat, backend="cpu")  # validates True / False / "auto"
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in DTYPES:
-        raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
+      raise checks.SettingError("num_registers", self.num_registers,
+                                f"needs token_layout 'registers', not {self.token_layout!r}")
+    checks.one_of("norm", self.norm, NORMS)
+    checks.number("drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
+    slws.layer_shuffle_probabilities(self.depth, self.slws_max_prob, self.slws_schedule)
+    checks.one_of("scan_method", self.scan_method, ssm.SCAN_METHODS)
+    if not isinstance(self.remat, (bool, np.bool_)):
+      raise checks.SettingError("remat", self.remat, "must be True or False")
+    checks.one_of("remat_policy", self.remat_policy, REMAT_POLICIES)
+    checks.one_of("dtype", self.dtype, DTYPES)
+    checks.one_of("param_dtype", self.param_dtype, DTYPES)
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -126,6 +108,19 @@ class VisionMambaConfig:
   @property
   def has_neck(self) -> bool:
     return self.token_layout == "registers" and self.cls_reduce > 1
+
+  @property
+  def head_features(self) -> int:
+    """Width of the head's input: D, or the registers' (reduced) features concatenated."""
+    if self.token_layout != "registers":
+      return self.embed_dim
+    return self.num_extra_tokens * (self.embed_dim // self.cls_reduce)
+
+
+def classification_head(config: VisionMambaConfig, rngs: nnx.Rngs) -> nnx.Linear:
+  """The freshly initialized head, (head_features -> num_classes), float32 (SPEC §2: normal 0.02)."""
+  return nnx.Linear(config.head_features, config.num_classes, kernel_init=nnx.initializers.normal(0.02),
+                    dtype=jnp.float32, param_dtype=DTYPES[config.param_dtype], rngs=rngs)
 
 
 def _norm(config: VisionMambaConfig, dim: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -185,17 +180,12 @@ class VisionMamba(nnx.Module):
 
     self.layers = make_layers(rngs)
     self.norm_f = _norm(config, dim, rngs)
-    head_in = dim
-    if config.token_layout == "registers":
-      reduced = dim // config.cls_reduce
-      head_in = n_extra * reduced
-      if config.has_neck:
-        self.neck = nnx.Linear(dim, reduced, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                               kernel_init=uniform_init(1 / math.sqrt(dim)), rngs=rngs)
-        self.norm_neck = nnx.RMSNorm(head_in, epsilon=config.norm_eps, dtype=jnp.float32,
-                                     param_dtype=param_dtype, rngs=rngs)
-    self.head = nnx.Linear(head_in, config.num_classes, kernel_init=normal, dtype=jnp.float32,
-                           param_dtype=param_dtype, rngs=rngs)
+    if config.has_neck:
+      self.neck = nnx.Linear(dim, dim // config.cls_reduce, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                             kernel_init=uniform_init(1 / math.sqrt(dim)), rngs=rngs)
+      self.norm_neck = nnx.RMSNorm(config.head_features, epsilon=config.norm_eps, dtype=jnp.float32,
+                                   param_dtype=param_dtype, rngs=rngs)
+    self.head = classification_head(config, rngs)
     # Per-layer schedules are static tuples (not arrays), so they are no part of the model state.
     self.shuffle_probs = tuple(map(float, slws.layer_shuffle_probabilities(
         config.depth, config.slws_max_prob, config.slws_schedule)))
@@ -260,7 +250,7 @@ class VisionMamba(nnx.Module):
       out = sharding.constrain_batch(out.astype(hidden.dtype))
       return (out, sharding.constrain_batch(residual)), None
 
-    if resolve_remat(config.remat):
+    if config.remat:
       block_step = jax.checkpoint(block_step, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
     xs = (layer_state, jnp.arange(config.depth), jnp.asarray(self.shuffle_probs, jnp.float32),
           jnp.asarray(self.block_drop_rates, jnp.float32))

@@ -1,7 +1,7 @@
 """The selective state-space scan (Mamba's S6 core), channels-last, in three equivalent forms.
 
 All three methods compute the same recurrence as `selective_scan_ref` of state-spaces/mamba:
-the associative form is fastest on GPUs, the sequential form never materializes the
+the associative form has the most parallelism, the sequential form never materializes the
 (batch, length, channels, state) tensors, and the chunked form bounds that memory to one chunk
 while keeping most of the parallelism. Arithmetic is float32 whatever the input dtype.
 """
@@ -13,20 +13,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from shufflemamba_jax.models import checks
+
 SCAN_METHODS = ("associative", "sequential", "chunked")
-# What method="auto" picks on each backend (jax.default_backend()), from the measurements in
-# BENCHMARKS.md; backends not listed get DEFAULT_SCAN_METHOD.
-AUTO_SCAN_METHODS = {"cpu": "chunked", "gpu": "chunked", "tpu": "chunked"}
+# The default on every backend: chunks of 16 keep the ShuffleMamba-B training step at batch 256
+# within 32 GiB (BENCHMARKS.md). The sequential scan is faster on CPU for short sequences.
 DEFAULT_SCAN_METHOD = "chunked"
-
-
-def resolve_scan_method(method: str, backend: str | None = None) -> str:
-  """Returns `method`, or for "auto" the measured default of `backend` (default: jax's backend)."""
-  if method == "auto":
-    return AUTO_SCAN_METHODS.get(backend or jax.default_backend(), DEFAULT_SCAN_METHOD)
-  if method not in SCAN_METHODS:
-    raise ValueError(f"scan method must be \"auto\" or one of {SCAN_METHODS}, got {method!r}")
-  return method
+DEFAULT_CHUNK_SIZE = 16
 
 
 def _combine(left, right):
@@ -109,8 +102,8 @@ def selective_scan(
     delta_softplus: bool = False,
     *,
     reverse: bool = False,
-    method: str = "auto",
-    chunk_size: int = 64,
+    method: str = DEFAULT_SCAN_METHOD,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> jax.Array:
   """Runs the selective SSM `h_l = exp(delta_l A) h_{l-1} + delta_l B_l u_l; y_l = C_l h_l + D u_l`.
 
@@ -125,16 +118,14 @@ def selective_scan(
     delta_softplus: apply softplus to delta (+ bias).
     reverse: run the recurrence from the last position to the first (the backward direction of
       a bidirectional mixer, without flipping copies).
-    method: "associative", "sequential" or "chunked" (see the module docstring), or "auto" for
-      the default of the backend being traced for (`resolve_scan_method`).
+    method: "associative", "sequential" or "chunked" (see the module docstring).
     chunk_size: chunk length of the chunked method; the length need not divide by it.
 
   Returns:
     (batch, length, channels) in u's dtype.
   """
-  method = resolve_scan_method(method)
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  checks.one_of("scan_method", method, SCAN_METHODS)
+  checks.integer("chunk_size", chunk_size)
   if u.ndim != 3 or delta.shape != u.shape:
     raise ValueError(f"u and delta must both be (batch, length, channels); got {u.shape}, {delta.shape}")
   if A.shape[0] != u.shape[-1] or B.shape != C.shape or B.shape[:2] != u.shape[:2] or B.shape[2] != A.shape[1]:

@@ -19,8 +19,9 @@ import math
 
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD
+from shufflemamba_jax.models import checks
+
 MAX_MAGNITUDE = 10.0  # timm's _LEVEL_DENOM: magnitudes live on a 0..10 scale.
 
 
@@ -42,6 +43,24 @@ class TrainAugmentation:
   mean: tuple[float, float, float] = IMAGENET_MEAN
   std: tuple[float, float, float] = IMAGENET_STD
 
+  def __post_init__(self):
+    def field(name):
+      return f"config.aug.{name}"
+
+    for name in ("crop_area_min", "randaugment_prob", "color_jitter", "random_erasing_prob"):
+      checks.number(field(name), getattr(self, name), 0.0, 1.0)
+    for name in ("crop_ratio_min", "crop_ratio_max", "randaugment_magnitude", "randaugment_magnitude_std"):
+      checks.number(field(name), getattr(self, name))
+    if not 0 < self.crop_ratio_min <= self.crop_ratio_max:
+      raise checks.SettingError(field("crop_ratio_min"), self.crop_ratio_min,
+                                f"must be > 0 and <= config.aug.crop_ratio_max={self.crop_ratio_max}")
+    checks.integer(field("randaugment_num_ops"), self.randaugment_num_ops, minimum=0)
+    for name in ("mean", "std"):
+      if len(getattr(self, name)) != 3:
+        raise checks.SettingError(field(name), getattr(self, name), "must be 3 numbers, one per RGB channel")
+    if min(self.std) <= 0:
+      raise checks.SettingError(field("std"), self.std, "must be positive")
+
   @property
   def fill_color(self) -> tuple[int, int, int]:
     """Fill for pixels that geometric ops move in: the mean color in 0..255, as timm does."""
@@ -58,15 +77,6 @@ def decode_image(image_bytes: tf.Tensor) -> tf.Tensor:
   image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
   return image
-
-
-def image_shape(image_bytes: tf.Tensor) -> tf.Tensor:
-  """Returns int32 (height, width, channels) of encoded bytes, reading only the header of a JPEG."""
-  return tf.cond(
-      tf.io.is_jpeg(image_bytes),
-      lambda: tf.image.extract_jpeg_shape(image_bytes),
-      lambda: tf.shape(decode_image(image_bytes), out_type=tf.int32),
-  )
 
 
 def random_crop_window(shape, seed, area_range=(0.08, 1.0), ratio_range=(3 / 4, 4 / 3)):
@@ -86,25 +96,6 @@ def random_crop_window(shape, seed, area_range=(0.08, 1.0), ratio_range=(3 / 4, 
       use_image_if_no_bounding_boxes=True,
   )
   return tf.stack([begin[0], begin[1], size[0], size[1]])
-
-
-def decode_and_random_crop(image_bytes, seed, area_range=(0.08, 1.0), ratio_range=(3 / 4, 4 / 3)):
-  """Inception crop of encoded bytes: uint8 (crop_height, crop_width, 3).
-
-  JPEGs decode only the crop window (`decode_and_crop_jpeg`), which is what keeps ImageNet
-  decoding cheap; other formats decode fully and slice.
-  """
-  window = random_crop_window(image_shape(image_bytes), seed, area_range, ratio_range)
-
-  def crop_jpeg():
-    return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
-
-  def crop_other():
-    return decode_image(image_bytes)[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
-
-  image = tf.cond(tf.io.is_jpeg(image_bytes), crop_jpeg, crop_other)
-  image.set_shape([None, None, 3])
-  return image
 
 
 def resize_bicubic(image: tf.Tensor, size) -> tf.Tensor:
@@ -373,9 +364,8 @@ def rand_augment(image, seed, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=
     index = tf.random.stateless_uniform([], choice_seed, 0, len(ops), dtype=tf.int32)
     level = magnitude + magnitude_std * tf.random.stateless_normal([], magnitude_seed)
     level = tf.clip_by_value(level, 0.0, MAX_MAGNITUDE)
-    branches = [
-        (lambda op=op: op(image, level, op_seed, fill_color)) for op in ops  # pylint: disable=cell-var-from-loop
-    ]
+    # switch_case calls the branches right here, inside this iteration: binding `op` suffices.
+    branches = [(lambda op=op: op(image, level, op_seed, fill_color)) for op in ops]  # noqa: B023
     applied = tf.switch_case(index, branches)
     applied.set_shape(image.shape)
     image = tf.where(tf.random.stateless_uniform([], apply_seed) < prob, applied, image)
@@ -439,22 +429,10 @@ def random_erasing(image, seed, prob=0.25, area_range=(0.02, 1 / 3), ratio_range
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_train_image(image_bytes, seed, settings: TrainAugmentation):
-  """Decode step of training: the inception crop (or the whole image). uint8 (h, w, 3).
-
-  Separate from `augment_train_image` so that the input pipeline can catch decoding errors.
-  """
-  if settings.inception_crop:
-    return decode_and_random_crop(
-        image_bytes, seed, (settings.crop_area_min, 1.0),
-        (settings.crop_ratio_min, settings.crop_ratio_max))
-  return decode_image(image_bytes)
-
-
 def augment_train_image(image, seed, settings: TrainAugmentation, image_size: int):
   """Resize, flip, RandAugment (or color jitter), normalize, random erasing.
 
-  image: uint8 (h, w, 3) from `decode_train_image`.
+  image: uint8 (h, w, 3), the (cropped) decoded image.
   Returns float32 (image_size, image_size, 3), normalized with settings.mean / settings.std.
   """
   flip_seed, randaugment_seed, jitter_seed, erase_seed = tf.unstack(
@@ -473,17 +451,3 @@ def augment_train_image(image, seed, settings: TrainAugmentation, image_size: in
   if settings.random_erasing_prob > 0:
     image = random_erasing(image, erase_seed, settings.random_erasing_prob)
   return image
-
-
-def preprocess_train(image_bytes, seed, settings: TrainAugmentation, image_size: int):
-  """Encoded image bytes -> float32 (image_size, image_size, 3): the whole DeiT train transform."""
-  crop_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  image = decode_train_image(image_bytes, crop_seed, settings)
-  return augment_train_image(image, augment_seed, settings, image_size)
-
-
-def preprocess_eval(image_bytes, image_size: int, crop_ratio: float = 0.875,
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD):
-  """Encoded image bytes -> float32 (image_size, image_size, 3): resize, center crop, normalize."""
-  image = eval_resize_and_center_crop(decode_image(image_bytes), image_size, crop_ratio)
-  return normalize(to_uint8(image), mean, std)

@@ -1,0 +1,89 @@
+"""Optimizer of the training recipe (SPEC §4): masked AdamW, warmup + cosine, clipping, EMA decay.
+
+The learning rate is optax's `warmup_cosine_decay_schedule` over optimizer steps: linear from
+`warmup_lr` to the peak, then cosine to `min_lr` at the last step. The peak is
+`lr * global_batch / 512` (the DeiT scaling rule) when `lr_scale_batch` is on. Gradient
+accumulation is not an optax wrapper here: the train step loops over micro-batches itself, so
+one call of the step is one optimizer update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from shufflemamba_jax.models import checks, vim
+
+# Parameters that never decay, whatever their rank (SPEC §4).
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "pos_embed_cls")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+  """The optimizer fields of a training config (configs/default.py documents each)."""
+
+  lr: float
+  lr_scale_batch: bool
+  warmup_epochs: float
+  warmup_lr: float
+  min_lr: float
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  grad_clip: float | None
+  ema_decay: float
+
+  def __post_init__(self):
+    for name in ("lr", "warmup_epochs", "warmup_lr", "min_lr", "weight_decay", "eps"):
+      checks.number(f"config.{name}", getattr(self, name))
+    if self.grad_clip is not None:
+      checks.number("config.grad_clip", self.grad_clip)
+    for name in ("b1", "b2"):
+      checks.number(f"config.{name}", getattr(self, name), 0.0, 1.0)
+    # 1 would freeze the EMA; 0 turns it off.
+    checks.number("config.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+
+  @classmethod
+  def from_config(cls, config) -> OptimizerSettings:
+    return cls(**{field.name: config[field.name] for field in dataclasses.fields(cls)})
+
+
+def learning_rate_schedule(settings: OptimizerSettings, *, batch_size: int, steps_per_epoch: int,
+                           total_steps: int) -> optax.Schedule:
+  """Learning rate per optimizer step (0-based), float32: warmup, then cosine to min_lr (held)."""
+  peak = settings.lr * batch_size / 512.0 if settings.lr_scale_batch else settings.lr
+  warmup = min(round(settings.warmup_epochs * steps_per_epoch), total_steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=settings.warmup_lr, peak_value=peak, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=settings.min_lr)
+
+
+def decays(path: tuple[str, ...], ndim: int) -> bool:
+  """Whether the parameter at `path` (names from the root) with `ndim` dimensions decays.
+
+  Rank >= 2 per layer decays (Linear and conv kernels, A_log); rank <= 1 (biases, D, norm
+  scales) and the position / class / register embeddings do not. Under `layers` the leading
+  axis stacks the blocks, so it does not count.
+  """
+  if any(name in NO_DECAY_NAMES for name in path) or path[-1] == "bias":
+    return False
+  return ndim - (path[0] == vim.LAYERS) >= 2
+
+
+def weight_decay_mask(params: Any):
+  """A tree of bools like `params` (a nested dict of arrays): True = decays."""
+  return traverse_util.path_aware_map(lambda path, leaf: decays(path, jnp.ndim(leaf)), params)
+
+
+def create_optimizer(settings: OptimizerSettings, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """AdamW (decoupled decay, masked by `weight_decay_mask`) after optional global-norm clipping."""
+  adamw = optax.adamw(learning_rate=schedule, b1=settings.b1, b2=settings.b2, eps=settings.eps,
+                      weight_decay=settings.weight_decay, mask=weight_decay_mask)
+  if not settings.grad_clip:
+    return adamw
+  return optax.chain(optax.clip_by_global_norm(settings.grad_clip), adamw)

@@ -1,0 +1,149 @@
+"""The train state and the jitted update and evaluation steps, pure functions of that state.
+
+The train state is a plain dict pytree (checkpointed as is):
+  step: int32 scalar, optimizer steps done;
+  params: nested dict of float arrays (the nnx.Param values);  opt_state: optax state;
+  ema: like params, or None when ema_decay is 0;
+  nonfinite_step: int32, the first step whose loss was NaN/Inf, -1 if none (checked at log
+    points, so a bad step is named exactly without a host sync on every step).
+The training key of step s is fold_in(key(seed), s): a function of the config, not state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from shufflemamba_jax.training import mixup
+
+
+def split_model(model: nnx.Module):
+  """(graphdef, params as a nested dict of arrays, the remaining state)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, nnx.to_pure_dict(params), rest
+
+
+def init_train_state(params, tx: optax.GradientTransformation, *, ema_decay: float) -> dict:
+  """The train state (see the module docstring) at step 0 for `params`."""
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "opt_state": tx.init(params),
+      "ema": jax.tree.map(jnp.copy, params) if ema_decay > 0 else None,
+      "nonfinite_step": jnp.full((), -1, jnp.int32),
+  }
+
+
+def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: Callable, *,
+                    num_classes: int, seed: int, mixup_settings: mixup.MixupSettings,
+                    grad_accum_steps: int = 1, ema_decay: float = 0.0, donate: bool = True,
+                    state_shardings=None, batch_sharding=None):
+  """Returns `train_step(state, batch) -> (state, metrics)`, one jitted pure function.
+
+  batch: {"image": (batch, H, W, 3) float32, "label": (batch,) int32} (global batch on the
+  leading axis). One call is one optimizer update: with `grad_accum_steps` > 1 the batch is
+  mixed as a whole, split into that many equal micro-batches and their gradients averaged
+  in a scan, which equals one big-batch step for a deterministic model. Micro-batch m uses
+  fold_in(model key, m). metrics: float32 scalars loss, train_top1 (against the unmixed
+  labels), grad_norm, lr.
+  """
+
+  def loss_fn(params, images, targets, key):
+    model = nnx.merge(graphdef, params, rest)
+    logits = model(images, train=True, key=key)
+    return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)), logits
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch):
+    step = state["step"]
+    mix_key, model_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), step))
+    labels = batch["label"]
+    images, targets, _ = mixup.mix_batch(mix_key, batch["image"], labels, num_classes=num_classes,
+                                         settings=mixup_settings)
+    params = state["params"]
+
+    if grad_accum_steps == 1:
+      (loss, logits), grads = grad_fn(params, images, targets, model_key)
+    else:
+      batch_size = images.shape[0]
+      micro_batches = [x.reshape((grad_accum_steps, batch_size // grad_accum_steps) + x.shape[1:])
+                       for x in (images, targets)]
+
+      def accumulate(carry, xs):
+        grad_sum, loss_sum = carry
+        index, image, target = xs
+        (loss, logits), grads = grad_fn(params, image, target, jax.random.fold_in(model_key, index))
+        return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), logits
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grad_sum, loss_sum), logits = jax.lax.scan(
+          accumulate, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(grad_accum_steps), *micro_batches))
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
+      loss = loss_sum / grad_accum_steps
+      logits = logits.reshape((batch_size,) + logits.shape[2:])
+
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    ema = state["ema"]
+    if ema is not None:
+      ema = optax.incremental_update(new_params, ema, step_size=1.0 - ema_decay)
+    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~jnp.isfinite(loss), step,
+                               state["nonfinite_step"])
+    new_state = dict(state, step=step + 1, params=new_params, opt_state=opt_state, ema=ema,
+                     nonfinite_step=nonfinite_step)
+    metrics = {
+        "loss": loss,
+        "train_top1": jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)),
+        "grad_norm": optax.tree.norm(grads),
+        "lr": schedule(step),
+    }
+    return new_state, metrics
+
+  donate_argnums = (0,) if donate else ()
+  if state_shardings is None:
+    return jax.jit(train_step, donate_argnums=donate_argnums)
+  # Explicit shardings: the state keeps its FSDP layout step after step, metrics are replicated.
+  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=donate_argnums)
+
+
+def make_eval_step(graphdef, rest):
+  """Returns jitted `eval_step(params, batch) -> sums` for a padded, masked eval batch.
+
+  batch: {"image": (batch, H, W, 3) float32, "label": (batch,) int32, "mask": (batch,) float32}.
+  sums: float32 scalars top1, top5 (correct counts), loss (cross-entropy sum), count; padding
+  examples (mask 0) count for nothing.
+  """
+
+  def eval_step(params, batch):
+    logits = nnx.merge(graphdef, params, rest)(batch["image"], train=False)
+    labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+    _, top_k = jax.lax.top_k(logits, min(5, logits.shape[-1]))
+    top1 = (top_k[:, 0] == labels).astype(jnp.float32)
+    top5 = jnp.any(top_k == labels[:, None], axis=-1).astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return {"top1": jnp.sum(top1 * mask), "top5": jnp.sum(top5 * mask), "loss": jnp.sum(loss * mask),
+            "count": jnp.sum(mask)}
+
+  return jax.jit(eval_step)
+
+
+def run_evaluation(eval_step, params, batches, to_device=None) -> dict:
+  """Top-1, top-5 (fractions), mean loss and count of `params` over finite eval `batches`."""
+  totals = {"top1": 0.0, "top5": 0.0, "loss": 0.0, "count": 0.0}
+  pending = []
+  for batch in batches:
+    batch = {name: batch[name] for name in ("image", "label", "mask")}
+    pending.append(eval_step(params, to_device(batch) if to_device else batch))
+  for sums in jax.device_get(pending):
+    for name in totals:
+      totals[name] += float(sums[name])
+  count = max(totals["count"], 1.0)
+  return {"top1": totals["top1"] / count, "top5": totals["top5"] / count, "loss": totals["loss"] / count,
+          "count": totals["count"]}

@@ -1,0 +1,318 @@
+"""Training and evaluation of Vision Mamba / ShuffleMamba classifiers (SPEC §4).
+
+`train_and_evaluate(config, workdir)` runs a whole experiment: model, data, the pure jitted
+update step over the `nnx.split` state, periodic logging, evaluation of the model and its EMA,
+asynchronous checkpoints and resumption from the latest one. `evaluate(config, path)` scores a
+saved checkpoint on any split and resolution. Both start with `Settings.from_config`, which
+builds and checks everything the run is made of before anything compiles; every error names
+its config field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from shufflemamba_jax.data import pipeline
+from shufflemamba_jax.models import checks, variants, vim
+from shufflemamba_jax.parallel import sharding
+from shufflemamba_jax.training import metrics as metrics_lib
+from shufflemamba_jax.training import mixup, optim, preemption, steps
+from shufflemamba_jax.weights import checkpoint as checkpoint_lib
+from shufflemamba_jax.weights import params as params_lib
+
+# Model settings whose config field is not `model.<name>`.
+_MODEL_CONFIG_FIELDS = {"img_size": "image_size", "variant": "model.variant",
+                        **{f"slws_{name}": f"model.slws.{name}" for name in ("max_prob", "schedule", "group_size")}}
+
+
+def model_config_from(config, num_classes: int | None = None) -> vim.VisionMambaConfig:
+  """The VisionMambaConfig of `config.model` (None fields keep the variant's) at config.image_size.
+
+  A bad value raises a SettingError naming the config field (e.g. config.model.slws.max_prob).
+  """
+  overrides = {name: value for name, value in config.model.items()
+               if name not in ("variant", "slws") and value is not None}
+  overrides.update({f"slws_{name}": value for name, value in config.model.slws.items() if value is not None})
+  if num_classes is not None:
+    overrides["num_classes"] = num_classes
+  try:
+    return variants.model_config(config.model.variant, img_size=config.image_size, **overrides)
+  except checks.SettingError as error:
+    field = _MODEL_CONFIG_FIELDS.get(error.setting, f"model.{error.setting}")
+    raise checks.SettingError(f"config.{field}", error.value, error.requirement) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What a run is built from, each part checked by its own module when it is built."""
+
+  model: vim.VisionMambaConfig  # For the variant's number of classes until the data is known.
+  data: dict  # data.pipeline.settings
+  optimizer: optim.OptimizerSettings
+  mixup: mixup.MixupSettings
+
+  @classmethod
+  def from_config(cls, config) -> Settings:
+    """Builds every part of a run from a training config; raises SettingError on a bad value."""
+    for name in ("batch_size", "eval_batch_size", "log_every_steps", "eval_every_steps",
+                 "checkpoint_every_steps", "grad_accum_steps"):
+      checks.integer(f"config.{name}", config[name])
+    if config.total_steps is not None:
+      checks.integer("config.total_steps", config.total_steps)
+    elif not checks.number("config.num_epochs", config.num_epochs):
+      raise checks.SettingError("config.num_epochs", config.num_epochs, "must be > 0 when total_steps is not set")
+    if config.batch_size % config.grad_accum_steps:
+      raise checks.SettingError("config.grad_accum_steps", config.grad_accum_steps,
+                                f"must divide config.batch_size={config.batch_size}")
+    checkpoint_lib.check_keep_policy(config.keep_checkpoints, config.keep_best_checkpoints, config.best_metric)
+    if config.keep_best_checkpoints and config.best_metric.startswith("ema_") and not config.ema_decay:
+      raise checks.SettingError("config.best_metric", config.best_metric, "needs the EMA (config.ema_decay > 0)")
+    data = pipeline.settings(config)
+    pipeline.num_data_shards(data, config.batch_size, jax.process_count())
+    return cls(model=model_config_from(config), data=data, optimizer=optim.OptimizerSettings.from_config(config),
+               mixup=mixup.MixupSettings.from_config(config))
+
+
+def _raise_if_nonfinite(state, step: int):
+  bad = int(jax.device_get(state["nonfinite_step"]))
+  if bad >= 0:
+    raise FloatingPointError(
+        f"Non-finite (NaN/Inf) training loss at step {bad} (detected by step {step}); stopping. "
+        "Lower the learning rate (config.lr) or enable clipping (config.grad_clip).")
+
+
+def init_params_from(path: str, params, config: vim.VisionMambaConfig, *, option: str = "config.init_from"):
+  """`params` (a nested dict) holding the parameters saved at `path` (a workdir, a step folder or
+  converted weights): position embeddings resized to `config`'s grid, and the head of `params`
+  kept when the number of classes differs. Anything else that does not fit is one error naming
+  `option`, the setting that gave `path`, and every difference."""
+  source = f"{option}={path}"
+  saved = checkpoint_lib.read_weights(path, ema=False)
+  flat = params_lib.adapt(params_lib.flatten(saved.params), params, config, source=source)
+  return params_lib.fill(params, flat, source=source)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last eval.
+
+  Writes WORKDIR/metrics.jsonl (train records every log_every_steps: loss, train_top1, lr,
+  grad_norm, images_per_s, step_time_s, epoch; eval records: eval_top1, eval_top5, eval_loss and
+  ema_eval_* when EMA is on), TensorBoard events and WORKDIR/checkpoints/.
+  """
+  settings = Settings.from_config(config)
+  workdir = epath.Path(workdir)
+  workdir = workdir if workdir.is_absolute() else workdir.resolve()
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  # ---- Input and mesh --------------------------------------------------------------------
+  info = pipeline.get_dataset_info(config.dataset, config.data_dir)
+  num_train = info.split_sizes[config.train_split]
+  if config.batch_size > num_train:
+    raise checks.SettingError("config.batch_size", config.batch_size,
+                              f"exceeds the {num_train} examples of {config.dataset}:{config.train_split}")
+  epoch_steps = num_train // config.batch_size  # The pipeline drops the remainder: static shapes.
+  total_steps = config.total_steps or math.ceil(config.num_epochs * epoch_steps)
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+  sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
+  sharding.check_batch_divisible(config.eval_batch_size, mesh, "config.eval_batch_size")
+
+  # ---- Model, optimizer and train state ----------------------------------------------------
+  model_config = dataclasses.replace(settings.model, num_classes=info.num_classes)
+  schedule = optim.learning_rate_schedule(settings.optimizer, batch_size=config.batch_size,
+                                          steps_per_epoch=epoch_steps, total_steps=total_steps)
+  tx = optim.create_optimizer(settings.optimizer, schedule)
+  ema_decay = settings.optimizer.ema_decay
+
+  def initial_state():
+    _, params, _ = steps.split_model(vim.VisionMamba(model_config, rngs=nnx.Rngs(config.seed)))
+    return steps.init_train_state(params, tx, ema_decay=ema_decay)
+
+  graphdef, _, rest = steps.split_model(params_lib.abstract_model(model_config))
+  if jax.tree.leaves(rest):
+    raise NotImplementedError("The model has non-parameter state; the trainer carries params only.")
+  abstract_state = jax.eval_shape(initial_state)
+  # Created, restored and updated already sharded: FSDP over the mesh, never whole on one device.
+  state_shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+  abstract_state = jax.tree.map(
+      lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+      abstract_state, state_shardings)
+
+  # ---- Checkpoint: resume or start -------------------------------------------------------
+  checkpointer = checkpoint_lib.Checkpointer(
+      checkpoint_lib.checkpoint_directory(workdir), keep=config.keep_checkpoints,
+      keep_best=config.keep_best_checkpoints, best_metric=config.best_metric,
+      save_every_steps=config.checkpoint_every_steps, async_save=config.async_checkpointing)
+  if checkpointer.latest_step() is not None:
+    state, meta = checkpointer.restore(abstract_state)
+    logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state["step"]))
+    saved_processes = meta.get("process_count", jax.process_count())
+    if saved_processes != jax.process_count() and not config.data_shards:
+      logging.warning(
+          "The checkpoint was written by %d processes, this run has %d: with config.data_shards "
+          "= 0 (one shard per process) the rest of this epoch sees other examples. Set "
+          "config.data_shards to a fixed multiple of both to keep the data order.",
+          saved_processes, jax.process_count())
+  else:
+    state = jax.jit(initial_state, out_shardings=state_shardings)()
+    if config.init_from:
+      state["params"] = jax.device_put(init_params_from(config.init_from, state["params"], model_config),
+                                       state_shardings["params"])
+      if state["ema"] is not None:
+        state["ema"] = jax.tree.map(jnp.copy, state["params"])
+  start_step = int(jax.device_get(state["step"]))
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
+  logging.info("Model %s: %d parameters; %d steps (%d per epoch), global batch %d.",
+               config.model.variant, num_params, total_steps, epoch_steps, config.batch_size)
+
+  # ---- Steps, data and metrics -----------------------------------------------------------
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_step = steps.make_train_step(
+      graphdef, rest, tx, schedule, num_classes=info.num_classes, seed=config.seed,
+      mixup_settings=settings.mixup, grad_accum_steps=config.grad_accum_steps, ema_decay=ema_decay,
+      state_shardings=state_shardings, batch_sharding=batch_sharding)
+  eval_step = steps.make_eval_step(graphdef, rest)
+  process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+  train_batches = pipeline.create_train_dataset(
+      config, global_batch_size=config.batch_size, start_step=start_step, **process).as_numpy_iterator()
+  eval_dataset = pipeline.create_eval_dataset(config, global_batch_size=config.eval_batch_size, **process)
+  writer = metrics_lib.MetricWriter(workdir)
+  config_json = json.loads(config.to_json_best_effort())
+
+  def to_device(batch):
+    return sharding.global_batch(batch, mesh)
+
+  def evaluate_now(step: int) -> dict:
+    record = {}
+    for prefix, params in (("eval", state["params"]), ("ema_eval", state["ema"])):
+      if params is not None:
+        result = steps.run_evaluation(eval_step, params, eval_dataset.as_numpy_iterator(), to_device)
+        record.update({f"{prefix}_{name}": result[name] for name in ("top1", "top5", "loss")})
+    record = writer.write(step, record)
+    logging.info("step %d: %s", step, record)
+    return record
+
+  def save(step: int, metrics: dict | None = None):
+    _raise_if_nonfinite(state, step)
+    # A copy: the next train step donates `state`'s buffers while the async save may still be
+    # reading them (on CPU, host views of device arrays are not copies).
+    checkpointer.save(step, jax.tree.map(jnp.copy, state), model=model_config, config=config_json,
+                      meta={"process_count": jax.process_count()}, metrics=metrics, force=True)
+
+  # ---- Loop ------------------------------------------------------------------------------
+  progress = None
+  if sys.stdout.isatty() and jax.process_index() == 0:
+    try:
+      import tqdm  # Only for interactive runs; logs stay clean otherwise.
+
+      progress = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
+    except ImportError:
+      logging.info("tqdm is not installed: no progress bar.")
+  last_eval: dict = {}
+  pending_metrics = []
+  window_start, window_steps = time.perf_counter(), 0
+  watcher = preemption.PreemptionWatcher()
+  try:
+    for step in range(start_step, total_steps):
+      batch = next(train_batches)
+      batch = sharding.global_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+      with jax.set_mesh(mesh):  # Activation sharding constraints refer to this mesh.
+        state, step_metrics = train_step(state, batch)
+      pending_metrics.append(step_metrics)
+      window_steps += 1
+      done = step + 1
+      is_last = done == total_steps
+      if progress is not None:
+        progress.update(1)
+
+      if done % config.log_every_steps == 0 or is_last:
+        fetched = jax.device_get(pending_metrics)
+        _raise_if_nonfinite(state, done)
+        elapsed = time.perf_counter() - window_start
+        record = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
+        record.update(lr=float(fetched[-1]["lr"]), step_time_s=elapsed / window_steps,
+                      images_per_s=config.batch_size * window_steps / elapsed, epoch=done / epoch_steps)
+        record = writer.write(done, record)
+        if progress is not None:
+          progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        else:
+          logging.info("step %d/%d: %s", done, total_steps, record)
+        pending_metrics = []
+        window_start, window_steps = time.perf_counter(), 0
+
+      evaluated = done % config.eval_every_steps == 0 or is_last
+      if evaluated:
+        last_eval = evaluate_now(done)
+      # The save policy (fixed interval, or the step all processes agreed on after a
+      # preemption notice) is asked on every step by every process; the last step, and every
+      # evaluation when the best checkpoints are kept, are saved regardless.
+      saved = checkpointer.should_save(done) or is_last or (evaluated and config.keep_best_checkpoints > 0)
+      if saved:
+        save(done, metrics=last_eval if evaluated else None)
+      if evaluated or saved:
+        window_start = time.perf_counter()  # Keep evaluation and saving out of the speed.
+      if not is_last and watcher.should_stop(done):
+        if not saved:
+          save(done)
+        checkpointer.wait()  # The process may be killed soon after: the save must be complete.
+        logging.warning("Stopped by %s after step %d; checkpoint saved in %s. Run the same command "
+                        "to resume.", watcher.signal_name, done, checkpointer.directory)
+        break
+    if start_step >= total_steps:
+      logging.info("Already trained %d of %d steps; nothing to do.", start_step, total_steps)
+  finally:
+    watcher.close()
+    if progress is not None:
+      progress.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  return last_eval
+
+
+def evaluate(config, path: str, split: str | None = None, image_size: int | None = None) -> dict:
+  """Evaluates the checkpoint at `path` (a workdir, its checkpoints/, a step folder or converted
+  weights), strictly: the model is built from `config`, and parameters that do not fit it are an
+  error (a head or a position table is never re-initialized or resized on disk).
+
+  `image_size` (default config.image_size) other than the model's resizes the position
+  embeddings on the fly. Returns and logs {step, split, image_size, eval_top1, eval_top5,
+  eval_loss, and ema_eval_* when the checkpoint has an EMA, num_examples}; when `path` is a
+  training workdir the record is appended to its metrics.jsonl.
+  """
+  settings = Settings.from_config(config)
+  split = split or config.eval_split
+  image_size = image_size or config.image_size
+  info = pipeline.get_dataset_info(config.dataset, config.data_dir)
+  model = params_lib.abstract_model(dataclasses.replace(settings.model, num_classes=info.num_classes))
+  graphdef, abstract_params, rest = steps.split_model(model)
+  saved = checkpoint_lib.read_weights(path)
+  trees = {"eval": (saved.params, str(path)), "ema_eval": (saved.ema, f"{path} (EMA)")}
+  eval_dataset = pipeline.create_eval_dataset(
+      config, split=split, global_batch_size=config.eval_batch_size, image_size=image_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  eval_step = steps.make_eval_step(graphdef, rest)
+  record = {"split": split, "image_size": int(image_size)}
+  for prefix, (tree, source) in trees.items():
+    if tree is not None:
+      params = params_lib.fill(abstract_params, params_lib.flatten(tree), source=source)
+      result = steps.run_evaluation(eval_step, params, eval_dataset.as_numpy_iterator())
+      record.update({f"{prefix}_{name}": result[name] for name in ("top1", "top5", "loss")})
+  record["num_examples"] = int(result["count"])
+  workdir = saved.directory.parent
+  if saved.directory.name == checkpoint_lib.CHECKPOINT_DIR and (workdir / metrics_lib.METRICS_FILE).exists():
+    record = metrics_lib.MetricWriter(workdir, tensorboard=False).write(saved.step, record)
+  else:
+    record = {"step": saved.step, **record}
+  logging.info("evaluate: %s", record)
+  return record

@@ -1,0 +1,155 @@
+"""Parameters by name, and the one function that fills a model from them.
+
+Names are the dotted paths of a model's `nnx.Param`s (`flax.traverse_util.flatten_dict` of
+`nnx.to_pure_dict(nnx.state(model, nnx.Param))`): `patch_embed.kernel`, `head.bias`, and
+`layers.mixer.in_proj.kernel` for the blocks, which are stacked on a leading (depth,) axis. A
+mapping may also give the blocks one at a time, `layers.{i}.mixer.in_proj.kernel`, as PyTorch
+state dicts do; `fill` stacks them.
+
+Every reader of weights goes through `fill`: evaluation, `load_model`, warm start and the PyTorch
+importer. It adapts nothing, so evaluation is strict. Fine-tuning's two expected differences,
+another resolution and another number of classes, are bridged by `adapt`, which warm start and
+the importer call first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from shufflemamba_jax.models import tokens, vim
+
+_log = logging.getLogger(__name__)
+# Problems listed in an error before the rest are only counted: a wrong depth mis-shapes every
+# block parameter, and the first lines already tell the story.
+MAX_LISTED = 20
+
+
+def flatten(tree: Mapping) -> dict[str, Any]:
+  """A nested dict of arrays as {dotted name: array}."""
+  return traverse_util.flatten_dict(dict(tree), sep=".")
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  """The inverse of `flatten`."""
+  return traverse_util.unflatten_dict(dict(flat), sep=".")
+
+
+def abstract_model(config: vim.VisionMambaConfig) -> vim.VisionMamba:
+  """The model of `config` with jax.ShapeDtypeStruct parameters; nothing is computed."""
+  return nnx.eval_shape(lambda: vim.VisionMamba(config, rngs=nnx.Rngs(0)))
+
+
+def param_tree(model: nnx.Module) -> dict:
+  """The model's parameters as a nested dict of arrays (or of ShapeDtypeStructs)."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def fill(target: Mapping, flat: Mapping[str, Any], *, source: str,
+         describe: Callable[[str, tuple], tuple[str, tuple]] | None = None) -> dict:
+  """The nested tree of `target` holding the values of `flat`, in the target's dtypes.
+
+  Args:
+    target: the model's parameters, a nested dict of arrays or jax.ShapeDtypeStructs.
+    flat: {name: array} (see the module docstring); blocks whole or one at a time.
+    source: where the values come from, named in the error (a path or a setting).
+    describe: renders (name, shape) the way the source names and lays out its tensors (e.g. the
+      PyTorch names and layouts), for the error message.
+
+  Returns:
+    A nested dict like `target` of numpy arrays (copies, never views of `flat`'s arrays).
+
+  Raises:
+    ValueError: one error naming every missing, unused and mis-shaped tensor.
+  """
+  describe = describe or (lambda name, shape: (name, tuple(shape)))
+  unused = dict(flat)
+  missing, mismatched, filled = [], [], {}
+  for name, leaf in flatten(target).items():
+    shape = tuple(leaf.shape)
+    if name in unused or not name.startswith(vim.LAYERS + "."):
+      entries = [(name, shape, unused.pop(name, None))]
+    else:  # A block parameter given one block at a time.
+      rest = name[len(vim.LAYERS) + 1 :]
+      entries = [(f"{vim.LAYERS}.{i}.{rest}", shape[1:], unused.pop(f"{vim.LAYERS}.{i}.{rest}", None))
+                 for i in range(shape[0])]
+    values = []
+    for entry, entry_shape, value in entries:
+      if value is None:
+        missing.append("missing from the checkpoint: {} {}".format(*describe(entry, entry_shape)))
+      elif tuple(np.shape(value)) != entry_shape:
+        saved_name, saved_shape = describe(entry, np.shape(value))
+        mismatched.append(f"{saved_name}: {saved_shape} in the checkpoint, "
+                          f"{describe(entry, entry_shape)[1]} in the model")
+      else:
+        values.append(np.asarray(value))
+    if len(values) == len(entries):
+      filled[name] = np.array(values[0] if entries[0][0] == name else np.stack(values), leaf.dtype)
+  extra = ["not in the model: {} {}".format(*describe(name, np.shape(value))) for name, value in unused.items()]
+  if missing or mismatched or extra:
+    counts = ", ".join(f"{len(items)} {what}" for items, what in (
+        (mismatched, "with another shape"), (missing, "missing from the checkpoint"),
+        (extra, "not in the model")) if items)
+    problems = mismatched + missing + extra
+    lines = [f"{source} does not fit the model ({counts}); was it saved from another model "
+             "(model.variant, depth, embed_dim, num_registers, ...)?"]
+    lines += [f"  {problem}" for problem in problems[:MAX_LISTED]]
+    if len(problems) > MAX_LISTED:
+      lines.append(f"  ... and {len(problems) - MAX_LISTED} more")
+    raise ValueError("\n".join(lines))
+  return unflatten(filled)
+
+
+def adapt(flat: Mapping[str, Any], target: Mapping, config: vim.VisionMambaConfig, *, source: str,
+          resize_positions: bool = True, new_head: bool = True) -> dict[str, Any]:
+  """`flat` (a copy) with fine-tuning's expected differences from `target` bridged.
+
+  resize_positions: a `pos_embed` saved for another square patch grid is resized bicubically to
+    `config.grid` (the extra-token slots are carried over).
+  new_head: a head with another number of classes on the same features is replaced by the
+    target's own, freshly initialized head (whose values must be concrete), with a warning.
+  Any other difference is left for `fill` to report.
+  """
+  flat, target = dict(flat), flatten(target)
+  saved, wanted = flat.get("pos_embed"), tuple(target["pos_embed"].shape)
+  if resize_positions and saved is not None and np.ndim(saved) == 2 and np.shape(saved) != wanted:
+    try:
+      resized = tokens.resize_pos_embed_table(jnp.asarray(saved), config.grid, config.token_layout)
+    except ValueError:
+      resized = None  # Not a square grid: `fill` reports the shapes.
+    if resized is not None and tuple(resized.shape) == wanted:
+      _log.info("%s: resized pos_embed %s -> %s for the %dx%d patch grid.", source, np.shape(saved), wanted,
+                *config.grid)
+      flat["pos_embed"] = np.asarray(resized)
+  kernel, bias = flat.get("head.kernel"), flat.get("head.bias")
+  fresh = target["head.kernel"].shape
+  if (new_head and kernel is not None and bias is not None and np.ndim(kernel) == 2
+      and np.shape(kernel)[0] == fresh[0] and np.shape(kernel)[1] != fresh[1]
+      and np.shape(bias) == np.shape(kernel)[1:]):
+    _log.warning("%s has a %d-class head: the head is re-initialized for %d classes.", source,
+                 np.shape(kernel)[1], fresh[1])
+    flat["head.kernel"], flat["head.bias"] = target["head.kernel"], target["head.bias"]
+  return flat
+
+
+def model_with_params(config: vim.VisionMambaConfig, params: Mapping, *, source: str = "the parameters",
+                      describe=None) -> vim.VisionMamba:
+  """A VisionMamba of `config` holding `params` (nested or flat), filled by `fill`.
+
+  Skips the random initialization (for the full-size models tens of seconds of compilation on a
+  CPU) by filling an abstract model.
+  """
+  model = abstract_model(config)
+  if any(isinstance(value, Mapping) for value in params.values()):
+    params = flatten(params)
+  state = nnx.state(model, nnx.Param)
+  values = fill(nnx.to_pure_dict(state), params, source=source, describe=describe)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, values))
+  nnx.update(model, state)
+  return model
