@@ -28,7 +28,7 @@ def get_config():
   config.keep_checkpoints = 3  # How many recent checkpoints the manager keeps.
   # Besides those, how many of the best by `best_metric` to keep (every evaluation then saves).
   config.keep_best_checkpoints = 1
-  config.best_metric = 'eval_top1'  # "eval_top1" | "eval_top5" | "ema_eval_top1" | "ema_eval_top5".
+  config.best_metric = "eval_top1"  # "eval_top1" | "eval_top5" | "ema_eval_top1" | "ema_eval_top5".
   config.async_checkpointing = True  # Write checkpoints in the background (Orbax async).
   config.eval_batch_size = 1024  # Global batch size of evaluation.
   # Workdir (or checkpoint step folder) whose parameters initialise training (multi-stage
@@ -37,7 +37,7 @@ def get_config():
 
   # ---- Model -------------------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()
-  config.model.variant = 'shufflemamba_base'  # A key of shufflemamba_jax.VARIANTS.
+  config.model.variant = "shufflemamba_base"  # A key of shufflemamba_jax.VARIANTS.
   # Overrides of VisionMambaConfig fields; None keeps the variant's value.
   config.model.patch_size = config_dict.placeholder(int)
   config.model.embed_dim = config_dict.placeholder(int)  # Width D.
@@ -49,21 +49,21 @@ def get_config():
   config.model.chunk_size = config_dict.placeholder(int)  # Chunk length of the chunked scan (None: 16).
   # Rematerialise blocks in the backward pass (None: True, what large models need; BENCHMARKS.md).
   config.model.remat = config_dict.placeholder(bool)
-  config.model.dtype = 'bfloat16'  # Computation dtype ("float32" | "bfloat16"); params float32.
+  config.model.dtype = "bfloat16"  # Computation dtype ("float32" | "bfloat16"); params float32.
   # Stochastic layer-wise shuffle (SPEC section 1); training only.
   config.model.slws = ml_collections.ConfigDict()
   # P: shuffle probability of the last layer, in [0, 1]; None = the variant's (0.5 ShuffleMamba,
   # 0.1 ShuffleMamba-Reg, 0 Vim).
   config.model.slws.max_prob = config_dict.placeholder(float)
-  config.model.slws.schedule = 'linear'  # "linear" (0 .. P over depth) | "constant" ([0, P, ..]).
+  config.model.slws.schedule = "linear"  # "linear" (0 .. P over depth) | "constant" ([0, P, ..]).
   # Consecutive samples sharing one draw and one permutation (256 = reference per-GPU batch).
   config.model.slws.group_size = 256
 
   # ---- Data (read by shufflemamba_jax.data.pipeline) ---------------------------------------
-  config.dataset = 'imagenet2012'  # "digits" | "imagenet2012" (a TFDS name).
+  config.dataset = "imagenet2012"  # "digits" | "imagenet2012" (a TFDS name).
   config.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None = TFDS default.
-  config.train_split = 'train'
-  config.eval_split = 'validation'
+  config.train_split = "train"
+  config.eval_split = "validation"
   config.image_size = 224  # Training (and default evaluation) resolution in pixels.
   config.shuffle_buffer = 16_384  # tf.data shuffle buffer of the training stream, in examples.
   config.data_shards = 0  # Train data shards, a multiple of the process count; 0 = one per process.
@@ -111,7 +111,7 @@ def get_config():
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1
   config.mesh.fsdp = 1
-  config.mesh.fsdp_min_size = 2 ** 16  # Parameters with fewer elements stay replicated.
+  config.mesh.fsdp_min_size = 2**16  # Parameters with fewer elements stay replicated.
 
   config.lock()
 

@@ -22,40 +22,41 @@ so they use RandAugment like the other recipes (documented deviation).
 
 from shufflemamba_jax.training import config_files
 
-_VARIANTS = ('shufflemamba_base', 'vim_tiny', 'vim_small', 'shufflemamba_reg_base')
+_VARIANTS = ("shufflemamba_base", "vim_tiny", "vim_small", "shufflemamba_reg_base")
 
 
 def _parse(arg: str | None) -> tuple[str, int | None]:
   """'variant[,stage=N]' -> (variant, stage or None)."""
-  parts = [part.strip() for part in (arg or 'shufflemamba_base').split(',') if part.strip()]
+  parts = [part.strip() for part in (arg or "shufflemamba_base").split(",") if part.strip()]
   variant, stage = parts[0], None
   for part in parts[1:]:
-    name, _, value = part.partition('=')
-    if name != 'stage' or not value.isdigit():
-      raise ValueError(f'configs/imagenet.py: unknown argument {part!r}; expected stage=1|2|3.')
+    name, _, value = part.partition("=")
+    if name != "stage" or not value.isdigit():
+      raise ValueError(f"configs/imagenet.py: unknown argument {part!r}; expected stage=1|2|3.")
     stage = int(value)
   if variant not in _VARIANTS:
-    raise ValueError(f'configs/imagenet.py: unknown variant {variant!r}; choose one of {_VARIANTS}.')
-  if (stage is not None) != (variant == 'shufflemamba_reg_base') or stage not in (None, 1, 2, 3):
-    raise ValueError('configs/imagenet.py: stage=1|2|3 is required for (and only for) '
-                     f'shufflemamba_reg_base, got {arg!r}.')
+    raise ValueError(f"configs/imagenet.py: unknown variant {variant!r}; choose one of {_VARIANTS}.")
+  if (stage is not None) != (variant == "shufflemamba_reg_base") or stage not in (None, 1, 2, 3):
+    raise ValueError(
+      f"configs/imagenet.py: stage=1|2|3 is required for (and only for) shufflemamba_reg_base, got {arg!r}."
+    )
   return variant, stage
 
 
 def get_config(arg: str | None = None):
   """`arg` = 'variant[,stage=N]', e.g. 'shufflemamba_base' or 'shufflemamba_reg_base,stage=2'."""
   variant, stage = _parse(arg)
-  config = config_files.get_config(config_files.sibling(__file__, 'default.py'))
-  config.dataset = 'imagenet2012'
+  config = config_files.get_config(config_files.sibling(__file__, "default.py"))
+  config.dataset = "imagenet2012"
   config.image_size = 224
   config.model.variant = variant
-  config.model.dtype = 'bfloat16'  # The reference trains with bf16/fp16 autocast.
+  config.model.dtype = "bfloat16"  # The reference trains with bf16/fp16 autocast.
   config.log_every_steps = 100
   # A full ImageNet evaluation costs minutes: every 5k steps (about 4-10 epochs here).
   config.eval_every_steps = 5000
   config.checkpoint_every_steps = 2500
 
-  if variant == 'shufflemamba_base':
+  if variant == "shufflemamba_base":
     # ShuffleMamba-B (SPEC section 4): batch 2048, peak 2e-3, 30 warmup epochs, clip 3.0.
     config.batch_size = 2048
     config.num_epochs = 300
@@ -68,12 +69,12 @@ def get_config(arg: str | None = None):
     config.grad_clip = 3.0
     config.model.drop_path_rate = 0.5
     config.model.slws.max_prob = 0.5
-    config.model.slws.schedule = 'linear'
+    config.model.slws.schedule = "linear"
     config.model.slws.group_size = 256  # The reference per-GPU batch: same shuffle distribution.
     config.ema_decay = 0.9999
-  elif variant in ('vim_tiny', 'vim_small'):
+  elif variant in ("vim_tiny", "vim_small"):
     # Vim (DeiT recipe): Ti batch 1024 peak 1e-3 wd 0.1 dp 0; S batch 512 peak 1e-3 wd 0.05 dp 0.05.
-    tiny = variant == 'vim_tiny'
+    tiny = variant == "vim_tiny"
     config.batch_size = 1024 if tiny else 512
     config.num_epochs = 300
     config.lr = 5e-4 if tiny else 1e-3  # Base per 512 images: peak 1e-3 in both cases.
@@ -87,7 +88,7 @@ def get_config(arg: str | None = None):
   else:
     # ShuffleMamba-Reg-B, three stages (Mamba-Reg recipe with SLWS P = 0.1); 8 GPUs x 128 = 1024.
     config.model.slws.max_prob = 0.1
-    config.model.slws.schedule = 'linear'
+    config.model.slws.schedule = "linear"
     config.model.slws.group_size = 128
     config.warmup_epochs = 5
     config.warmup_lr = 1e-6

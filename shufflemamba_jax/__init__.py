@@ -7,15 +7,15 @@ bottom; `data` (tf.data over TFDS), `weights` (checkpoints, PyTorch import and e
 """
 
 from shufflemamba_jax.models import (
-    VARIANTS,
-    SettingError,
-    VisionMamba,
-    VisionMambaConfig,
-    create_model,
-    layer_shuffle_probabilities,
-    model_config,
-    sample_token_permutations,
-    selective_scan,
+  VARIANTS,
+  SettingError,
+  VisionMamba,
+  VisionMambaConfig,
+  create_model,
+  layer_shuffle_probabilities,
+  model_config,
+  sample_token_permutations,
+  selective_scan,
 )
 
 __version__ = "0.1.0"
@@ -29,14 +29,14 @@ def load_model(path: str, step: int | str | None = None, ema: bool = True) -> Vi
 
 
 __all__ = [
-    "VARIANTS",
-    "SettingError",
-    "VisionMamba",
-    "VisionMambaConfig",
-    "create_model",
-    "layer_shuffle_probabilities",
-    "load_model",
-    "model_config",
-    "sample_token_permutations",
-    "selective_scan",
+  "VARIANTS",
+  "SettingError",
+  "VisionMamba",
+  "VisionMambaConfig",
+  "create_model",
+  "layer_shuffle_probabilities",
+  "load_model",
+  "model_config",
+  "sample_token_permutations",
+  "selective_scan",
 ]

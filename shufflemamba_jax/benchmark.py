@@ -47,16 +47,28 @@ REMAT_CHOICES = ("none",) + tuple(vim.REMAT_POLICIES)
 NUM_CLASSES = 1000
 
 # SPEC §4 recipe values that shape the step's work: AdamW with clipping, EMA, mixup/cutmix.
-_OPTIMIZER = optim.OptimizerSettings(lr=2e-3, lr_scale_batch=False, warmup_epochs=1.0, warmup_lr=5e-7,
-                                     min_lr=5e-6, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=3.0,
-                                     ema_decay=0.9999)
-_MIXUP = mixup.MixupSettings(mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
-                             label_smoothing=0.1)
+_OPTIMIZER = optim.OptimizerSettings(
+  lr=2e-3,
+  lr_scale_batch=False,
+  warmup_epochs=1.0,
+  warmup_lr=5e-7,
+  min_lr=5e-6,
+  weight_decay=0.1,
+  b1=0.9,
+  b2=0.95,
+  eps=1e-8,
+  grad_clip=3.0,
+  ema_decay=0.9999,
+)
+_MIXUP = mixup.MixupSettings(
+  mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1
+)
 
 MARKDOWN_HEADER = (
-    "| variant | px | batch | method | chunk | remat | dtype | P | compile s | temp GiB | arg GiB "
-    "| out GiB | peak GiB | GFLOP/step XLA | GFLOP/step analytic | step s (median) | img/s | MFU |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  "| variant | px | batch | method | chunk | remat | dtype | P | compile s | temp GiB | arg GiB "
+  "| out GiB | peak GiB | GFLOP/step XLA | GFLOP/step analytic | step s (median) | img/s | MFU |\n"
+  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +120,14 @@ def analytic_forward_flops(config: vim.VisionMambaConfig, img_size: int) -> int:
   rank = config.dt_rank or math.ceil(dim / 16)
   patches = (img_size // config.patch_size) ** 2
   length = patches + config.num_extra_tokens
-  flops = 2 * patches * config.patch_size ** 2 * 3 * dim
-  per_direction = (2 * length * inner * config.d_conv                 # depthwise conv
-                   + 2 * length * inner * (rank + 2 * state)         # x_proj
-                   + 2 * length * rank * inner                       # dt_proj
-                   + SCAN_FLOPS_PER_ELEMENT * length * inner * state
-                   + SCAN_FLOPS_PER_CHANNEL * length * inner)
+  flops = 2 * patches * config.patch_size**2 * 3 * dim
+  per_direction = (
+    2 * length * inner * config.d_conv  # depthwise conv
+    + 2 * length * inner * (rank + 2 * state)  # x_proj
+    + 2 * length * rank * inner  # dt_proj
+    + SCAN_FLOPS_PER_ELEMENT * length * inner * state
+    + SCAN_FLOPS_PER_CHANNEL * length * inner
+  )
   per_layer = 2 * length * dim * 2 * inner + 2 * length * inner * dim + 2 * per_direction
   flops += depth * per_layer
   head_in = dim
@@ -147,35 +161,37 @@ def build_step(settings: Settings, slws_prob: float | None = None) -> CompiledSt
   """Lowers and compiles the real training step from abstract state and batch shapes."""
   overrides = settings.model_overrides(slws_prob)
 
-  config = variants.model_config(settings.variant, num_classes=NUM_CLASSES, img_size=settings.img_size,
-                                 **overrides)
+  config = variants.model_config(settings.variant, num_classes=NUM_CLASSES, img_size=settings.img_size, **overrides)
 
   def new_model():
     return vim.VisionMamba(config, rngs=nnx.Rngs(0))
 
   graphdef, _, rest = steps.split_model(nnx.eval_shape(new_model))
-  schedule = optim.learning_rate_schedule(_OPTIMIZER, batch_size=settings.batch_size, steps_per_epoch=100,
-                                          total_steps=1000)
+  schedule = optim.learning_rate_schedule(
+    _OPTIMIZER, batch_size=settings.batch_size, steps_per_epoch=100, total_steps=1000
+  )
   tx = optim.create_optimizer(_OPTIMIZER, schedule)
 
   def init_state():
     _, params, _ = steps.split_model(new_model())
     return steps.init_train_state(params, tx, ema_decay=_OPTIMIZER.ema_decay)
 
-  step = steps.make_train_step(graphdef, rest, tx, schedule, num_classes=NUM_CLASSES, seed=0,
-                               mixup_settings=_MIXUP, ema_decay=_OPTIMIZER.ema_decay)
+  step = steps.make_train_step(
+    graphdef, rest, tx, schedule, num_classes=NUM_CLASSES, seed=0, mixup_settings=_MIXUP, ema_decay=_OPTIMIZER.ema_decay
+  )
   abstract_state = jax.eval_shape(init_state)
   abstract_batch = {
-      "image": jax.ShapeDtypeStruct((settings.batch_size, settings.img_size, settings.img_size, 3), jnp.float32),
-      "label": jax.ShapeDtypeStruct((settings.batch_size,), jnp.int32),
+    "image": jax.ShapeDtypeStruct((settings.batch_size, settings.img_size, settings.img_size, 3), jnp.float32),
+    "label": jax.ShapeDtypeStruct((settings.batch_size,), jnp.int32),
   }
   start = time.perf_counter()
   lowered = step.lower(abstract_state, abstract_batch)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   done = time.perf_counter()
-  return CompiledStep(config, compiled, jax.jit(init_state), abstract_batch,
-                      compile_s=done - start, lower_s=lowered_at - start)
+  return CompiledStep(
+    config, compiled, jax.jit(init_state), abstract_batch, compile_s=done - start, lower_s=lowered_at - start
+  )
 
 
 def _xla_flops(compiled) -> float | None:
@@ -190,8 +206,10 @@ def _xla_flops(compiled) -> float | None:
 def _synthetic_batch(abstract_batch: dict, seed: int = 0) -> dict:
   image_key, label_key = jax.random.split(jax.random.key(seed))
   image = abstract_batch["image"]
-  return {"image": jax.random.normal(image_key, image.shape, image.dtype),
-          "label": jax.random.randint(label_key, abstract_batch["label"].shape, 0, NUM_CLASSES, jnp.int32)}
+  return {
+    "image": jax.random.normal(image_key, image.shape, image.dtype),
+    "label": jax.random.randint(label_key, abstract_batch["label"].shape, 0, NUM_CLASSES, jnp.int32),
+  }
 
 
 def _timed_step(compiled, state, batch):
@@ -204,8 +222,15 @@ def _timed_step(compiled, state, batch):
 # ----------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------
-def run(settings: Settings, *, steps: int = 10, warmup: int = 2, compile_only: bool = False,
-        compare_slws: bool = False, peak_tflops: float | None = None) -> dict:
+def run(
+  settings: Settings,
+  *,
+  steps: int = 10,
+  warmup: int = 2,
+  compile_only: bool = False,
+  compare_slws: bool = False,
+  peak_tflops: float | None = None,
+) -> dict:
   """Measures one setting; returns the JSON record (keys in the module docstring)."""
   if compare_slws and compile_only:
     raise ValueError("--compare_slws times steps; it cannot be combined with --compile_only")
@@ -219,22 +244,34 @@ def run(settings: Settings, *, steps: int = 10, warmup: int = 2, compile_only: b
   config = main.config
   memory = main.compiled.memory_analysis()
   record = {
-      "variant": settings.variant, "img_size": settings.img_size, "batch_size": settings.batch_size,
-      "method": config.scan_method, "chunk_size": config.chunk_size, "remat": settings.remat,
-      "dtype": settings.dtype, "slws_prob": config.slws_max_prob, "sequence_length":
-      (settings.img_size // config.patch_size) ** 2 + config.num_extra_tokens,
-      "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-      "lower_s": main.lower_s, "compile_s": main.compile_s,
-      "temp_bytes": int(memory.temp_size_in_bytes),
-      "argument_bytes": int(memory.argument_size_in_bytes),
-      "output_bytes": int(memory.output_size_in_bytes),
-      "alias_bytes": int(memory.alias_size_in_bytes),
-      # Live at once: inputs, outputs not written in place of a donated input, and scratch.
-      "peak_bytes": int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                        + memory.output_size_in_bytes - memory.alias_size_in_bytes),
-      "flops_xla": _xla_flops(main.compiled),
-      "flops_analytic": analytic_train_flops(config, settings.img_size, settings.batch_size),
-      "step_time_median_s": None, "images_per_s": None,
+    "variant": settings.variant,
+    "img_size": settings.img_size,
+    "batch_size": settings.batch_size,
+    "method": config.scan_method,
+    "chunk_size": config.chunk_size,
+    "remat": settings.remat,
+    "dtype": settings.dtype,
+    "slws_prob": config.slws_max_prob,
+    "sequence_length": (settings.img_size // config.patch_size) ** 2 + config.num_extra_tokens,
+    "backend": jax.default_backend(),
+    "device": jax.devices()[0].device_kind,
+    "lower_s": main.lower_s,
+    "compile_s": main.compile_s,
+    "temp_bytes": int(memory.temp_size_in_bytes),
+    "argument_bytes": int(memory.argument_size_in_bytes),
+    "output_bytes": int(memory.output_size_in_bytes),
+    "alias_bytes": int(memory.alias_size_in_bytes),
+    # Live at once: inputs, outputs not written in place of a donated input, and scratch.
+    "peak_bytes": int(
+      memory.temp_size_in_bytes
+      + memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      - memory.alias_size_in_bytes
+    ),
+    "flops_xla": _xla_flops(main.compiled),
+    "flops_analytic": analytic_train_flops(config, settings.img_size, settings.batch_size),
+    "step_time_median_s": None,
+    "images_per_s": None,
   }
   if peak_tflops:
     record["peak_tflops"] = peak_tflops
@@ -254,20 +291,26 @@ def run(settings: Settings, *, steps: int = 10, warmup: int = 2, compile_only: b
     # Alternating the settings step by step spreads machine noise evenly over both.
     for which, (compiled_step, _) in enumerate(runs):
       states[which], seconds = _timed_step(compiled_step.compiled, states[which], batch)
-      print(f"step {index} ({'warm-up' if index < warmup else 'timed'}), P={compiled_step.config.slws_max_prob}: "
-            f"{seconds:.3f} s", file=sys.stderr, flush=True)
+      print(
+        f"step {index} ({'warm-up' if index < warmup else 'timed'}), P={compiled_step.config.slws_max_prob}: "
+        f"{seconds:.3f} s",
+        file=sys.stderr,
+        flush=True,
+      )
       if index >= warmup:
         times[which].append(seconds)
   median = statistics.median(times[-1])
-  record.update(step_time_median_s=median, images_per_s=settings.batch_size / median,
-                step_times_s=times[-1])
+  record.update(step_time_median_s=median, images_per_s=settings.batch_size / median, step_times_s=times[-1])
   if compare_slws:
     median_p0 = statistics.median(times[0])
     # The median of step-by-step ratios is a second estimate, robust to slow drifts in load.
     pair_ratios = [shuffled / plain for shuffled, plain in zip(times[1], times[0])]
-    record.update(step_time_median_s_p0=median_p0, step_times_s_p0=times[0],
-                  slws_overhead_ratio=median / median_p0,
-                  slws_pair_ratio_median=statistics.median(pair_ratios))
+    record.update(
+      step_time_median_s_p0=median_p0,
+      step_times_s_p0=times[0],
+      slws_overhead_ratio=median / median_p0,
+      slws_pair_ratio_median=statistics.median(pair_ratios),
+    )
   if peak_tflops:
     record["mfu"] = record["flops_analytic"] / median / (peak_tflops * 1e12)
   return record
@@ -279,44 +322,65 @@ def markdown_row(record: dict) -> str:
   gflop = lambda value: "n/a" if value is None else f"{value / 1e9:.1f}"
   step = record["step_time_median_s"]
   cells = [
-      record["variant"], record["img_size"], record["batch_size"],
-      record["method"], record["chunk_size"], record["remat"],
-      record["dtype"], record["slws_prob"], f"{record['compile_s']:.1f}", gib("temp_bytes"),
-      gib("argument_bytes"), gib("output_bytes"), gib("peak_bytes"), gflop(record["flops_xla"]),
-      gflop(record["flops_analytic"]), "-" if step is None else f"{step:.3f}",
-      "-" if step is None else f"{record['images_per_s']:.2f}",
-      f"{record['mfu']:.3f}" if record.get("mfu") is not None else "-",
+    record["variant"],
+    record["img_size"],
+    record["batch_size"],
+    record["method"],
+    record["chunk_size"],
+    record["remat"],
+    record["dtype"],
+    record["slws_prob"],
+    f"{record['compile_s']:.1f}",
+    gib("temp_bytes"),
+    gib("argument_bytes"),
+    gib("output_bytes"),
+    gib("peak_bytes"),
+    gflop(record["flops_xla"]),
+    gflop(record["flops_analytic"]),
+    "-" if step is None else f"{step:.3f}",
+    "-" if step is None else f"{record['images_per_s']:.2f}",
+    f"{record['mfu']:.3f}" if record.get("mfu") is not None else "-",
   ]
   row = "| " + " | ".join(map(str, cells)) + " |"
   if "slws_overhead_ratio" in record:
-    row += f" SLWS overhead ratio {record['slws_overhead_ratio']:.4f} (P=0 step {record['step_time_median_s_p0']:.3f} s)"
+    row += (
+      f" SLWS overhead ratio {record['slws_overhead_ratio']:.4f} (P=0 step {record['step_time_median_s_p0']:.3f} s)"
+    )
   return row
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog="python -m shufflemamba_jax.benchmark", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog="python -m shufflemamba_jax.benchmark",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--variant", default="shufflemamba_tiny", choices=sorted(variants.VARIANTS))
   parser.add_argument("--img_size", type=int, default=224)
   parser.add_argument("--batch_size", type=int, default=8, help="images per step (one device)")
   parser.add_argument("--method", default=Settings.method, choices=ssm.SCAN_METHODS, help="selective-scan method")
   parser.add_argument("--chunk_size", type=int, default=Settings.chunk_size, help="chunk length of the chunked scan")
-  parser.add_argument("--remat", default=Settings.remat, choices=REMAT_CHOICES,
-                      help="block rematerialization: a policy name, or none")
+  parser.add_argument(
+    "--remat", default=Settings.remat, choices=REMAT_CHOICES, help="block rematerialization: a policy name, or none"
+  )
   parser.add_argument("--dtype", default="float32", choices=tuple(vim.DTYPES), help="computation dtype")
-  parser.add_argument("--slws_prob", type=float, default=None,
-                      help="SLWS max shuffle probability P (default: the variant's)")
+  parser.add_argument(
+    "--slws_prob", type=float, default=None, help="SLWS max shuffle probability P (default: the variant's)"
+  )
   parser.add_argument("--depth", type=int, default=None, help="override the variant's depth")
   parser.add_argument("--embed_dim", type=int, default=None, help="override the variant's width")
   parser.add_argument("--patch_size", type=int, default=None, help="override the variant's patch size")
   parser.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup steps)")
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--peak_tflops", type=float, default=None,
-                      help="the device's peak TFLOP/s for the chosen dtype; adds mfu")
+  parser.add_argument(
+    "--peak_tflops", type=float, default=None, help="the device's peak TFLOP/s for the chosen dtype; adds mfu"
+  )
   parser.add_argument("--compile_only", action="store_true", help="compile and analyze; no state, no steps")
-  parser.add_argument("--compare_slws", action="store_true",
-                      help="time P = 0 and P = --slws_prob (default 0.5) interleaved; adds slws_overhead_ratio")
+  parser.add_argument(
+    "--compare_slws",
+    action="store_true",
+    help="time P = 0 and P = --slws_prob (default 0.5) interleaved; adds slws_overhead_ratio",
+  )
   parser.add_argument("--json", action="store_true", help="print one JSON object instead of a markdown row")
   parser.add_argument("--header", action="store_true", help="print the markdown table header first")
   return parser.parse_args(argv)
@@ -324,13 +388,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  overrides = tuple((name, getattr(args, name)) for name in ("depth", "embed_dim", "patch_size")
-                    if getattr(args, name) is not None)
-  settings = Settings(variant=args.variant, img_size=args.img_size, batch_size=args.batch_size,
-                      method=args.method, chunk_size=args.chunk_size, remat=args.remat, dtype=args.dtype,
-                      slws_prob=args.slws_prob, overrides=overrides)
-  record = run(settings, steps=args.steps, warmup=args.warmup, compile_only=args.compile_only,
-               compare_slws=args.compare_slws, peak_tflops=args.peak_tflops)
+  overrides = tuple(
+    (name, getattr(args, name)) for name in ("depth", "embed_dim", "patch_size") if getattr(args, name) is not None
+  )
+  settings = Settings(
+    variant=args.variant,
+    img_size=args.img_size,
+    batch_size=args.batch_size,
+    method=args.method,
+    chunk_size=args.chunk_size,
+    remat=args.remat,
+    dtype=args.dtype,
+    slws_prob=args.slws_prob,
+    overrides=overrides,
+  )
+  record = run(
+    settings,
+    steps=args.steps,
+    warmup=args.warmup,
+    compile_only=args.compile_only,
+    compare_slws=args.compare_slws,
+    peak_tflops=args.peak_tflops,
+  )
   record["command"] = "python -m shufflemamba_jax.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
   record["date_utc"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
   record["host"] = f"{platform.machine()}, {jax.local_device_count()} {jax.default_backend()} device(s)"

@@ -23,14 +23,20 @@ def import_checkpoint(args) -> None:
   from shufflemamba_jax import models  # pylint: disable=g-import-not-at-top
   from shufflemamba_jax.weights import checkpoint, pytorch  # pylint: disable=g-import-not-at-top
 
-  overrides = {name: value for name, value in (("img_size", args.img_size), ("num_classes", args.num_classes))
-               if value is not None}
+  overrides = {
+    name: value for name, value in (("img_size", args.img_size), ("num_classes", args.num_classes)) if value is not None
+  }
   config = models.model_config(args.variant, **overrides)
-  state_dict = pytorch.read_state_dict(args.from_pytorch, checkpoint_key=args.checkpoint_key,
-                                       allow_pickle=args.allow_pickle)
-  params = pytorch.import_params(state_dict, config, source=args.from_pytorch,
-                                 resize_positions="img_size" in overrides,
-                                 new_head_seed=args.seed if "num_classes" in overrides else None)
+  state_dict = pytorch.read_state_dict(
+    args.from_pytorch, checkpoint_key=args.checkpoint_key, allow_pickle=args.allow_pickle
+  )
+  params = pytorch.import_params(
+    state_dict,
+    config,
+    source=args.from_pytorch,
+    resize_positions="img_size" in overrides,
+    new_head_seed=args.seed if "num_classes" in overrides else None,
+  )
   with checkpoint.Checkpointer(checkpoint.checkpoint_directory(args.out), async_save=False) as saver:
     if saver.latest_step() is not None:
       raise FileExistsError(f"{args.out} already holds a checkpoint; choose an empty --out")
@@ -49,19 +55,26 @@ def export_checkpoint(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m shufflemamba_jax.convert",
-      description="Convert official PyTorch Vim / Mamba-Reg / ShuffleMamba weights to and from "
-      "shufflemamba_jax checkpoints.")
+    prog="python -m shufflemamba_jax.convert",
+    description="Convert official PyTorch Vim / Mamba-Reg / ShuffleMamba weights to and from "
+    "shufflemamba_jax checkpoints.",
+  )
   direction = parser.add_mutually_exclusive_group(required=True)
-  direction.add_argument("--from-pytorch", metavar="CKPT", help="official state dict (.pth, .safetensors or .npz) to import")
-  direction.add_argument("--to-pytorch", metavar="DIR", help="our checkpoint (converted weights or a training workdir) to export")
+  direction.add_argument(
+    "--from-pytorch", metavar="CKPT", help="official state dict (.pth, .safetensors or .npz) to import"
+  )
+  direction.add_argument(
+    "--to-pytorch", metavar="DIR", help="our checkpoint (converted weights or a training workdir) to export"
+  )
   parser.add_argument("--out", required=True, help="import: new directory; export: .pth, .safetensors or .npz file")
   parser.add_argument("--variant", help="model variant (import only), e.g. vim_tiny")
   parser.add_argument("--img-size", type=int, help="input resolution; position embeddings are resized")
   parser.add_argument("--num-classes", type=int, help="classes; a different head is re-initialized")
   parser.add_argument("--seed", type=int, default=0, help="seed of a re-initialized head")
   parser.add_argument("--checkpoint-key", help="entry holding the state dict (default: auto)")
-  parser.add_argument("--allow-pickle", action="store_true", help="unpickle arbitrary objects in a .pth file (trusted files only)")
+  parser.add_argument(
+    "--allow-pickle", action="store_true", help="unpickle arbitrary objects in a .pth file (trusted files only)"
+  )
   parser.add_argument("--step", type=int, default=None, help="export: the checkpoint step (default: the latest)")
   parser.add_argument("--ema", action="store_true", help="export: the EMA parameters of a training run")
   args = parser.parse_args(argv)

@@ -11,38 +11,44 @@ The config is locked: a misspelled `--config.field` is an error; a bad value is 
 the field, raised by the part of the run it configures before anything compiles.
 """
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Training config file, optionally with an argument: configs/imagenet.py:vim_tiny.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'],
-                          'train: train (resuming from WORKDIR); evaluate: score a checkpoint.')
+  "config", None, "Training config file, optionally with an argument: configs/imagenet.py:vim_tiny.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_MODE = flags.DEFINE_enum(
+  "mode", "train", ["train", "evaluate"], "train: train (resuming from WORKDIR); evaluate: score a checkpoint."
+)
 _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'evaluate mode: a checkpoint step folder or workdir (default: --workdir).')
-_EVAL_SPLIT = flags.DEFINE_string('eval_split', None, 'evaluate mode: split (default config.eval_split).')
+  "checkpoint", None, "evaluate mode: a checkpoint step folder or workdir (default: --workdir)."
+)
+_EVAL_SPLIT = flags.DEFINE_string("eval_split", None, "evaluate mode: split (default config.eval_split).")
 _EVAL_IMAGE_SIZE = flags.DEFINE_integer(
-    'eval_image_size', None, 'evaluate mode: resolution (default config.image_size).')
+  "eval_image_size", None, "evaluate mode: resolution (default config.image_size)."
+)
 
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'Multi-process: HOST:PORT of process 0 (or JAX_COORDINATOR_ADDRESS); '
-    'not needed on TPU VMs and SLURM, where it is detected.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes (or JAX_NUM_PROCESSES).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this process, 0-based (or JAX_PROCESS_ID).')
+  "coordinator_address",
+  None,
+  "Multi-process: HOST:PORT of process 0 (or JAX_COORDINATOR_ADDRESS); "
+  "not needed on TPU VMs and SLURM, where it is detected.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Multi-process: number of processes (or JAX_NUM_PROCESSES)."
+)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process, 0-based (or JAX_PROCESS_ID).")
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _WORKDIR.value is None and not (_MODE.value == 'evaluate' and _CHECKPOINT.value):
-    raise app.UsageError('--workdir is required.')
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None and not (_MODE.value == "evaluate" and _CHECKPOINT.value):
+    raise app.UsageError("--workdir is required.")
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/digits.py.')
+    raise app.UsageError("--config is required, e.g. --config=configs/digits.py.")
 
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -53,15 +59,21 @@ def main(argv):
   # Before anything touches the devices: joins the processes of a multi-host run.
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
-  logging.info('JAX devices: %s', jax.devices())
+  logging.info("JAX devices: %s", jax.devices())
   try:
-    if _MODE.value == 'train':
+    if _MODE.value == "train":
       trainer.train_and_evaluate(config, _WORKDIR.value)
     else:
-      print(trainer.evaluate(config, _CHECKPOINT.value or config.init_from or _WORKDIR.value,
-                             split=_EVAL_SPLIT.value, image_size=_EVAL_IMAGE_SIZE.value))
+      print(
+        trainer.evaluate(
+          config,
+          _CHECKPOINT.value or config.init_from or _WORKDIR.value,
+          split=_EVAL_SPLIT.value,
+          image_size=_EVAL_IMAGE_SIZE.value,
+        )
+      )
   except SettingError as error:
-    raise SystemExit(f'error: {error}') from None
+    raise SystemExit(f"error: {error}") from None
 
 
 def run():
@@ -69,5 +81,5 @@ def run():
   app.run(main)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   run()

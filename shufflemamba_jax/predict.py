@@ -34,6 +34,7 @@ def _step(text: str) -> int | str:
 def preprocess(path: str, image_size: int, crop_ratio: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD):
   """Reads an image file into a normalized float32 (image_size, image_size, 3) array."""
   from PIL import Image, UnidentifiedImageError
+
   try:
     with epath.Path(path).open("rb") as file, Image.open(file) as image:
       image = image.convert("RGB")
@@ -55,6 +56,7 @@ def class_names(dataset: str | None, num_classes: int) -> list[str]:
   if dataset:
     try:
       import tensorflow_datasets as tfds
+
       if dataset == "digits":
         from shufflemamba_jax.data import digits  # noqa: F401  (registers the builder)
       names = tfds.builder(dataset).info.features["label"].names
@@ -75,8 +77,7 @@ def predict(model, images: np.ndarray, top_k: int = 5):
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description="Classify image files with a trained model.")
   parser.add_argument("--checkpoint", required=True, help="training workdir, checkpoint folder or converted weights")
-  parser.add_argument("--step", type=_step, default=None,
-                      help='checkpoint step, or "best" (default: latest)')
+  parser.add_argument("--step", type=_step, default=None, help='checkpoint step, or "best" (default: latest)')
   parser.add_argument("--no-ema", action="store_true", help="use the raw parameters, not the EMA")
   parser.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
   parser.add_argument("--top-k", type=int, default=5)
@@ -90,9 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     model, run_config = saved.model(), saved.run_config
     size = args.image_size or model.config.img_size
     aug = run_config.get("aug", {})
-    batch = np.stack([preprocess(path, size, aug.get("eval_crop_ratio", 0.875),
-                                 aug.get("mean", IMAGENET_MEAN), aug.get("std", IMAGENET_STD))
-                      for path in args.images])
+    batch = np.stack(
+      [
+        preprocess(
+          path, size, aug.get("eval_crop_ratio", 0.875), aug.get("mean", IMAGENET_MEAN), aug.get("std", IMAGENET_STD)
+        )
+        for path in args.images
+      ]
+    )
   except (FileNotFoundError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 1

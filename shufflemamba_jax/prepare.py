@@ -13,7 +13,8 @@ from absl import app, flags
 _DATASET = flags.DEFINE_enum("dataset", "digits", ["digits", "imagenet2012"], "TFDS dataset to build.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir to write to (None: TFDS default).")
 _MANUAL_DIR = flags.DEFINE_string(
-    "manual_dir", None, "imagenet2012 only: folder with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar.")
+  "manual_dir", None, "imagenet2012 only: folder with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar."
+)
 
 
 def main(argv):

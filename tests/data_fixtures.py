@@ -66,8 +66,11 @@ def write_imagenet_tars(manual_dir: str, seed: int = 0) -> dict[str, str]:
       with tarfile.open(fileobj=buffer, mode="w") as class_tar:
         for k in range(TRAIN_IMAGES_PER_CLASS):
           name = f"{synset}_{k}.JPEG"
-          data = (corrupt_jpeg_bytes(rng) if name == CORRUPT_TRAIN_IMAGE
-                  else jpeg_bytes(rng, int(rng.integers(40, 90)), int(rng.integers(40, 90))))
+          data = (
+            corrupt_jpeg_bytes(rng)
+            if name == CORRUPT_TRAIN_IMAGE
+            else jpeg_bytes(rng, int(rng.integers(40, 90)), int(rng.integers(40, 90)))
+          )
           _add_file(class_tar, name, data)
           labels[name] = synset
       _add_file(train_tar, f"{synset}.tar", buffer.getvalue())
@@ -110,6 +113,5 @@ def imagenet_data(tmp_path_factory):
 
   root = tmp_path_factory.mktemp("imagenet2012")
   labels = write_imagenet_tars(str(root / "manual"))
-  pipeline.prepare("imagenet2012", data_dir=str(root / "tfds"), manual_dir=str(root / "manual"),
-                   compute_stats=False)
+  pipeline.prepare("imagenet2012", data_dir=str(root / "tfds"), manual_dir=str(root / "manual"), compute_stats=False)
   return str(root / "tfds"), labels

@@ -38,10 +38,10 @@ def test_point_ops_match_numpy_definitions():
   magnitude = tf.constant(9.0)
   np.testing.assert_array_equal(augment.invert(image).numpy(), 255 - x)
   np.testing.assert_array_equal(augment.posterize(image, magnitude).numpy(), x & 0b11100000)  # 3 bits.
-  np.testing.assert_array_equal(augment.solarize(image, magnitude).numpy(),
-                                np.where(x >= 230, 255 - x, x))
-  np.testing.assert_array_equal(augment.solarize_add(image, magnitude).numpy(),
-                                np.where(x < 128, np.minimum(x + 99, 255), x))
+  np.testing.assert_array_equal(augment.solarize(image, magnitude).numpy(), np.where(x >= 230, 255 - x, x))
+  np.testing.assert_array_equal(
+    augment.solarize_add(image, magnitude).numpy(), np.where(x < 128, np.minimum(x + 99, 255), x)
+  )
   # Magnitude 0 posterizes to 0 bits (black), as timm's non-increasing 'Posterize'.
   assert augment.posterize(image, tf.constant(0.0)).numpy().max() == 0
 
@@ -55,12 +55,12 @@ def test_enhance_and_histogram_ops_match_pil():
   magnitude = tf.constant(7.0)
   factor = 7.0 / 10 * 1.8 + 0.1
   expected = {
-      "AutoContrast": ImageOps.autocontrast(pil),
-      "Equalize": ImageOps.equalize(pil),
-      "Color": ImageEnhance.Color(pil).enhance(factor),
-      "Contrast": ImageEnhance.Contrast(pil).enhance(factor),
-      "Brightness": ImageEnhance.Brightness(pil).enhance(factor),
-      "Sharpness": ImageEnhance.Sharpness(pil).enhance(factor),
+    "AutoContrast": ImageOps.autocontrast(pil),
+    "Equalize": ImageOps.equalize(pil),
+    "Color": ImageEnhance.Color(pil).enhance(factor),
+    "Contrast": ImageEnhance.Contrast(pil).enhance(factor),
+    "Brightness": ImageEnhance.Brightness(pil).enhance(factor),
+    "Sharpness": ImageEnhance.Sharpness(pil).enhance(factor),
   }
   for name, reference in expected.items():
     out = augment.RANDAUGMENT_OPS[name](image, magnitude, SEED, FILL).numpy().astype(np.int32)
@@ -132,6 +132,7 @@ def test_inception_crop_window_bounds_and_jpeg_crop():
   pixels = tf.constant(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
   encoded = tf.io.encode_jpeg(pixels)
   top, left, height, width = augment.random_crop_window(shape, SEED).numpy()
+
   def crop_of(image_bytes):  # What the input pipeline decodes: only the crop window.
     window_fn = lambda image_shape: augment.random_crop_window(image_shape, SEED)  # noqa: E731
     image, ok = pipeline.safe_decode_crop(image_bytes, tf.constant("image"), window_fn)
@@ -170,8 +171,7 @@ def test_train_and_eval_transforms_shapes_ranges_and_determinism():
   settings = augment.TrainAugmentation(random_erasing_prob=0.0)
   low = (0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
   high = (1 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-  outs = [augment.augment_train_image(image, tf.constant([s, 1], tf.int64), settings, 24).numpy()
-          for s in range(4)]
+  outs = [augment.augment_train_image(image, tf.constant([s, 1], tf.int64), settings, 24).numpy() for s in range(4)]
   for out in outs:
     assert out.shape == (24, 24, 3) and out.dtype == np.float32
     assert np.all(out >= low - 1e-5) and np.all(out <= high + 1e-5)
@@ -179,7 +179,8 @@ def test_train_and_eval_transforms_shapes_ranges_and_determinism():
   again = augment.augment_train_image(image, tf.constant([0, 1], tf.int64), settings, 24).numpy()
   np.testing.assert_array_equal(outs[0], again)
   with_erasing = augment.augment_train_image(
-      image, SEED, augment.TrainAugmentation(random_erasing_prob=1.0), 24).numpy()
+    image, SEED, augment.TrainAugmentation(random_erasing_prob=1.0), 24
+  ).numpy()
   assert with_erasing.shape == (24, 24, 3) and np.all(np.isfinite(with_erasing))
   evaluated = augment.normalize(augment.to_uint8(augment.eval_resize_and_center_crop(image, 24))).numpy()
   assert evaluated.shape == (24, 24, 3)

@@ -11,9 +11,27 @@ from shufflemamba_jax import benchmark
 from shufflemamba_jax.models import vim
 
 # Width 48, depth 4, 16x16 images with patch 4 (17 tokens), the default scan (chunked) and remat.
-SMOKE = ["--variant", "shufflemamba_tiny", "--img_size", "16", "--patch_size", "4", "--embed_dim", "48",
-         "--depth", "4", "--batch_size", "4",
-         "--steps", "2", "--warmup", "1", "--peak_tflops", "1.0", "--json"]
+SMOKE = [
+  "--variant",
+  "shufflemamba_tiny",
+  "--img_size",
+  "16",
+  "--patch_size",
+  "4",
+  "--embed_dim",
+  "48",
+  "--depth",
+  "4",
+  "--batch_size",
+  "4",
+  "--steps",
+  "2",
+  "--warmup",
+  "1",
+  "--peak_tflops",
+  "1.0",
+  "--json",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +44,22 @@ def record():
   return record
 
 
-@pytest.mark.parametrize("key,kind", [
-    ("compile_s", float), ("temp_bytes", int), ("argument_bytes", int), ("output_bytes", int),
-    ("flops_xla", float), ("flops_analytic", int), ("step_time_median_s", float),
-    ("images_per_s", float), ("mfu", float), ("slws_overhead_ratio", float),
+@pytest.mark.parametrize(
+  "key,kind",
+  [
+    ("compile_s", float),
+    ("temp_bytes", int),
+    ("argument_bytes", int),
+    ("output_bytes", int),
+    ("flops_xla", float),
+    ("flops_analytic", int),
+    ("step_time_median_s", float),
+    ("images_per_s", float),
+    ("mfu", float),
+    ("slws_overhead_ratio", float),
     ("slws_pair_ratio_median", float),
-])
+  ],
+)
 def test_json_field_is_present_with_its_type(record, key, kind):
   assert key in record, f"missing JSON key {key}"
   assert isinstance(record[key], kind) and not isinstance(record[key], bool), (key, record[key])
@@ -42,8 +70,7 @@ def test_derived_fields_are_consistent(record):
   assert record["images_per_s"] == pytest.approx(4 / record["step_time_median_s"])
   assert record["mfu"] == pytest.approx(record["flops_analytic"] / record["step_time_median_s"] / 1e12)
   assert len(record["step_times_s"]) == len(record["step_times_s_p0"]) == 2
-  assert record["slws_overhead_ratio"] == pytest.approx(
-      record["step_time_median_s"] / record["step_time_median_s_p0"])
+  assert record["slws_overhead_ratio"] == pytest.approx(record["step_time_median_s"] / record["step_time_median_s_p0"])
   assert record["slws_prob"] == 0.5 and record["sequence_length"] == 17
   # The state is held as arguments; donation lets the new state reuse the old one's buffers.
   assert record["argument_bytes"] >= record["alias_bytes"] > 0

@@ -9,26 +9,30 @@ from ml_collections import config_flags
 
 from shufflemamba_jax.training import trainer
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def _parse(*args, config='digits.py'):
+def _parse(*args, config="digits.py"):
   """Parses a command line like main's (locked config) with fresh flags; returns the config."""
-  argv = ['prog', f'--config={os.path.join(CONFIGS, config)}', *args]
+  argv = ["prog", f"--config={os.path.join(CONFIGS, config)}", *args]
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=flag_values, lock_config=True, sys_argv=argv)
   flag_values(argv)
   return flag_values.config
 
 
 def test_command_line_overrides():
-  config = _parse('--config.lr=0.01', '--config.model.slws.max_prob=0.3',
-                  '--config.model.slws.schedule=constant', '--config.total_steps=7',
-                  '--config.model.remat=True', '--config.aug.mixup_alpha=0.8')
+  config = _parse(
+    "--config.lr=0.01",
+    "--config.model.slws.max_prob=0.3",
+    "--config.model.slws.schedule=constant",
+    "--config.total_steps=7",
+    "--config.model.remat=True",
+    "--config.aug.mixup_alpha=0.8",
+  )
   assert config.lr == 0.01
   assert config.model.slws.max_prob == 0.3
-  assert config.model.slws.schedule == 'constant'
+  assert config.model.slws.schedule == "constant"
   assert config.total_steps == 7
   assert config.model.remat is True
   assert config.aug.mixup_alpha == 0.8
@@ -36,8 +40,8 @@ def test_command_line_overrides():
 
 
 def test_imagenet_config_argument_picks_the_recipe():
-  config = _parse('--config.batch_size=256', config='imagenet.py:shufflemamba_reg_base,stage=1')
-  assert config.model.variant == 'shufflemamba_reg_base'
+  config = _parse("--config.batch_size=256", config="imagenet.py:shufflemamba_reg_base,stage=1")
+  assert config.model.variant == "shufflemamba_reg_base"
   assert config.image_size == 128 and config.num_epochs == 300
   assert config.model.slws.max_prob == 0.1
   assert config.batch_size == 256
@@ -46,67 +50,92 @@ def test_imagenet_config_argument_picks_the_recipe():
 
 def test_required_fields_exist():
   config = _parse()
-  for field in ('seed', 'batch_size', 'num_epochs', 'total_steps', 'log_every_steps',
-                'eval_every_steps', 'checkpoint_every_steps', 'lr', 'lr_scale_batch',
-                'warmup_epochs', 'warmup_lr', 'min_lr', 'weight_decay', 'b1', 'b2', 'eps',
-                'grad_clip', 'grad_accum_steps', 'ema_decay', 'dataset', 'data_dir',
-                'image_size', 'shuffle_buffer', 'train_split', 'eval_split'):
+  for field in (
+    "seed",
+    "batch_size",
+    "num_epochs",
+    "total_steps",
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "lr",
+    "lr_scale_batch",
+    "warmup_epochs",
+    "warmup_lr",
+    "min_lr",
+    "weight_decay",
+    "b1",
+    "b2",
+    "eps",
+    "grad_clip",
+    "grad_accum_steps",
+    "ema_decay",
+    "dataset",
+    "data_dir",
+    "image_size",
+    "shuffle_buffer",
+    "train_split",
+    "eval_split",
+  ):
     assert field in config, field
-  for field in ('variant', 'drop_path_rate', 'scan_method', 'remat', 'dtype'):
+  for field in ("variant", "drop_path_rate", "scan_method", "remat", "dtype"):
     assert field in config.model, field
-  for field in ('max_prob', 'schedule', 'group_size'):
+  for field in ("max_prob", "schedule", "group_size"):
     assert field in config.model.slws, field
 
 
 def test_unknown_field_is_rejected():
-  with pytest.raises(Exception, match='lrr|not exist|not found|no such'):
-    _parse('--config.lrr=0.1')
+  with pytest.raises(Exception, match="lrr|not exist|not found|no such"):
+    _parse("--config.lrr=0.1")
   config = _parse()
   with pytest.raises(AttributeError):
     config.model.new_field = 1  # Locked: no new fields, not even in code.
 
 
-@pytest.mark.parametrize('field, value, words', [
-    ('batch_size', 0, 'batch_size'),
-    ('lr', -1.0, 'config.lr'),
-    ('model.slws.max_prob', 1.5, 'model.slws.max_prob'),
-    ('model.slws.schedule', 'cubic', 'model.slws.schedule'),
-    ('model.variant', 'vim_huge', 'model.variant'),
-    ('aug.mixup_prob', -0.1, 'aug.mixup_prob'),
-    ('aug.label_smoothing', 2.0, 'aug.label_smoothing'),
-    ('model.drop_path_rate', 1.2, 'model.drop_path_rate'),
-    ('ema_decay', 1.0, 'ema_decay'),
-    ('grad_accum_steps', 3, 'grad_accum_steps'),  # 3 does not divide the batch (64).
-    ('image_size', 18, 'image_size'),  # Not a multiple of the patch size (4).
-    ('model.scan_method', 'fft', 'model.scan_method'),
-    ('keep_best_checkpoints', -1, 'keep_best_checkpoints'),
-    ('data_shards', 3, 'data_shards'),  # 3 does not divide the batch (64).
-    ('data_shards', -1, 'data_shards'),
-    ('best_metric', 'eval_loss', 'best_metric'),
-    ('model.depth', 0, 'config.model.depth'),
-    ('model.chunk_size', -2, 'config.model.chunk_size'),
-    ('dataset', 'cifar10', 'config.dataset'),
-    ('total_steps', 0, 'config.total_steps'),
-    ('aug.crop_area_min', 1.5, 'config.aug.crop_area_min'),
-    ('aug.repeated_aug', 0, 'config.aug.repeated_aug'),
-    ('aug.eval_crop_ratio', 0.0, 'config.aug.eval_crop_ratio'),
-    ('aug.cutmix_alpha', -1.0, 'config.aug.cutmix_alpha'),
-    ('b2', 1.5, 'config.b2'),
-])
+@pytest.mark.parametrize(
+  "field, value, words",
+  [
+    ("batch_size", 0, "batch_size"),
+    ("lr", -1.0, "config.lr"),
+    ("model.slws.max_prob", 1.5, "model.slws.max_prob"),
+    ("model.slws.schedule", "cubic", "model.slws.schedule"),
+    ("model.variant", "vim_huge", "model.variant"),
+    ("aug.mixup_prob", -0.1, "aug.mixup_prob"),
+    ("aug.label_smoothing", 2.0, "aug.label_smoothing"),
+    ("model.drop_path_rate", 1.2, "model.drop_path_rate"),
+    ("ema_decay", 1.0, "ema_decay"),
+    ("grad_accum_steps", 3, "grad_accum_steps"),  # 3 does not divide the batch (64).
+    ("image_size", 18, "image_size"),  # Not a multiple of the patch size (4).
+    ("model.scan_method", "fft", "model.scan_method"),
+    ("keep_best_checkpoints", -1, "keep_best_checkpoints"),
+    ("data_shards", 3, "data_shards"),  # 3 does not divide the batch (64).
+    ("data_shards", -1, "data_shards"),
+    ("best_metric", "eval_loss", "best_metric"),
+    ("model.depth", 0, "config.model.depth"),
+    ("model.chunk_size", -2, "config.model.chunk_size"),
+    ("dataset", "cifar10", "config.dataset"),
+    ("total_steps", 0, "config.total_steps"),
+    ("aug.crop_area_min", 1.5, "config.aug.crop_area_min"),
+    ("aug.repeated_aug", 0, "config.aug.repeated_aug"),
+    ("aug.eval_crop_ratio", 0.0, "config.aug.eval_crop_ratio"),
+    ("aug.cutmix_alpha", -1.0, "config.aug.cutmix_alpha"),
+    ("b2", 1.5, "config.b2"),
+  ],
+)
 def test_invalid_values_are_rejected_naming_the_field(field, value, words):
   config = _parse()
   node = config
-  *parents, name = field.split('.')
+  *parents, name = field.split(".")
   for parent in parents:
     node = node[parent]
   node[name] = value
-  with pytest.raises(ValueError, match=words.replace('.', r'\.')):
+  with pytest.raises(ValueError, match=words.replace(".", r"\.")):
     trainer.Settings.from_config(config)
 
 
 def test_ranking_checkpoints_by_the_ema_needs_the_ema():
-  config = _parse('--config.ema_decay=0', '--config.best_metric=ema_eval_top1')
-  with pytest.raises(ValueError, match=r'config\.best_metric.*ema_decay'):
+  config = _parse("--config.ema_decay=0", "--config.best_metric=ema_eval_top1")
+  with pytest.raises(ValueError, match=r"config\.best_metric.*ema_decay"):
     trainer.Settings.from_config(config)
   config.keep_best_checkpoints = 0  # Nothing is ranked: the metric is never used.
   trainer.Settings.from_config(config)

@@ -6,11 +6,9 @@ torch_reference.py); the file-format, round-trip and error tests run with numpy 
 
 import argparse
 import math
-import os
 
 import numpy as np
 import pytest
-from flax import nnx
 
 import shufflemamba_jax as smj
 from shufflemamba_jax import convert
@@ -19,12 +17,12 @@ from shufflemamba_jax.weights import checkpoint, params, pytorch
 # Tiny stand-ins for each official token layout (16x16 images, patch 4: 16 patches).
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=2, num_classes=10)
 CASES = {
-    "middle": ("vim_tiny", dict(TINY)),
-    "head": ("shufflemamba_tiny", dict(TINY)),
-    # 4 registers: groups of 16 // 5 = 3 patches, so 4 patches are left over at the end.
-    "registers_neck": ("shufflemamba_reg_small", dict(TINY, num_registers=4, cls_reduce=2)),
-    "registers_no_neck": ("shufflemamba_reg_tiny", dict(TINY, num_registers=3)),
-    "layernorm": ("shufflemamba_middle", dict(TINY)),
+  "middle": ("vim_tiny", dict(TINY)),
+  "head": ("shufflemamba_tiny", dict(TINY)),
+  # 4 registers: groups of 16 // 5 = 3 patches, so 4 patches are left over at the end.
+  "registers_neck": ("shufflemamba_reg_small", dict(TINY, num_registers=4, cls_reduce=2)),
+  "registers_no_neck": ("shufflemamba_reg_tiny", dict(TINY, num_registers=3)),
+  "layernorm": ("shufflemamba_middle", dict(TINY)),
 }
 
 
@@ -49,8 +47,11 @@ def random_official_state_dict(config: smj.VisionMambaConfig, seed: int = 0) -> 
   sd = {"patch_embed.proj.weight": normal(D, 3, P, P, std=0.1), "patch_embed.proj.bias": normal(D, std=0.1)}
   if config.token_layout == "registers":
     n = config.num_registers
-    sd.update(cls_token=normal(1, n, D, std=0.5), pos_embed=normal(1, num_patches, D, std=0.5),
-              pos_embed_cls=normal(1, n, D, std=0.5))
+    sd.update(
+      cls_token=normal(1, n, D, std=0.5),
+      pos_embed=normal(1, num_patches, D, std=0.5),
+      pos_embed_cls=normal(1, n, D, std=0.5),
+    )
   else:
     sd.update(cls_token=normal(1, 1, D, std=0.5), pos_embed=normal(1, num_patches + 1, D, std=0.5))
 
@@ -61,13 +62,13 @@ def random_official_state_dict(config: smj.VisionMambaConfig, seed: int = 0) -> 
 
   for i in range(config.depth):
     p = f"layers.{i}.mixer."
-    sd[p + "in_proj.weight"] = normal(2 * E, D, std=D ** -0.5)
-    sd[p + "out_proj.weight"] = normal(D, E, std=E ** -0.5)
+    sd[p + "in_proj.weight"] = normal(2 * E, D, std=D**-0.5)
+    sd[p + "out_proj.weight"] = normal(D, E, std=E**-0.5)
     for suffix in ("", "_b"):
       sd[p + f"conv1d{suffix}.weight"] = normal(E, 1, config.d_conv, std=0.4)
       sd[p + f"conv1d{suffix}.bias"] = normal(E, std=0.1)
-      sd[p + f"x_proj{suffix}.weight"] = normal(R + 2 * N, E, std=E ** -0.5)
-      sd[p + f"dt_proj{suffix}.weight"] = uniform(E, R, low=-R ** -0.5, high=R ** -0.5)
+      sd[p + f"x_proj{suffix}.weight"] = normal(R + 2 * N, E, std=E**-0.5)
+      sd[p + f"dt_proj{suffix}.weight"] = uniform(E, R, low=-(R**-0.5), high=R**-0.5)
       dt = np.exp(rng.uniform(math.log(1e-3), math.log(1e-1), E))
       sd[p + f"dt_proj{suffix}.bias"] = (dt + np.log(-np.expm1(-dt))).astype(np.float32)  # softplus^-1
       a_log = np.log(np.arange(1, N + 1)) + rng.standard_normal((E, N)) * 0.3
@@ -79,9 +80,9 @@ def random_official_state_dict(config: smj.VisionMambaConfig, seed: int = 0) -> 
   if config.token_layout == "registers":
     features = config.num_registers * D // config.cls_reduce
     if config.cls_reduce > 1:
-      sd["neck.weight"] = normal(D // config.cls_reduce, D, std=D ** -0.5)
+      sd["neck.weight"] = normal(D // config.cls_reduce, D, std=D**-0.5)
       sd["norm_neck.weight"] = uniform(features, low=0.5, high=1.5)
-  sd["head.weight"] = normal(config.num_classes, features, std=features ** -0.5)
+  sd["head.weight"] = normal(config.num_classes, features, std=features**-0.5)
   sd["head.bias"] = normal(config.num_classes, std=0.1)
   return sd
 
@@ -119,8 +120,9 @@ def test_imported_model_matches_pytorch_reference(case, images):
   model = params.model_with_params(config, pytorch.import_params(sd, config, source="the state dict"))
   ours = np.asarray(model(np.transpose(images, (0, 2, 3, 1)), train=False))
   with torch.no_grad():
-    reference = torch_reference.forward({k: torch.from_numpy(v) for k, v in sd.items()},
-                                        torch.from_numpy(images), config.token_layout).numpy()
+    reference = torch_reference.forward(
+      {k: torch.from_numpy(v) for k, v in sd.items()}, torch.from_numpy(images), config.token_layout
+    ).numpy()
   assert ours.shape == reference.shape == (2, config.num_classes)
   relative_error = np.abs(ours - reference).max() / np.abs(reference).max()
   assert relative_error < 1e-4, relative_error
@@ -129,6 +131,7 @@ def test_imported_model_matches_pytorch_reference(case, images):
 # --------------------------------------------------------------------------------------------------
 # Exact round trips through every file format.
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("extension", [".npz", ".safetensors", ".pth"])
 @pytest.mark.parametrize("case", ["registers_neck", "layernorm"])
@@ -159,8 +162,9 @@ def test_layouts_follow_the_contract():
   # conv1d.kernel[:, k, e] == torch conv1d.weight[e, 0, k]
   np.testing.assert_array_equal(mixer["conv1d"]["kernel"][0, 3, 5], sd["layers.0.mixer.conv1d.weight"][5, 0, 3])
   np.testing.assert_array_equal(mixer["A_b_log"][1], sd["layers.1.mixer.A_b_log"])
-  np.testing.assert_array_equal(imported["patch_embed"]["kernel"][1, 2, 0, 7],
-                                sd["patch_embed.proj.weight"][7, 0, 1, 2])
+  np.testing.assert_array_equal(
+    imported["patch_embed"]["kernel"][1, 2, 0, 7], sd["patch_embed.proj.weight"][7, 0, 1, 2]
+  )
   np.testing.assert_array_equal(imported["pos_embed_cls"], sd["pos_embed_cls"][0])
   np.testing.assert_array_equal(imported["neck"]["kernel"], sd["neck.weight"].T)
   np.testing.assert_array_equal(imported["norm_neck"]["scale"], sd["norm_neck.weight"])
@@ -169,6 +173,7 @@ def test_layouts_follow_the_contract():
 
 def test_bfloat16_weights_round_trip_through_safetensors(tmp_path):
   import ml_dtypes
+
   weights = {"w": np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16)}
   path = str(tmp_path / "w.safetensors")
   pytorch.write_state_dict(path, weights)
@@ -180,6 +185,7 @@ def test_bfloat16_weights_round_trip_through_safetensors(tmp_path):
 def test_bfloat16_weights_round_trip_through_pth(tmp_path):
   torch = pytest.importorskip("torch")
   import ml_dtypes
+
   weights = {"w": np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16)}
   path = str(tmp_path / "w.pth")
   pytorch.write_state_dict(path, weights)
@@ -203,9 +209,16 @@ def test_every_missing_unused_and_misshaped_tensor_in_one_error():
     pytorch.import_params(sd, config, source="bad.pth")
   message = str(error.value)
   # Named as the file names them: official names and PyTorch layouts.
-  for fragment in ("bad.pth", "2 missing", "layers.1.mixer.A_b_log", "norm_f.weight",
-                   "1 not in the model", "layers.0.mixer.in_proj.bias",
-                   "1 with another shape", "layers.1.mixer.x_proj_b.weight: (35, 95) in the checkpoint, (35, 96)"):
+  for fragment in (
+    "bad.pth",
+    "2 missing",
+    "layers.1.mixer.A_b_log",
+    "norm_f.weight",
+    "1 not in the model",
+    "layers.0.mixer.in_proj.bias",
+    "1 with another shape",
+    "layers.1.mixer.x_proj_b.weight: (35, 95) in the checkpoint, (35, 96)",
+  ):
     assert fragment in message, (fragment, message)
 
 
@@ -246,9 +259,16 @@ def test_reads_official_training_checkpoints(tmp_path):
   path = str(tmp_path / "checkpoint.pth")
   # What the official training scripts save: the weights under "model" (here with a DataParallel
   # prefix), next to the optimizer state, the epoch and the argparse arguments.
-  torch.save({"model": {f"module.{k}": torch.from_numpy(v) for k, v in sd.items()},
-              "optimizer": {"state": {}}, "epoch": 299, "args": argparse.Namespace(lr=1e-3),
-              "max_accuracy": np.float64(76.1)}, path)
+  torch.save(
+    {
+      "model": {f"module.{k}": torch.from_numpy(v) for k, v in sd.items()},
+      "optimizer": {"state": {}},
+      "epoch": 299,
+      "args": argparse.Namespace(lr=1e-3),
+      "max_accuracy": np.float64(76.1),
+    },
+    path,
+  )
   assert_same_state_dict(pytorch.read_state_dict(path), sd)
   # Arbitrary pickled objects are refused unless the caller trusts the file.
   torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "hook": UnsafeObject()}, path)
@@ -269,8 +289,10 @@ def test_other_num_classes_reinitializes_only_the_head(tmp_path):
   assert imported["head"]["kernel"].shape == (48, 3)
   assert 0.01 < imported["head"]["kernel"].std() < 0.03 and not imported["head"]["bias"].any()  # SPEC §2 init
   exported = pytorch.export_state_dict(imported)
-  assert_same_state_dict({k: v for k, v in exported.items() if not k.startswith("head.")},
-                         {k: v for k, v in sd.items() if not k.startswith("head.")})
+  assert_same_state_dict(
+    {k: v for k, v in exported.items() if not k.startswith("head.")},
+    {k: v for k, v in sd.items() if not k.startswith("head.")},
+  )
 
 
 @pytest.mark.slow

@@ -7,8 +7,9 @@ from shufflemamba_jax.parallel import distributed
 
 def test_single_process_initializes_nothing():
   assert distributed.initialize(environ={}) is False
-  assert distributed.initialize(num_processes=1, process_id=0, coordinator_address="127.0.0.1:1234",
-                                environ={}) is False
+  assert (
+    distributed.initialize(num_processes=1, process_id=0, coordinator_address="127.0.0.1:1234", environ={}) is False
+  )
 
 
 def test_incomplete_settings_name_what_is_missing():

@@ -10,14 +10,22 @@ tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 ml_collections = pytest.importorskip("ml_collections")
 
-from shufflemamba_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
 from data_fixtures import CORRUPT_TRAIN_IMAGE  # pylint: disable=g-import-not-at-top
+
+from shufflemamba_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
 # Cheap settings for order tests: no decoding-heavy augmentation, several windows per epoch
 # (1437 examples, windows of >= 300 in chunks of 64) so that resume starts mid-window.
-FAST = dict(dataset="digits", image_size=8, inception_crop=False, randaugment_num_ops=0,
-            random_erasing_prob=0.0, repeated_aug=1, shuffle_buffer=300, records_per_chunk=64)
+FAST = dict(
+  dataset="digits",
+  image_size=8,
+  inception_crop=False,
+  randaugment_num_ops=0,
+  random_erasing_prob=0.0,
+  repeated_aug=1,
+  shuffle_buffer=300,
+  records_per_chunk=64,
+)
 BATCH = 64
 STEPS_PER_EPOCH = 1437 // BATCH  # 22
 
@@ -33,8 +41,7 @@ def _ids(batches):
 @pytest.fixture(scope="module")
 def recorded_stream(digits_data_dir):
   """Two epochs (44 batches) of the seed-0 digits stream, from step 0."""
-  dataset = pipeline.create_train_dataset(
-      global_batch_size=BATCH, data_dir=digits_data_dir, seed=0, **FAST)
+  dataset = pipeline.create_train_dataset(global_batch_size=BATCH, data_dir=digits_data_dir, seed=0, **FAST)
   return _batches(dataset, 2 * STEPS_PER_EPOCH)
 
 
@@ -68,19 +75,26 @@ def test_train_order_is_a_function_of_seed_and_epoch(digits_data_dir, recorded_s
   assert len(set(ids0)) == len(ids0) == STEPS_PER_EPOCH * BATCH
   assert len(set(ids1)) == len(ids1)
   assert np.mean(ids0 == ids1) < 0.05  # A new order every epoch.
-  again = _batches(pipeline.create_train_dataset(
-      global_batch_size=BATCH, data_dir=digits_data_dir, seed=0, **FAST), STEPS_PER_EPOCH + 2)
+  again = _batches(
+    pipeline.create_train_dataset(global_batch_size=BATCH, data_dir=digits_data_dir, seed=0, **FAST),
+    STEPS_PER_EPOCH + 2,
+  )
   np.testing.assert_array_equal(_ids(again), _ids(recorded_stream[: STEPS_PER_EPOCH + 2]))
   np.testing.assert_array_equal(again[-1]["image"], recorded_stream[STEPS_PER_EPOCH + 1]["image"])
-  other_seed = _batches(pipeline.create_train_dataset(
-      global_batch_size=BATCH, data_dir=digits_data_dir, seed=1, **FAST), 2)
+  other_seed = _batches(
+    pipeline.create_train_dataset(global_batch_size=BATCH, data_dir=digits_data_dir, seed=1, **FAST), 2
+  )
   assert np.mean(_ids(other_seed) == _ids(recorded_stream[:2])) < 0.05
 
 
 @pytest.mark.parametrize("start_step", [9, STEPS_PER_EPOCH, STEPS_PER_EPOCH + 13])
 def test_start_step_resumes_the_exact_stream(digits_data_dir, recorded_stream, start_step):
-  resumed = _batches(pipeline.create_train_dataset(
-      global_batch_size=BATCH, start_step=start_step, data_dir=digits_data_dir, seed=0, **FAST), 3)
+  resumed = _batches(
+    pipeline.create_train_dataset(
+      global_batch_size=BATCH, start_step=start_step, data_dir=digits_data_dir, seed=0, **FAST
+    ),
+    3,
+  )
   for got, want in zip(resumed, recorded_stream[start_step : start_step + 3]):
     np.testing.assert_array_equal(got["example_id"], want["example_id"])
     np.testing.assert_array_equal(got["label"], want["label"])
@@ -92,16 +106,26 @@ def test_process_slices_are_disjoint_and_cover_the_split(digits_data_dir):
   local_epoch = (1437 // global_batch) * (global_batch // process_count)
   train_ids, eval_ids, eval_batches = [], [], []
   for process in range(process_count):
-    stream = _batches(pipeline.create_train_dataset(
-        global_batch_size=global_batch, process_index=process, process_count=process_count,
-        data_dir=digits_data_dir, **FAST), 1437 // global_batch)
+    stream = _batches(
+      pipeline.create_train_dataset(
+        global_batch_size=global_batch,
+        process_index=process,
+        process_count=process_count,
+        data_dir=digits_data_dir,
+        **FAST,
+      ),
+      1437 // global_batch,
+    )
     assert stream[0]["image"].shape[0] == global_batch // process_count  # Local batch.
     ids = _ids(stream)
     assert len(set(ids)) == len(ids) == local_epoch
     train_ids.append(set(ids))
-    batches = _batches(pipeline.create_eval_dataset(
-        global_batch_size=30, process_index=process, process_count=process_count,
-        data_dir=digits_data_dir, **FAST), 100)
+    batches = _batches(
+      pipeline.create_eval_dataset(
+        global_batch_size=30, process_index=process, process_count=process_count, data_dir=digits_data_dir, **FAST
+      ),
+      100,
+    )
     eval_batches.append(len(batches))
     real = np.concatenate([b["mask"] for b in batches]) > 0
     eval_ids.append(_ids(batches)[real])
@@ -116,13 +140,22 @@ def test_process_slices_are_disjoint_and_cover_the_split(digits_data_dir):
 
 def _global_batches(digits_data_dir, count, process_count, **settings):
   """The first `count` global batches: the local batches of all processes concatenated."""
-  local = [_batches(pipeline.create_train_dataset(
-      global_batch_size=BATCH, process_index=process, process_count=process_count,
-      data_dir=digits_data_dir, **settings), count) for process in range(process_count)]
+  local = [
+    _batches(
+      pipeline.create_train_dataset(
+        global_batch_size=BATCH,
+        process_index=process,
+        process_count=process_count,
+        data_dir=digits_data_dir,
+        **settings,
+      ),
+      count,
+    )
+    for process in range(process_count)
+  ]
   for batch in local[0]:
     assert batch["example_id"].shape == (BATCH // process_count,)
-  return [{key: np.concatenate([stream[i][key] for stream in local]) for key in local[0][i]}
-          for i in range(count)]
+  return [{key: np.concatenate([stream[i][key] for stream in local]) for key in local[0][i]} for i in range(count)]
 
 
 def _assert_same_batches(got, want):
@@ -135,9 +168,13 @@ def _assert_same_batches(got, want):
 
 def _shard_ids(digits_data_dir, num_shards):
   builder = pipeline.get_builder("digits", digits_data_dir)
-  return [{int(e["id"]) for e in tfds.as_numpy(builder.as_dataset(
-      split=split, decoders={"image": tfds.decode.SkipDecoding()}))}
-          for split in tfds.even_splits("train", num_shards)]
+  return [
+    {
+      int(e["id"])
+      for e in tfds.as_numpy(builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()}))
+    }
+    for split in tfds.even_splits("train", num_shards)
+  ]
 
 
 def test_data_shards_make_the_stream_independent_of_the_process_count(digits_data_dir):
@@ -163,10 +200,11 @@ def test_data_shards_resume_with_another_process_count(digits_data_dir):
   builder = pipeline.get_builder("digits", digits_data_dir)
   for shard_split in tfds.even_splits("train", 2):  # Step 13 is inside a window of each shard.
     chunks = pipeline._chunks(  # pylint: disable=protected-access
-        builder.info.splits[shard_split].file_instructions, FAST["records_per_chunk"])
+      builder.info.splits[shard_split].file_instructions, FAST["records_per_chunk"]
+    )
     windows = pipeline.plan_epoch(
-        chunks, 0, 0, 0, FAST["shuffle_buffer"], STEPS_PER_EPOCH * BATCH // 2,
-        start_position=start_step * BATCH // 2)
+      chunks, 0, 0, 0, FAST["shuffle_buffer"], STEPS_PER_EPOCH * BATCH // 2, start_position=start_step * BATCH // 2
+    )
     assert windows[0].index > 0 and windows[0].offset > 0
   for process_count in (2, 1):
     resumed = _global_batches(digits_data_dir, 3, process_count, start_step=start_step, **settings)
@@ -175,30 +213,38 @@ def test_data_shards_resume_with_another_process_count(digits_data_dir):
 
 def test_data_shards_equal_to_the_process_count_is_the_default_stream(digits_data_dir):
   for process in range(2):
-    default, explicit = (_batches(pipeline.create_train_dataset(
-        global_batch_size=BATCH, process_index=process, process_count=2,
-        data_dir=digits_data_dir, data_shards=shards, **FAST), 3) for shards in (0, 2))
+    default, explicit = (
+      _batches(
+        pipeline.create_train_dataset(
+          global_batch_size=BATCH,
+          process_index=process,
+          process_count=2,
+          data_dir=digits_data_dir,
+          data_shards=shards,
+          **FAST,
+        ),
+        3,
+      )
+      for shards in (0, 2)
+    )
     _assert_same_batches(explicit, default)
 
 
 def test_invalid_data_shards_are_rejected_naming_the_setting(digits_data_dir):
   with pytest.raises(ValueError, match=r"config\.data_shards=-1"):
-    pipeline.create_train_dataset(
-        global_batch_size=BATCH, data_dir=digits_data_dir, data_shards=-1, **FAST)
+    pipeline.create_train_dataset(global_batch_size=BATCH, data_dir=digits_data_dir, data_shards=-1, **FAST)
   config = ml_collections.ConfigDict({"data_shards": 3, "data_dir": digits_data_dir})
-  with pytest.raises(ValueError,
-                     match=r"config\.data_shards=3: must be a multiple of the 2 processes"):
-    pipeline.create_train_dataset(
-        config, global_batch_size=BATCH, process_count=2, **FAST)
+  with pytest.raises(ValueError, match=r"config\.data_shards=3: must be a multiple of the 2 processes"):
+    pipeline.create_train_dataset(config, global_batch_size=BATCH, process_count=2, **FAST)
   with pytest.raises(ValueError, match=r"config\.data_shards=3: must divide the global batch 64"):
-    pipeline.create_train_dataset(
-        global_batch_size=BATCH, data_dir=digits_data_dir, data_shards=3, **FAST)
+    pipeline.create_train_dataset(global_batch_size=BATCH, data_dir=digits_data_dir, data_shards=3, **FAST)
 
 
 def test_repeated_augmentation_keeps_epoch_length(digits_data_dir):
   settings = dict(FAST, repeated_aug=3, shuffle_buffer=2048, random_erasing_prob=1.0)
-  stream = _batches(pipeline.create_train_dataset(
-      global_batch_size=BATCH, data_dir=digits_data_dir, **settings), STEPS_PER_EPOCH)
+  stream = _batches(
+    pipeline.create_train_dataset(global_batch_size=BATCH, data_dir=digits_data_dir, **settings), STEPS_PER_EPOCH
+  )
   ids = _ids(stream)
   images = np.concatenate([b["image"] for b in stream])
   assert len(ids) == STEPS_PER_EPOCH * BATCH
@@ -212,9 +258,12 @@ def test_repeated_augmentation_keeps_epoch_length(digits_data_dir):
 def test_eval_batches_are_padded_with_mask(digits_data_dir):
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
-  batches = _batches(pipeline.create_eval_dataset(
-      global_batch_size=BATCH, data_dir=digits_data_dir, image_size=16, eval_crop_ratio=1.0,
-      dataset="digits"), 100)
+  batches = _batches(
+    pipeline.create_eval_dataset(
+      global_batch_size=BATCH, data_dir=digits_data_dir, image_size=16, eval_crop_ratio=1.0, dataset="digits"
+    ),
+    100,
+  )
   assert len(batches) == 6  # ceil(360 / 64)
   mask = np.concatenate([b["mask"] for b in batches])
   ids, labels = _ids(batches), np.concatenate([b["label"] for b in batches])
@@ -226,12 +275,24 @@ def test_eval_batches_are_padded_with_mask(digits_data_dir):
 
 
 def test_config_dict_fields_drive_the_pipeline(digits_data_dir):
-  config = ml_collections.ConfigDict({
-      "dataset": "digits", "data_dir": digits_data_dir, "train_split": "train",
-      "eval_split": "validation", "image_size": 12, "shuffle_buffer": 512, "seed": 5,
-      "aug": {"inception_crop": False, "randaugment_num_ops": 0, "repeated_aug": 1,
-              "random_erasing_prob": 0.0, "eval_crop_ratio": 1.0},
-  })
+  config = ml_collections.ConfigDict(
+    {
+      "dataset": "digits",
+      "data_dir": digits_data_dir,
+      "train_split": "train",
+      "eval_split": "validation",
+      "image_size": 12,
+      "shuffle_buffer": 512,
+      "seed": 5,
+      "aug": {
+        "inception_crop": False,
+        "randaugment_num_ops": 0,
+        "repeated_aug": 1,
+        "random_erasing_prob": 0.0,
+        "eval_crop_ratio": 1.0,
+      },
+    }
+  )
   batch = _batches(pipeline.create_eval_dataset(config, global_batch_size=8), 1)[0]
   assert batch["image"].shape == (8, 12, 12, 3)
   batch = _batches(pipeline.create_eval_dataset(config, global_batch_size=8, image_size=20), 1)[0]
@@ -245,12 +306,12 @@ def test_imagenet2012_builder_on_tiny_ilsvrc_tars(imagenet_data, caplog):
   info = pipeline.get_dataset_info("imagenet2012", data_dir)
   assert (info.num_classes, info.split_sizes["train"], info.split_sizes["validation"]) == (1000, 12, 6)
   names = tfds.builder("imagenet2012", data_dir=data_dir).info.features["label"].names
-  names_by_id = {
-      int(tf.strings.to_hash_bucket_fast(name, 2**63 - 1)): name for name in file_labels}
+  names_by_id = {int(tf.strings.to_hash_bucket_fast(name, 2**63 - 1)): name for name in file_labels}
   caplog.set_level(logging.WARNING, logger=pipeline.__name__)
   # DeiT defaults (inception crop, RandAugment, erasing); 12 // 4 = 3 steps cover the split.
-  stream = _batches(pipeline.create_train_dataset(
-      global_batch_size=4, dataset="imagenet2012", data_dir=data_dir, image_size=24), 6)
+  stream = _batches(
+    pipeline.create_train_dataset(global_batch_size=4, dataset="imagenet2012", data_dir=data_dir, image_size=24), 6
+  )
   for batch in stream:
     assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.float32
     assert np.all(np.isfinite(batch["image"])) and batch["label"].dtype == np.int32
@@ -259,8 +320,9 @@ def test_imagenet2012_builder_on_tiny_ilsvrc_tars(imagenet_data, caplog):
       assert name != CORRUPT_TRAIN_IMAGE and names[label] == file_labels[name]
   # The corrupt JPEG was met, named in a warning and replaced, not a crash.
   assert any(CORRUPT_TRAIN_IMAGE in record.getMessage() for record in caplog.records)
-  evaluated = _batches(pipeline.create_eval_dataset(
-      global_batch_size=4, dataset="imagenet2012", data_dir=data_dir, image_size=24), 10)
+  evaluated = _batches(
+    pipeline.create_eval_dataset(global_batch_size=4, dataset="imagenet2012", data_dir=data_dir, image_size=24), 10
+  )
   assert len(evaluated) == 2 and evaluated[0]["image"].shape == (4, 24, 24, 3)
   mask = np.concatenate([b["mask"] for b in evaluated])
   np.testing.assert_array_equal(mask, [1, 1, 1, 1, 1, 1, 0, 0])

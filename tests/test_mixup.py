@@ -10,8 +10,9 @@ import pytest
 from shufflemamba_jax.training import mixup
 
 NUM_CLASSES = 10
-DEIT = mixup.MixupSettings(mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
-                           label_smoothing=0.1)
+DEIT = mixup.MixupSettings(
+  mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1
+)
 
 
 def mix(key, images, labels, **changes):
@@ -24,7 +25,7 @@ def _batch(batch=8, size=16):
   return images, labels
 
 
-@pytest.mark.parametrize('seed', range(3))
+@pytest.mark.parametrize("seed", range(3))
 def test_mixed_targets_sum_to_one_and_follow_lambda(seed):
   images, labels = _batch()
   _, targets, lam = mix(jax.random.key(seed), images, labels, label_smoothing=0.1)
@@ -42,7 +43,7 @@ def test_label_smoothing_values():
   assert targets.dtype == jnp.float32
 
 
-@pytest.mark.parametrize('seed', range(4))
+@pytest.mark.parametrize("seed", range(4))
 def test_cutmix_lambda_equals_unpasted_area(seed):
   """With CutMix only, lambda is 1 - (pasted pixels / all pixels), and the box holds the flip."""
   images, labels = _batch(size=16)
@@ -73,7 +74,7 @@ def test_mixup_is_a_convex_combination_with_lambda():
 
 def test_no_mixing_when_off_or_probability_zero():
   images, labels = _batch()
-  for kwargs in ({'mixup_alpha': 0.0, 'cutmix_alpha': 0.0}, {'mixup_prob': 0.0}):
+  for kwargs in ({"mixup_alpha": 0.0, "cutmix_alpha": 0.0}, {"mixup_prob": 0.0}):
     mixed, targets, lam = mix(jax.random.key(0), images, labels, label_smoothing=0.0, **kwargs)
     assert float(lam) == 1.0
     np.testing.assert_array_equal(mixed, images)

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
 import shufflemamba_jax as smj
@@ -14,10 +13,22 @@ from shufflemamba_jax.training import mixup, optim, steps
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=4, num_classes=10)
 # The ShuffleMamba-B recipe's optimizer (SPEC §4); tests replace what they vary.
-RECIPE = optim.OptimizerSettings(lr=5e-4, lr_scale_batch=True, warmup_epochs=30.0, warmup_lr=5e-7, min_lr=5e-6,
-                                 weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=3.0, ema_decay=0.9999)
-NO_MIXUP = mixup.MixupSettings(mixup_alpha=0.0, cutmix_alpha=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,
-                               label_smoothing=0.1)
+RECIPE = optim.OptimizerSettings(
+  lr=5e-4,
+  lr_scale_batch=True,
+  warmup_epochs=30.0,
+  warmup_lr=5e-7,
+  min_lr=5e-6,
+  weight_decay=0.1,
+  b1=0.9,
+  b2=0.95,
+  eps=1e-8,
+  grad_clip=3.0,
+  ema_decay=0.9999,
+)
+NO_MIXUP = mixup.MixupSettings(
+  mixup_alpha=0.0, cutmix_alpha=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1
+)
 
 
 def reference_schedule(step, *, peak_lr, total_steps, warmup_steps, warmup_lr, min_lr):
@@ -29,8 +40,7 @@ def reference_schedule(step, *, peak_lr, total_steps, warmup_steps, warmup_lr, m
 
 
 def test_lr_schedule_key_steps():
-  settings = dataclasses.replace(RECIPE, lr=2e-3, lr_scale_batch=False, warmup_epochs=1.0, warmup_lr=1e-6,
-                                 min_lr=1e-5)
+  settings = dataclasses.replace(RECIPE, lr=2e-3, lr_scale_batch=False, warmup_epochs=1.0, warmup_lr=1e-6, min_lr=1e-5)
   schedule = optim.learning_rate_schedule(settings, batch_size=256, steps_per_epoch=100, total_steps=1000)
   np.testing.assert_allclose(schedule(0), 1e-6, rtol=1e-5)  # Starts at warmup_lr.
   np.testing.assert_allclose(schedule(50), 1e-6 + 0.5 * (2e-3 - 1e-6), rtol=1e-5)  # Linear.
@@ -45,12 +55,15 @@ def test_lr_schedule_key_steps():
 def test_lr_schedule_is_the_recipe_at_every_step():
   """optax's warmup-cosine equals the recipe's formula (DeiT scaling: peak = lr * batch / 512)."""
   schedule = optim.learning_rate_schedule(RECIPE, batch_size=2048, steps_per_epoch=10, total_steps=3000)
-  expected = [reference_schedule(step, peak_lr=2e-3, total_steps=3000, warmup_steps=300, warmup_lr=5e-7,
-                                 min_lr=5e-6) for step in range(3100)]
+  expected = [
+    reference_schedule(step, peak_lr=2e-3, total_steps=3000, warmup_steps=300, warmup_lr=5e-7, min_lr=5e-6)
+    for step in range(3100)
+  ]
   # atol: optax interpolates from the peak in float32, 1e-10 off at the 5e-7 start (1e-7 of the peak).
   np.testing.assert_allclose(jax.vmap(schedule)(jnp.arange(3100)), expected, rtol=2e-5, atol=3e-10)
-  unscaled = optim.learning_rate_schedule(dataclasses.replace(RECIPE, lr_scale_batch=False), batch_size=2048,
-                                          steps_per_epoch=10, total_steps=3000)
+  unscaled = optim.learning_rate_schedule(
+    dataclasses.replace(RECIPE, lr_scale_batch=False), batch_size=2048, steps_per_epoch=10, total_steps=3000
+  )
   np.testing.assert_allclose(unscaled(300), 5e-4, rtol=1e-6)
   # Warmup longer than the run: warmup all the way, never a zero-length decay.
   short = optim.learning_rate_schedule(RECIPE, batch_size=512, steps_per_epoch=10, total_steps=50)
@@ -58,90 +71,122 @@ def test_lr_schedule_is_the_recipe_at_every_step():
 
 
 def test_weight_decay_mask_on_a_real_model():
-  model = nnx.eval_shape(lambda: smj.create_model('shufflemamba_tiny', rngs=nnx.Rngs(0), **TINY))
+  model = nnx.eval_shape(lambda: smj.create_model("shufflemamba_tiny", rngs=nnx.Rngs(0), **TINY))
   _, params, _ = steps.split_model(model)
-  mask = {jax.tree_util.keystr(path, simple=True, separator='.'): value
-          for path, value in jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params))}
+  mask = {
+    jax.tree_util.keystr(path, simple=True, separator="."): value
+    for path, value in jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params))
+  }
   decayed = sorted(name for name, value in mask.items() if value)
-  assert decayed == sorted([
-      'patch_embed.kernel', 'head.kernel',
-      'layers.mixer.in_proj.kernel', 'layers.mixer.out_proj.kernel',
-      'layers.mixer.conv1d.kernel', 'layers.mixer.conv1d_b.kernel',
-      'layers.mixer.x_proj.kernel', 'layers.mixer.x_proj_b.kernel',
-      'layers.mixer.dt_proj.kernel', 'layers.mixer.dt_proj_b.kernel',
-      'layers.mixer.A_log', 'layers.mixer.A_b_log'])
-  for name in ('pos_embed', 'cls_token', 'layers.mixer.D', 'layers.mixer.D_b',
-               'layers.mixer.dt_proj.bias', 'layers.mixer.conv1d.bias', 'layers.norm.scale',
-               'norm_f.scale', 'patch_embed.bias', 'head.bias'):
+  assert decayed == sorted(
+    [
+      "patch_embed.kernel",
+      "head.kernel",
+      "layers.mixer.in_proj.kernel",
+      "layers.mixer.out_proj.kernel",
+      "layers.mixer.conv1d.kernel",
+      "layers.mixer.conv1d_b.kernel",
+      "layers.mixer.x_proj.kernel",
+      "layers.mixer.x_proj_b.kernel",
+      "layers.mixer.dt_proj.kernel",
+      "layers.mixer.dt_proj_b.kernel",
+      "layers.mixer.A_log",
+      "layers.mixer.A_b_log",
+    ]
+  )
+  for name in (
+    "pos_embed",
+    "cls_token",
+    "layers.mixer.D",
+    "layers.mixer.D_b",
+    "layers.mixer.dt_proj.bias",
+    "layers.mixer.conv1d.bias",
+    "layers.norm.scale",
+    "norm_f.scale",
+    "patch_embed.bias",
+    "head.bias",
+  ):
     assert mask[name] is False, name
 
 
 def test_weight_decay_mask_registers_layout():
-  model = nnx.eval_shape(lambda: smj.create_model(
-      'shufflemamba_reg_small', rngs=nnx.Rngs(0), **dict(TINY, depth=2)))
+  model = nnx.eval_shape(lambda: smj.create_model("shufflemamba_reg_small", rngs=nnx.Rngs(0), **dict(TINY, depth=2)))
   _, params, _ = steps.split_model(model)
-  mask = {jax.tree_util.keystr(path, simple=True, separator='.'): value
-          for path, value in jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params))}
-  assert mask['pos_embed_cls'] is False and mask['pos_embed'] is False
-  assert mask['neck.kernel'] is True and mask['norm_neck.scale'] is False
+  mask = {
+    jax.tree_util.keystr(path, simple=True, separator="."): value
+    for path, value in jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params))
+  }
+  assert mask["pos_embed_cls"] is False and mask["pos_embed"] is False
+  assert mask["neck.kernel"] is True and mask["norm_neck.scale"] is False
 
 
 def test_decay_applies_only_to_masked_parameters():
-  params = {'w': jnp.ones((2, 2)), 'pos_embed': jnp.ones((3, 2)), 'b': jnp.ones((2,))}
+  params = {"w": jnp.ones((2, 2)), "pos_embed": jnp.ones((3, 2)), "b": jnp.ones((2,))}
   tx = optim.create_optimizer(dataclasses.replace(RECIPE, weight_decay=0.5, grad_clip=None), lambda _: 0.1)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
-  np.testing.assert_allclose(updates['w'], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
-  np.testing.assert_array_equal(updates['pos_embed'], 0.0)
-  np.testing.assert_array_equal(updates['b'], 0.0)
+  np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_array_equal(updates["pos_embed"], 0.0)
+  np.testing.assert_array_equal(updates["b"], 0.0)
 
 
 def test_grad_clipping_bounds_the_global_norm():
   """Adam's first moment after one step is (1 - b1) * the clipped gradient (norm 1, not 20)."""
-  params = {'w': jnp.zeros((4,))}
+  params = {"w": jnp.zeros((4,))}
   tx = optim.create_optimizer(dataclasses.replace(RECIPE, weight_decay=0.0, grad_clip=1.0), lambda _: 1.0)
-  _, opt_state = tx.update({'w': jnp.full((4,), 10.0)}, tx.init(params), params)
-  first_moment = optax.tree_utils.tree_get(opt_state, 'mu')
+  _, opt_state = tx.update({"w": jnp.full((4,), 10.0)}, tx.init(params), params)
+  first_moment = optax.tree_utils.tree_get(opt_state, "mu")
   np.testing.assert_allclose(optax.tree.norm(first_moment), 0.1, rtol=1e-5)
 
 
 def test_gradient_accumulation_equals_one_big_batch():
   """Four micro-batches in one jitted step give the same update as the whole batch at once."""
-  model = smj.create_model('shufflemamba_tiny', rngs=nnx.Rngs(0), slws_max_prob=0.0,
-                           scan_method='associative', **TINY)
+  model = smj.create_model("shufflemamba_tiny", rngs=nnx.Rngs(0), slws_max_prob=0.0, scan_method="associative", **TINY)
   graphdef, params, rest = steps.split_model(model)
   tx = optax.sgd(0.5)  # Plain SGD: the update is the gradient itself, no normalisation.
   schedule = lambda step: jnp.float32(0.5)
-  batch = {'image': jax.random.normal(jax.random.key(1), (16, 16, 16, 3)),
-           'label': jnp.arange(16, dtype=jnp.int32) % 10}
+  batch = {
+    "image": jax.random.normal(jax.random.key(1), (16, 16, 16, 3)),
+    "label": jnp.arange(16, dtype=jnp.int32) % 10,
+  }
   results = []
   for accum in (1, 4):
     state = steps.init_train_state(params, tx, ema_decay=0.0)
-    step = steps.make_train_step(graphdef, rest, tx, schedule, num_classes=10, seed=0, mixup_settings=NO_MIXUP,
-                                 grad_accum_steps=accum, donate=False)
+    step = steps.make_train_step(
+      graphdef,
+      rest,
+      tx,
+      schedule,
+      num_classes=10,
+      seed=0,
+      mixup_settings=NO_MIXUP,
+      grad_accum_steps=accum,
+      donate=False,
+    )
     results.append(step(state, batch))
   (big_state, big_metrics), (acc_state, acc_metrics) = results
-  np.testing.assert_allclose(acc_metrics['loss'], big_metrics['loss'], rtol=1e-5)
-  np.testing.assert_allclose(acc_metrics['grad_norm'], big_metrics['grad_norm'], rtol=1e-4)
-  np.testing.assert_allclose(acc_metrics['train_top1'], big_metrics['train_top1'])
-  for big, acc in zip(jax.tree.leaves(big_state['params']), jax.tree.leaves(acc_state['params'])):
+  np.testing.assert_allclose(acc_metrics["loss"], big_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(acc_metrics["grad_norm"], big_metrics["grad_norm"], rtol=1e-4)
+  np.testing.assert_allclose(acc_metrics["train_top1"], big_metrics["train_top1"])
+  for big, acc in zip(jax.tree.leaves(big_state["params"]), jax.tree.leaves(acc_state["params"])):
     np.testing.assert_allclose(acc, big, rtol=1e-4, atol=1e-6)
-  assert int(acc_state['step']) == 1
+  assert int(acc_state["step"]) == 1
 
 
 def test_the_train_step_updates_the_ema_and_labels_like_the_recipe():
   """One step: EMA = decay * EMA + (1 - decay) * new params (optax.incremental_update), and the
   loss is the cross entropy against label-smoothed one-hots (optax.smooth_labels)."""
-  model = smj.create_model('shufflemamba_tiny', rngs=nnx.Rngs(0), slws_max_prob=0.0, **TINY)
+  model = smj.create_model("shufflemamba_tiny", rngs=nnx.Rngs(0), slws_max_prob=0.0, **TINY)
   graphdef, params, rest = steps.split_model(model)
   tx = optax.sgd(0.5)
-  batch = {'image': jax.random.normal(jax.random.key(1), (8, 16, 16, 3)), 'label': jnp.arange(8) % 10}
+  batch = {"image": jax.random.normal(jax.random.key(1), (8, 16, 16, 3)), "label": jnp.arange(8) % 10}
   state = steps.init_train_state(params, tx, ema_decay=0.9)
-  step = steps.make_train_step(graphdef, rest, tx, lambda _: 0.5, num_classes=10, seed=0, mixup_settings=NO_MIXUP,
-                               ema_decay=0.9, donate=False)
+  step = steps.make_train_step(
+    graphdef, rest, tx, lambda _: 0.5, num_classes=10, seed=0, mixup_settings=NO_MIXUP, ema_decay=0.9, donate=False
+  )
   new_state, metrics = step(state, batch)
-  for ema, old, new in zip(*(jax.tree.leaves(tree) for tree in (new_state['ema'], params, new_state['params']))):
+  for ema, old, new in zip(*(jax.tree.leaves(tree) for tree in (new_state["ema"], params, new_state["params"]))):
     np.testing.assert_allclose(ema, 0.9 * old + 0.1 * new, rtol=1e-5, atol=1e-7)
-  log_probs = jax.nn.log_softmax(model(batch['image']))
-  targets = jax.nn.one_hot(batch['label'], 10) * 0.9 + 0.01
-  np.testing.assert_allclose(metrics['loss'], -jnp.mean(jnp.sum(targets * log_probs, axis=-1)), rtol=1e-5)
+  log_probs = jax.nn.log_softmax(model(batch["image"]))
+  targets = jax.nn.one_hot(batch["label"], 10) * 0.9 + 0.01
+  np.testing.assert_allclose(metrics["loss"], -jnp.mean(jnp.sum(targets * log_probs, axis=-1)), rtol=1e-5)

@@ -1,7 +1,6 @@
 """Using a trained model: load_model and the predict command, on converted and trained checkpoints."""
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -28,6 +27,7 @@ def converted_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
   from PIL import Image
+
   folder = tmp_path_factory.mktemp("images")
   rng = np.random.default_rng(0)
   paths = []
@@ -45,8 +45,9 @@ def test_load_model_returns_the_saved_weights(converted_dir):
   directory, original = converted_dir
   loaded = smj.load_model(directory)
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(loaded, images),
-                             nnx.jit(lambda m, x: m(x))(original, images), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    nnx.jit(lambda m, x: m(x))(loaded, images), nnx.jit(lambda m, x: m(x))(original, images), rtol=1e-6, atol=1e-6
+  )
 
 
 def test_preprocess_gives_a_normalized_center_crop(image_files):

@@ -1,7 +1,6 @@
 """Mesh construction, FSDP rules and batch sharding."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,16 +17,15 @@ def test_eight_simulated_devices():
   assert jax.device_count() == 8
 
 
-@pytest.mark.parametrize("sizes,expected", [
-    ((-1, 1), (8, 1)), ((2, -1), (2, 4)), ((1, 8), (1, 8)), ((1, -1), (1, 8)),
-])
+@pytest.mark.parametrize("sizes,expected", [((-1, 1), (8, 1)), ((2, -1), (2, 4)), ((1, 8), (1, 8)), ((1, -1), (1, 8))])
 def test_mesh_shape_takes_the_rest_with_minus_one(sizes, expected):
   assert sharding.mesh_shape(*sizes, num_devices=8) == expected
 
 
-@pytest.mark.parametrize("sizes,match", [
-    ((3, -1), "do not divide"), ((4, 4), "needs 16 devices"), ((-1, -1), "only one"), ((0, 1), "mesh.data"),
-])
+@pytest.mark.parametrize(
+  "sizes,match",
+  [((3, -1), "do not divide"), ((4, 4), "needs 16 devices"), ((-1, -1), "only one"), ((0, 1), "mesh.data")],
+)
 def test_bad_mesh_is_named(sizes, match):
   with pytest.raises(ValueError, match=match):
     sharding.mesh_shape(*sizes, num_devices=8)
@@ -42,7 +40,7 @@ def test_fsdp_shards_the_largest_divisible_dimension_above_the_threshold():
   assert sharding.fsdp_spec((4, 48, 192), 4, min_size=1) == P(None, None, "fsdp")
   assert sharding.fsdp_spec((4, 96, 35), 8, min_size=1) == P(None, "fsdp", None)
   assert sharding.fsdp_spec((35, 3), 8, min_size=1) == P()  # nothing divides
-  assert sharding.fsdp_spec((4, 48, 192), 4, min_size=10 ** 6) == P()  # small: replicated
+  assert sharding.fsdp_spec((4, 48, 192), 4, min_size=10**6) == P()  # small: replicated
   assert sharding.fsdp_spec((4, 48, 192), 1, min_size=1) == P()  # no fsdp axis
 
 
@@ -92,8 +90,9 @@ def test_slws_permutations_do_not_depend_on_the_mesh(shape):
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 7), 3)  # step 7, layer 3
   expected = np.asarray(slws.sample_token_permutations(key, 16, 17, 0.5, 2))
   mesh = sharding.create_mesh(*shape)
-  sample = jax.jit(lambda k: slws.sample_token_permutations(k, 16, 17, 0.5, 2),
-                   out_shardings=sharding.batch_sharding(mesh))
+  sample = jax.jit(
+    lambda k: slws.sample_token_permutations(k, 16, 17, 0.5, 2), out_shardings=sharding.batch_sharding(mesh)
+  )
   with jax.set_mesh(mesh):
     got = sample(key)
   assert len(got.addressable_shards) == 8

@@ -20,12 +20,15 @@ def test_constant_schedule():
   np.testing.assert_allclose(probs, [0, 0.3, 0.3, 0.3, 0.3, 0.3], rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(depth=4, max_prob=1.5), "max_prob"),
     (dict(depth=4, max_prob=-0.1), "max_prob"),
     (dict(depth=4, max_prob=0.5, schedule="cubic"), "schedule"),
     (dict(depth=0, max_prob=0.5), "depth"),
-])
+  ],
+)
 def test_bad_schedule_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     slws.layer_shuffle_probabilities(**kwargs)
@@ -36,8 +39,9 @@ def test_group_size_must_be_positive():
     slws.sample_token_permutations(jax.random.key(0), 4, 5, 0.5, 0)
 
 
-sample_many = jax.jit(jax.vmap(slws.sample_token_permutations, in_axes=(0, None, None, None, None)),
-                      static_argnums=(1, 2, 4))
+sample_many = jax.jit(
+  jax.vmap(slws.sample_token_permutations, in_axes=(0, None, None, None, None)), static_argnums=(1, 2, 4)
+)
 
 
 def test_rows_are_permutations_and_groups_share_one_draw():

@@ -37,21 +37,25 @@ def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 def random_inputs(seed, batch=2, length=13, channels=6, state=4):
   rng = np.random.default_rng(seed)
   return dict(
-      u=rng.normal(size=(batch, length, channels)).astype(np.float32),
-      delta=rng.normal(scale=0.5, size=(batch, length, channels)).astype(np.float32),
-      A=-np.exp(rng.normal(size=(channels, state))).astype(np.float32),
-      B=rng.normal(size=(batch, length, state)).astype(np.float32),
-      C=rng.normal(size=(batch, length, state)).astype(np.float32),
-      D=rng.normal(size=(channels,)).astype(np.float32),
-      z=rng.normal(size=(batch, length, channels)).astype(np.float32),
-      delta_bias=rng.normal(scale=0.5, size=(channels,)).astype(np.float32),
+    u=rng.normal(size=(batch, length, channels)).astype(np.float32),
+    delta=rng.normal(scale=0.5, size=(batch, length, channels)).astype(np.float32),
+    A=-np.exp(rng.normal(size=(channels, state))).astype(np.float32),
+    B=rng.normal(size=(batch, length, state)).astype(np.float32),
+    C=rng.normal(size=(batch, length, state)).astype(np.float32),
+    D=rng.normal(size=(channels,)).astype(np.float32),
+    z=rng.normal(size=(batch, length, channels)).astype(np.float32),
+    delta_bias=rng.normal(scale=0.5, size=(channels,)).astype(np.float32),
   )
 
 
 def call(inputs, *, options, method, chunk_size, reverse=False):
   use_d, use_z, use_bias, softplus = options
-  kwargs = dict(D=inputs["D"] if use_d else None, z=inputs["z"] if use_z else None,
-                delta_bias=inputs["delta_bias"] if use_bias else None, delta_softplus=softplus)
+  kwargs = dict(
+    D=inputs["D"] if use_d else None,
+    z=inputs["z"] if use_z else None,
+    delta_bias=inputs["delta_bias"] if use_bias else None,
+    delta_softplus=softplus,
+  )
   if not softplus:  # keep delta positive so the scan is stable without softplus
     inputs = dict(inputs, delta=np.abs(inputs["delta"]))
   args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
@@ -118,13 +122,16 @@ def test_gradients_agree_across_methods_and_reference(reverse):
   args = [inputs[k] for k in ARG_NAMES]
   with jax.enable_x64(True):
     expected = jax.grad(_reference_loss_jax, argnums=tuple(range(8)))(
-        *[np.asarray(a, np.float64) for a in args], reverse)
+      *[np.asarray(a, np.float64) for a in args], reverse
+    )
     expected = [np.asarray(g) for g in expected]
 
   for method, chunk_size in METHODS:
+
     def loss(u, delta, A, B, C, D, z, delta_bias, method=method, chunk_size=chunk_size):
-      y = selective_scan(u, delta, A, B, C, D, z, delta_bias, True, reverse=reverse, method=method,
-                         chunk_size=chunk_size)
+      y = selective_scan(
+        u, delta, A, B, C, D, z, delta_bias, True, reverse=reverse, method=method, chunk_size=chunk_size
+      )
       return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)))
 
     grads = jax.jit(jax.grad(loss, argnums=tuple(range(8))))(*args)
@@ -140,9 +147,10 @@ def test_bfloat16_within_upstream_tolerance(method, chunk_size):
   bf16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in inputs.items()}
   args, kwargs, out = call(bf16, options=options, method=method, chunk_size=chunk_size)
   assert out.dtype == jnp.bfloat16
-  expected = reference_scan(*[np.asarray(a, np.float32) for a in args],
-                            **{k: None if v is None else (v if isinstance(v, bool) else np.asarray(v, np.float32))
-                               for k, v in kwargs.items()})
+  expected = reference_scan(
+    *[np.asarray(a, np.float32) for a in args],
+    **{k: None if v is None else (v if isinstance(v, bool) else np.asarray(v, np.float32)) for k, v in kwargs.items()},
+  )
   # Upstream mamba_ssm bf16 tolerances.
   np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=3e-2, atol=5e-2)
 

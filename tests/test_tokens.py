@@ -56,8 +56,10 @@ def test_resize_keeps_the_cls_slot_and_interpolates_patches(layout):
 
 def test_resize_registers_table_is_patch_only():
   table = jnp.ones((16, 4))
-  assert tokens.resize_position_embedding(
-      table, old_grid=(4, 4), new_grid=(8, 8), token_layout="registers").shape == (64, 4)
+  assert tokens.resize_position_embedding(table, old_grid=(4, 4), new_grid=(8, 8), token_layout="registers").shape == (
+    64,
+    4,
+  )
   with pytest.raises(ValueError, match="rows"):
     tokens.resize_position_embedding(jnp.ones((17, 4)), old_grid=(4, 4), new_grid=(8, 8), token_layout="registers")
 

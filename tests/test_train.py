@@ -12,26 +12,33 @@ import sys
 
 import pytest
 
-from shufflemamba_jax.training import config_files
+from shufflemamba_jax.training import config_files, trainer
 from shufflemamba_jax.training import metrics as metrics_lib
-from shufflemamba_jax.training import trainer
 from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIGITS_CONFIG = os.path.join(ROOT, 'configs', 'digits.py')
+DIGITS_CONFIG = os.path.join(ROOT, "configs", "digits.py")
 # Short-run overrides: 2 steps between logs and checkpoints, evaluation at step 4. The
 # associative scan compiles about twice as fast as the sequential one, and compilation is
 # most of a 4-step run.
-SHORT = {'batch_size': 32, 'total_steps': 4, 'log_every_steps': 2, 'eval_every_steps': 4,
-         'checkpoint_every_steps': 2, 'eval_batch_size': 120, 'async_checkpointing': False,
-         'model.scan_method': 'associative', 'mesh.data': 1}
+SHORT = {
+  "batch_size": 32,
+  "total_steps": 4,
+  "log_every_steps": 2,
+  "eval_every_steps": 4,
+  "checkpoint_every_steps": 2,
+  "eval_batch_size": 120,
+  "async_checkpointing": False,
+  "model.scan_method": "associative",
+  "mesh.data": 1,
+}
 
 
 def _digits_config(data_dir, **overrides):
   config = config_files.get_config(DIGITS_CONFIG)
   config.data_dir = data_dir
   for name, value in {**SHORT, **overrides}.items():
-    *parents, leaf = name.split('.')
+    *parents, leaf = name.split(".")
     node = config
     for parent in parents:
       node = node[parent]
@@ -39,18 +46,24 @@ def _digits_config(data_dir, **overrides):
   return config
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def data_dir(digits_data_dir):
   return digits_data_dir
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory, data_dir):
   """A 4-step digits run through the command line; returns its workdir."""
-  workdir = str(tmp_path_factory.mktemp('digits_run'))
-  command = [sys.executable, '-m', 'shufflemamba_jax.main', f'--config={DIGITS_CONFIG}',
-             f'--workdir={workdir}', f'--config.data_dir={data_dir}']
-  command += [f'--config.{name}={value}' for name, value in SHORT.items()]
+  workdir = str(tmp_path_factory.mktemp("digits_run"))
+  command = [
+    sys.executable,
+    "-m",
+    "shufflemamba_jax.main",
+    f"--config={DIGITS_CONFIG}",
+    f"--workdir={workdir}",
+    f"--config.data_dir={data_dir}",
+  ]
+  command += [f"--config.{name}={value}" for name, value in SHORT.items()]
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
   return workdir
@@ -58,47 +71,56 @@ def trained_workdir(tmp_path_factory, data_dir):
 
 def test_metrics_file_has_the_required_keys(trained_workdir):
   records = metrics_lib.read_metrics(trained_workdir)
-  train_records = [r for r in records if 'loss' in r]
-  eval_records = [r for r in records if 'eval_top1' in r]
-  assert [r['step'] for r in train_records] == [2, 4]
+  train_records = [r for r in records if "loss" in r]
+  eval_records = [r for r in records if "eval_top1" in r]
+  assert [r["step"] for r in train_records] == [2, 4]
   for record in train_records:
-    for key in ('loss', 'train_top1', 'lr', 'grad_norm', 'images_per_s', 'step_time_s'):
+    for key in ("loss", "train_top1", "lr", "grad_norm", "images_per_s", "step_time_s"):
       assert key in record, key
-  assert [r['step'] for r in eval_records] == [4]
-  assert 0.0 <= eval_records[0]['eval_top1'] <= eval_records[0]['eval_top5'] <= 1.0
-  assert os.listdir(os.path.join(trained_workdir, 'tensorboard'))
-  with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(trained_workdir), read_only=True) as checkpointer:
+  assert [r["step"] for r in eval_records] == [4]
+  assert 0.0 <= eval_records[0]["eval_top1"] <= eval_records[0]["eval_top5"] <= 1.0
+  assert os.listdir(os.path.join(trained_workdir, "tensorboard"))
+  with checkpoint_lib.Checkpointer(
+    checkpoint_lib.checkpoint_directory(trained_workdir), read_only=True
+  ) as checkpointer:
     assert checkpointer.all_steps() == [2, 4]
 
 
 def test_resume_continues_at_the_next_step(trained_workdir, data_dir, tmp_path):
-  workdir = shutil.copytree(trained_workdir, tmp_path / 'resumed')  # The fixture stays as it is.
+  workdir = shutil.copytree(trained_workdir, tmp_path / "resumed")  # The fixture stays as it is.
   config = _digits_config(data_dir, total_steps=6)
   trainer.train_and_evaluate(config, workdir)
-  steps = [r['step'] for r in metrics_lib.read_metrics(workdir) if 'loss' in r]
+  steps = [r["step"] for r in metrics_lib.read_metrics(workdir) if "loss" in r]
   assert steps == [2, 4, 6]  # Steps 1-4 were not trained again.
   with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(workdir), read_only=True) as checkpointer:
     assert checkpointer.latest_step() == 6
-    assert int(checkpointer.restore_parts(('step',))['step']) == 6
+    assert int(checkpointer.restore_parts(("step",))["step"]) == 6
 
 
 def test_evaluate_mode(trained_workdir, data_dir):
   """Scores the latest checkpoint, also at twice the training resolution (resized positions)."""
   config = _digits_config(data_dir)
-  record = trainer.evaluate(config, trained_workdir, split='validation', image_size=32)
-  assert record['image_size'] == 32 and record['split'] == 'validation'
-  assert record['num_examples'] == 360
-  assert 0.0 <= record['eval_top1'] <= 1.0
-  assert record['step'] == 4
+  record = trainer.evaluate(config, trained_workdir, split="validation", image_size=32)
+  assert record["image_size"] == 32 and record["split"] == "validation"
+  assert record["num_examples"] == 360
+  assert 0.0 <= record["eval_top1"] <= 1.0
+  assert record["step"] == 4
 
 
 def test_nonfinite_loss_stops_the_run_naming_the_step(tmp_path, data_dir):
   # A huge learning rate without warmup: step 0 is finite, its update makes step 1's loss NaN/Inf.
-  config = _digits_config(data_dir, lr=1e30, warmup_epochs=0.0, grad_clip=None, total_steps=4,
-                          eval_every_steps=100, checkpoint_every_steps=100)
-  with pytest.raises(FloatingPointError, match=r'at step 1 '):
+  config = _digits_config(
+    data_dir,
+    lr=1e30,
+    warmup_epochs=0.0,
+    grad_clip=None,
+    total_steps=4,
+    eval_every_steps=100,
+    checkpoint_every_steps=100,
+  )
+  with pytest.raises(FloatingPointError, match=r"at step 1 "):
     trainer.train_and_evaluate(config, str(tmp_path))
-  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints', '4'))
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "4"))
 
 
 def test_load_model_from_a_training_run(trained_workdir):
@@ -106,6 +128,7 @@ def test_load_model_from_a_training_run(trained_workdir):
   import numpy as np
 
   import shufflemamba_jax
+
   ema_model = shufflemamba_jax.load_model(trained_workdir, step=4)
   raw_model = shufflemamba_jax.load_model(trained_workdir, step=4, ema=False)
   assert ema_model.config.num_classes == 10 and ema_model.config.img_size == 16
@@ -113,11 +136,12 @@ def test_load_model_from_a_training_run(trained_workdir):
   ema_logits, raw_logits = ema_model(images), raw_model(images)
   assert ema_logits.shape == (2, 10)
   assert not np.allclose(ema_logits, raw_logits)  # EMA and raw parameters differ after 4 steps.
-  with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(trained_workdir), read_only=True) as checkpointer:
-    best = checkpointer.step('best')
-  best_model = shufflemamba_jax.load_model(trained_workdir, step='best')
-  np.testing.assert_array_equal(
-      best_model(images), shufflemamba_jax.load_model(trained_workdir, step=best)(images))
+  with checkpoint_lib.Checkpointer(
+    checkpoint_lib.checkpoint_directory(trained_workdir), read_only=True
+  ) as checkpointer:
+    best = checkpointer.step("best")
+  best_model = shufflemamba_jax.load_model(trained_workdir, step="best")
+  np.testing.assert_array_equal(best_model(images), shufflemamba_jax.load_model(trained_workdir, step=best)(images))
 
 
 @pytest.mark.slow
@@ -133,15 +157,28 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run_bitwise(tmp_path, data_
 
   # 48 steps cross the epoch boundary (44 steps); every step is logged, so the losses of the
   # two halves can be compared with the uninterrupted run's one by one.
-  run = {**SHORT, 'total_steps': 48, 'log_every_steps': 1, 'eval_every_steps': 10_000,
-         'checkpoint_every_steps': 10_000, 'model.drop_path_rate': 0.1,
-         'model.slws.max_prob': 0.5, 'model.slws.group_size': 2}
-  workdir = str(tmp_path / 'preempted')
-  command = [sys.executable, '-m', 'shufflemamba_jax.main', f'--config={DIGITS_CONFIG}',
-             f'--workdir={workdir}', f'--config.data_dir={data_dir}']
-  command += [f'--config.{name}={value}' for name, value in run.items()]
+  run = {
+    **SHORT,
+    "total_steps": 48,
+    "log_every_steps": 1,
+    "eval_every_steps": 10_000,
+    "checkpoint_every_steps": 10_000,
+    "model.drop_path_rate": 0.1,
+    "model.slws.max_prob": 0.5,
+    "model.slws.group_size": 2,
+  }
+  workdir = str(tmp_path / "preempted")
+  command = [
+    sys.executable,
+    "-m",
+    "shufflemamba_jax.main",
+    f"--config={DIGITS_CONFIG}",
+    f"--workdir={workdir}",
+    f"--config.data_dir={data_dir}",
+  ]
+  command += [f"--config.{name}={value}" for name, value in run.items()]
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300
   while not (os.path.exists(metrics_path) and os.path.getsize(metrics_path)) and time.time() < deadline:
     assert process.poll() is None, process.stdout.read()[-4000:]
@@ -149,73 +186,82 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run_bitwise(tmp_path, data_
   process.send_signal(signal.SIGTERM)
   output, _ = process.communicate(timeout=300)
   assert process.returncode == 0, output[-4000:]
-  assert 'Stopped by SIGTERM after step' in output
+  assert "Stopped by SIGTERM after step" in output
   with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(workdir), read_only=True) as checkpointer:
     stopped_at = checkpointer.latest_step()
   assert 1 <= stopped_at < 48
-  assert [r['step'] for r in metrics_lib.read_metrics(workdir)] == list(range(1, stopped_at + 1))
+  assert [r["step"] for r in metrics_lib.read_metrics(workdir)] == list(range(1, stopped_at + 1))
 
   resumed = _digits_config(data_dir, **run)
   trainer.train_and_evaluate(resumed, workdir)  # The same command again: resumes.
-  uninterrupted = str(tmp_path / 'uninterrupted')
+  uninterrupted = str(tmp_path / "uninterrupted")
   trainer.train_and_evaluate(_digits_config(data_dir, **run), uninterrupted)
 
   def records(path):
-    return [{k: v for k, v in r.items() if k not in ('images_per_s', 'step_time_s', 'time')}
-            for r in metrics_lib.read_metrics(path)]
+    return [
+      {k: v for k, v in r.items() if k not in ("images_per_s", "step_time_s", "time")}
+      for r in metrics_lib.read_metrics(path)
+    ]
 
   assert records(workdir) == records(uninterrupted)  # Every loss, lr, grad norm and the eval.
 
   def final_state(path):
     with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(path), read_only=True) as checkpointer:
       assert checkpointer.latest_step() == 48
-      return checkpointer.restore_parts(('step', 'params', 'opt_state', 'ema', 'nonfinite_step'))
+      return checkpointer.restore_parts(("step", "params", "opt_state", "ema", "nonfinite_step"))
 
   jax.tree.map(np.testing.assert_array_equal, final_state(workdir), final_state(uninterrupted))
 
 
 # Five steps with SLWS (group size 2) and drop path, so that the per-step randomness shows in the
 # losses; two data shards, so that 1 and 2 processes read the same global batches.
-FIVE_STEPS = {'total_steps': 5, 'log_every_steps': 1, 'eval_every_steps': 100,
-              'checkpoint_every_steps': 100, 'mesh.fsdp_min_size': 256, 'data_shards': 2,
-              'model.drop_path_rate': 0.1, 'model.slws.max_prob': 0.5,
-              'model.slws.group_size': 2}
+FIVE_STEPS = {
+  "total_steps": 5,
+  "log_every_steps": 1,
+  "eval_every_steps": 100,
+  "checkpoint_every_steps": 100,
+  "mesh.fsdp_min_size": 256,
+  "data_shards": 2,
+  "model.drop_path_rate": 0.1,
+  "model.slws.max_prob": 0.5,
+  "model.slws.group_size": 2,
+}
 
 
 def _five_step_run(workdir, data_dir, data, fsdp):
-  config = _digits_config(data_dir, **FIVE_STEPS, **{'mesh.data': data, 'mesh.fsdp': fsdp})
+  config = _digits_config(data_dir, **FIVE_STEPS, **{"mesh.data": data, "mesh.fsdp": fsdp})
   trainer.train_and_evaluate(config, workdir)
   return workdir
 
 
 def _losses(workdir):
-  return [r['loss'] for r in metrics_lib.read_metrics(workdir) if 'loss' in r]
+  return [r["loss"] for r in metrics_lib.read_metrics(workdir) if "loss" in r]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def single_device_losses(tmp_path_factory, data_dir):
-  losses = _losses(_five_step_run(str(tmp_path_factory.mktemp('one_device')), data_dir, 1, 1))
+  losses = _losses(_five_step_run(str(tmp_path_factory.mktemp("one_device")), data_dir, 1, 1))
   assert len(losses) == 5
   return losses
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def eight_device_run(tmp_path_factory, data_dir):
   """The five-step run on 8 devices of this one process (data parallel)."""
-  return _five_step_run(str(tmp_path_factory.mktemp('eight_devices')), data_dir, 8, 1)
+  return _five_step_run(str(tmp_path_factory.mktemp("eight_devices")), data_dir, 8, 1)
 
 
-@pytest.mark.parametrize('data,fsdp', [(8, 1), (2, 4), (1, 8)])
-def test_meshes_give_the_losses_of_one_device(tmp_path, data_dir, data, fsdp, single_device_losses,
-                                              eight_device_run):
+@pytest.mark.parametrize("data,fsdp", [(8, 1), (2, 4), (1, 8)])
+def test_meshes_give_the_losses_of_one_device(tmp_path, data_dir, data, fsdp, single_device_losses, eight_device_run):
   """Data-parallel, FSDP and mixed meshes over 8 simulated devices train like one device."""
   import jax
   import numpy as np
+
   assert jax.device_count() == 8
   if (data, fsdp) == (8, 1):
     workdir = eight_device_run
   else:
-    workdir = _five_step_run(str(tmp_path / f'mesh_{data}x{fsdp}'), data_dir, data, fsdp)
+    workdir = _five_step_run(str(tmp_path / f"mesh_{data}x{fsdp}"), data_dir, data, fsdp)
   np.testing.assert_allclose(_losses(workdir), single_device_losses, rtol=2e-4, atol=2e-5)
 
 
@@ -230,33 +276,49 @@ def test_two_processes_train_like_one_process_with_8_devices(tmp_path, data_dir,
   import numpy as np
 
   with socket.socket() as probe:
-    probe.bind(('127.0.0.1', 0))
+    probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
-  overrides = {**SHORT, **FIVE_STEPS, 'mesh.data': 8}
+  overrides = {**SHORT, **FIVE_STEPS, "mesh.data": 8}
   # Prepared once beforehand, as for any multi-host run: two processes must not both build it.
   from shufflemamba_jax.data import pipeline
-  pipeline.get_dataset_info('digits', data_dir)
 
-  multi = str(tmp_path / 'two_processes')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  workers = [subprocess.Popen(
-      [sys.executable, '-m', 'shufflemamba_jax.main', f'--config={DIGITS_CONFIG}',
-       f'--workdir={multi}', f'--config.data_dir={data_dir}',
-       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={rank}']
-      + [f'--config.{name}={value}' for name, value in overrides.items()],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for rank in range(2)]
+  pipeline.get_dataset_info("digits", data_dir)
+
+  multi = str(tmp_path / "two_processes")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  workers = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "shufflemamba_jax.main",
+        f"--config={DIGITS_CONFIG}",
+        f"--workdir={multi}",
+        f"--config.data_dir={data_dir}",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={rank}",
+      ]
+      + [f"--config.{name}={value}" for name, value in overrides.items()],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for rank in range(2)
+  ]
   outputs = [worker.communicate(timeout=600)[0] for worker in workers]
   for worker, output in zip(workers, outputs):
     assert worker.returncode == 0, output[-4000:]
 
-  records = [r for r in metrics_lib.read_metrics(multi) if 'loss' in r]
-  assert [r['step'] for r in records] == [1, 2, 3, 4, 5]  # Written once, by process 0 only.
+  records = [r for r in metrics_lib.read_metrics(multi) if "loss" in r]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5]  # Written once, by process 0 only.
   np.testing.assert_allclose(_losses(multi), _losses(eight_device_run), rtol=1e-5, atol=1e-6)
-  (evaluation,) = [r for r in metrics_lib.read_metrics(multi) if 'eval_top1' in r]
-  (expected,) = [r for r in metrics_lib.read_metrics(eight_device_run) if 'eval_top1' in r]
-  assert evaluation['step'] == 5
-  for key in ('eval_top1', 'eval_loss', 'ema_eval_top1'):
+  (evaluation,) = [r for r in metrics_lib.read_metrics(multi) if "eval_top1" in r]
+  (expected,) = [r for r in metrics_lib.read_metrics(eight_device_run) if "eval_top1" in r]
+  assert evaluation["step"] == 5
+  for key in ("eval_top1", "eval_loss", "ema_eval_top1"):
     np.testing.assert_allclose(evaluation[key], expected[key], rtol=1e-5, atol=1e-6)
   with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(multi), read_only=True) as checkpointer:
     assert checkpointer.all_steps() == [5]  # Saved collectively by both processes.

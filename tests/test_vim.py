@@ -11,18 +11,18 @@ import shufflemamba_jax as smj
 
 # SPEC §2: exact parameter counts for 1000 classes at 224 px.
 SPEC_PARAMETER_COUNTS = {
-    "vim_tiny": 7_148_008,
-    "vim_small": 25_796_584,
-    "vim_base": 97_598_440,
-    "shufflemamba_tiny": 7_148_008,
-    "shufflemamba_small": 25_796_584,
-    "shufflemamba_middle": 74_236_456,
-    "shufflemamba_base": 97_598_440,
-    "shufflemamba_large": 340_034_536,
-    "shufflemamba_reg_tiny": 9_264_232,
-    "shufflemamba_reg_small": 27_801_064,
-    "shufflemamba_reg_base": 99_301_096,
-    "shufflemamba_reg_large": 341_222_376,
+  "vim_tiny": 7_148_008,
+  "vim_small": 25_796_584,
+  "vim_base": 97_598_440,
+  "shufflemamba_tiny": 7_148_008,
+  "shufflemamba_small": 25_796_584,
+  "shufflemamba_middle": 74_236_456,
+  "shufflemamba_base": 97_598_440,
+  "shufflemamba_large": 340_034_536,
+  "shufflemamba_reg_tiny": 9_264_232,
+  "shufflemamba_reg_small": 27_801_064,
+  "shufflemamba_reg_base": 99_301_096,
+  "shufflemamba_reg_large": 341_222_376,
 }
 
 TINY = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=48, depth=4)
@@ -70,7 +70,7 @@ def test_reference_initialization():
   # out_proj ~ U(+-1/sqrt(E)) / sqrt(depth); in_proj ~ U(+-1/sqrt(D)).
   assert float(jnp.abs(mixer.out_proj.kernel[...]).max()) <= 1 / np.sqrt(96) / np.sqrt(4)
   assert float(jnp.abs(mixer.in_proj.kernel[...]).max()) <= 1 / np.sqrt(48)
-  assert float(jnp.abs(mixer.dt_proj.kernel[...]).max()) <= 3 ** -0.5
+  assert float(jnp.abs(mixer.dt_proj.kernel[...]).max()) <= 3**-0.5
   np.testing.assert_array_equal(model.head.bias[...], 0.0)
   assert 0.015 < float(model.pos_embed[...].std()) < 0.025
 
@@ -80,10 +80,16 @@ def images():
   return jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
 
 
-@pytest.mark.parametrize("variant,extra", [
-    ("vim_tiny", {}), ("shufflemamba_tiny", {}), ("shufflemamba_middle", {}),
-    ("shufflemamba_reg_tiny", dict(num_registers=3)), ("shufflemamba_reg_small", dict(num_registers=3)),
-])
+@pytest.mark.parametrize(
+  "variant,extra",
+  [
+    ("vim_tiny", {}),
+    ("shufflemamba_tiny", {}),
+    ("shufflemamba_middle", {}),
+    ("shufflemamba_reg_tiny", dict(num_registers=3)),
+    ("shufflemamba_reg_small", dict(num_registers=3)),
+  ],
+)
 def test_output_shapes_for_each_token_layout(variant, extra, images):
   model = smj.create_model(variant, rngs=nnx.Rngs(0), **{**TINY, **extra})
   logits = evaluate(model, images)
@@ -102,7 +108,9 @@ def test_evaluation_ignores_slws_and_is_deterministic(images):
 
 def test_training_without_shuffle_or_drop_path_equals_evaluation(images):
   model = smj.create_model("shufflemamba_tiny", rngs=nnx.Rngs(0), slws_max_prob=0.0, drop_path_rate=0.0, **TINY)
-  np.testing.assert_allclose(train_forward(model, images, jax.random.key(3)), evaluate(model, images), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    train_forward(model, images, jax.random.key(3)), evaluate(model, images), rtol=1e-6, atol=1e-6
+  )
 
 
 def test_shuffle_changes_training_outputs_and_is_keyed(images):
@@ -131,7 +139,9 @@ def _make_token_wise(model):
 def test_token_wise_block_gives_identical_outputs_with_and_without_shuffling(images):
   model = smj.create_model("shufflemamba_tiny", rngs=nnx.Rngs(0), slws_max_prob=1.0, slws_group_size=1, **TINY)
   _make_token_wise(model)
-  np.testing.assert_allclose(train_forward(model, images, jax.random.key(9)), evaluate(model, images), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    train_forward(model, images, jax.random.key(9)), evaluate(model, images), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_first_layer_is_never_shuffled():
@@ -188,6 +198,7 @@ def _loss_and_grads(model, images, labels, key):
     def loss_fn(params):
       logits = nnx.merge(graphdef, params)(images, train=True, key=key)
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
     return jax.value_and_grad(loss_fn)(params)
 
   return step(params)
@@ -214,7 +225,9 @@ def test_jitted_training_step_of_vim_tiny_at_224():
   assert all(np.isfinite(norms)) and sum(norms) > 0
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     (dict(depth_=3), "unknown model setting"),
     (dict(img_size=225), "img_size=225: must be divisible by patch_size 16"),
     (dict(slws_max_prob=1.2), "slws_max_prob"),
@@ -226,7 +239,8 @@ def test_jitted_training_step_of_vim_tiny_at_224():
     (dict(dtype="float8"), "dtype"),
     (dict(depth=0), "depth"),
     (dict(num_registers=4), "num_registers"),
-])
+  ],
+)
 def test_bad_settings_are_named(overrides, match):
   with pytest.raises(ValueError, match=match):
     smj.model_config("shufflemamba_tiny", **overrides)

@@ -45,8 +45,7 @@ def _direction(x, z, sd, prefix, suffix):
   """One scan direction with parameters `conv1d{suffix}`, `x_proj{suffix}`, ... ."""
   A_log = sd[f"{prefix}A_b_log" if suffix else f"{prefix}A_log"]
   D = sd[f"{prefix}D{suffix}"]
-  x = F.silu(causal_depthwise_conv1d(
-      x, sd[f"{prefix}conv1d{suffix}.weight"], sd[f"{prefix}conv1d{suffix}.bias"]))
+  x = F.silu(causal_depthwise_conv1d(x, sd[f"{prefix}conv1d{suffix}.weight"], sd[f"{prefix}conv1d{suffix}.bias"]))
   rank = sd[f"{prefix}dt_proj{suffix}.weight"].shape[1]
   state = A_log.shape[1]
   dt, B, C = torch.split(x @ sd[f"{prefix}x_proj{suffix}.weight"].T, [rank, state, state], dim=-1)
@@ -79,8 +78,9 @@ def register_positions(num_patches, num_registers):
 
 def embed_tokens(images, sd, token_layout):
   """Patch embedding, extra tokens and position embeddings: returns (tokens, readout indices)."""
-  patches = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"],
-                     stride=sd["patch_embed.proj.weight"].shape[-1])
+  patches = F.conv2d(
+    images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=sd["patch_embed.proj.weight"].shape[-1]
+  )
   patches = patches.flatten(2).transpose(1, 2)  # raster order
   batch, num_patches, _ = patches.shape
   cls = sd["cls_token"].expand(batch, -1, -1)
@@ -97,8 +97,8 @@ def embed_tokens(images, sd, token_layout):
     group = num_patches // (num_registers + 1)
     pieces = []
     for r in range(num_registers):
-      pieces += [patches[:, r * group:(r + 1) * group], registers[:, r:r + 1]]
-    pieces.append(patches[:, num_registers * group:])
+      pieces += [patches[:, r * group : (r + 1) * group], registers[:, r : r + 1]]
+    pieces.append(patches[:, num_registers * group :])
     return torch.cat(pieces, dim=1), register_positions(num_patches, num_registers)
   raise ValueError(f"token_layout must be one of {TOKEN_LAYOUTS}, got {token_layout!r}")
 
@@ -120,4 +120,3 @@ def forward(state_dict, images, token_layout, eps=1e-5):
   else:
     features = features.flatten(1)
   return features @ sd["head.weight"].T + sd["head.bias"]
-

@@ -52,8 +52,11 @@ class TrainAugmentation:
     for name in ("crop_ratio_min", "crop_ratio_max", "randaugment_magnitude", "randaugment_magnitude_std"):
       checks.number(field(name), getattr(self, name))
     if not 0 < self.crop_ratio_min <= self.crop_ratio_max:
-      raise checks.SettingError(field("crop_ratio_min"), self.crop_ratio_min,
-                                f"must be > 0 and <= config.aug.crop_ratio_max={self.crop_ratio_max}")
+      raise checks.SettingError(
+        field("crop_ratio_min"),
+        self.crop_ratio_min,
+        f"must be > 0 and <= config.aug.crop_ratio_max={self.crop_ratio_max}",
+      )
     checks.integer(field("randaugment_num_ops"), self.randaugment_num_ops, minimum=0)
     for name in ("mean", "std"):
       if len(getattr(self, name)) != 3:
@@ -86,14 +89,14 @@ def random_crop_window(shape, seed, area_range=(0.08, 1.0), ratio_range=(3 / 4, 
   fail the whole image is used (tf.image's fallback; timm center-crops instead).
   """
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      image_size=shape,
-      bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
-      seed=seed,
-      min_object_covered=0.0,
-      aspect_ratio_range=ratio_range,
-      area_range=area_range,
-      max_attempts=10,
-      use_image_if_no_bounding_boxes=True,
+    image_size=shape,
+    bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
+    seed=seed,
+    min_object_covered=0.0,
+    aspect_ratio_range=ratio_range,
+    area_range=area_range,
+    max_attempts=10,
+    use_image_if_no_bounding_boxes=True,
   )
   return tf.stack([begin[0], begin[1], size[0], size[1]])
 
@@ -182,12 +185,12 @@ def _affine(image, matrix, fill_color):
   shifted = tf.cast(image, tf.float32)[None] - fill
   transform = tf.concat([tf.cast(matrix, tf.float32), tf.zeros([2], tf.float32)], axis=0)[None]
   out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=shifted,
-      transforms=transform,
-      output_shape=tf.shape(image)[:2],
-      fill_value=0.0,
-      interpolation="BILINEAR",
-      fill_mode="CONSTANT",
+    images=shifted,
+    transforms=transform,
+    output_shape=tf.shape(image)[:2],
+    fill_value=0.0,
+    interpolation="BILINEAR",
+    fill_mode="CONSTANT",
   )
   return to_uint8(out[0] + fill)
 
@@ -200,10 +203,9 @@ def rotate_image(image, degrees, fill_color=(128, 128, 128)):
   center_x, center_y = (width - 1.0) / 2.0, (height - 1.0) / 2.0
   cos, sin = tf.cos(radians), tf.sin(radians)
   # input = R(-angle)-style inverse map about the center; rows grow downwards, hence the signs.
-  matrix = tf.stack([
-      cos, -sin, center_x - cos * center_x + sin * center_y,
-      sin, cos, center_y - sin * center_x - cos * center_y,
-  ])
+  matrix = tf.stack(
+    [cos, -sin, center_x - cos * center_x + sin * center_y, sin, cos, center_y - sin * center_x - cos * center_y]
+  )
   return _affine(image, matrix, fill_color)
 
 
@@ -332,26 +334,25 @@ def translate_y_relative(image, magnitude, seed, fill_color=(128, 128, 128)):
 
 # timm's _RAND_TRANSFORMS, in its order.
 RANDAUGMENT_OPS = {
-    "AutoContrast": auto_contrast,
-    "Equalize": equalize,
-    "Invert": invert,
-    "Rotate": rotate,
-    "Posterize": posterize,
-    "Solarize": solarize,
-    "SolarizeAdd": solarize_add,
-    "Color": color,
-    "Contrast": contrast,
-    "Brightness": brightness,
-    "Sharpness": sharpness,
-    "ShearX": shear_x,
-    "ShearY": shear_y,
-    "TranslateXRel": translate_x_relative,
-    "TranslateYRel": translate_y_relative,
+  "AutoContrast": auto_contrast,
+  "Equalize": equalize,
+  "Invert": invert,
+  "Rotate": rotate,
+  "Posterize": posterize,
+  "Solarize": solarize,
+  "SolarizeAdd": solarize_add,
+  "Color": color,
+  "Contrast": contrast,
+  "Brightness": brightness,
+  "Sharpness": sharpness,
+  "ShearX": shear_x,
+  "ShearY": shear_y,
+  "TranslateXRel": translate_x_relative,
+  "TranslateYRel": translate_y_relative,
 }
 
 
-def rand_augment(image, seed, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5,
-                 fill_color=(124, 116, 104)):
+def rand_augment(image, seed, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill_color=(124, 116, 104)):
   """timm RandAugment: `num_ops` ops drawn uniformly with replacement, each applied w.p. `prob`.
 
   Each applied op draws its own magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10].
@@ -359,8 +360,7 @@ def rand_augment(image, seed, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=
   """
   ops = list(RANDAUGMENT_OPS.values())
   for seed_i in tf.unstack(tf.random.experimental.stateless_split(seed, num_ops)):
-    choice_seed, apply_seed, magnitude_seed, op_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed_i, 4))
+    choice_seed, apply_seed, magnitude_seed, op_seed = tf.unstack(tf.random.experimental.stateless_split(seed_i, 4))
     index = tf.random.stateless_uniform([], choice_seed, 0, len(ops), dtype=tf.int32)
     level = magnitude + magnitude_std * tf.random.stateless_normal([], magnitude_seed)
     level = tf.clip_by_value(level, 0.0, MAX_MAGNITUDE)
@@ -379,13 +379,11 @@ def color_jitter(image, seed, strength=0.3):
   grayscale image; each factor is uniform in [1 - strength, 1 + strength].
   """
   order_seed, *factor_seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
-  factors = [
-      tf.random.stateless_uniform([], s, 1.0 - strength, 1.0 + strength) for s in factor_seeds
-  ]
+  factors = [tf.random.stateless_uniform([], s, 1.0 - strength, 1.0 + strength) for s in factor_seeds]
   adjustments = [
-      lambda x: _blend(tf.zeros_like(x), x, factors[0]),
-      lambda x: _blend(tf.fill(tf.shape(x), tf.round(tf.reduce_mean(_grayscale(x)))), x, factors[1]),
-      lambda x: _blend(_grayscale(x), x, factors[2]),
+    lambda x: _blend(tf.zeros_like(x), x, factors[0]),
+    lambda x: _blend(tf.fill(tf.shape(x), tf.round(tf.reduce_mean(_grayscale(x)))), x, factors[1]),
+    lambda x: _blend(_grayscale(x), x, factors[2]),
   ]
   order = tf.argsort(tf.random.stateless_uniform([3], order_seed))
   for step in range(3):
@@ -393,8 +391,7 @@ def color_jitter(image, seed, strength=0.3):
   return image
 
 
-def random_erasing(image, seed, prob=0.25, area_range=(0.02, 1 / 3), ratio_range=(0.3, 3.3),
-                   max_attempts=10):
+def random_erasing(image, seed, prob=0.25, area_range=(0.02, 1 / 3), ratio_range=(0.3, 3.3), max_attempts=10):
   """timm RandomErasing(mode='pixel', max_count=1) on a normalized float32 (H, W, C) image.
 
   With probability `prob`, one rectangle of area fraction U(area_range) and log-uniform aspect
@@ -402,12 +399,14 @@ def random_erasing(image, seed, prob=0.25, area_range=(0.02, 1 / 3), ratio_range
   `max_attempts` candidates that fits is used, none if none fits.
   """
   apply_seed, area_seed, ratio_seed, top_seed, left_seed, noise_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 6))
+    tf.random.experimental.stateless_split(seed, 6)
+  )
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   area = tf.cast(height * width, tf.float32)
   target = tf.random.stateless_uniform([max_attempts], area_seed, *area_range) * area
   log_ratio = tf.random.stateless_uniform(
-      [max_attempts], ratio_seed, math.log(ratio_range[0]), math.log(ratio_range[1]))
+    [max_attempts], ratio_seed, math.log(ratio_range[0]), math.log(ratio_range[1])
+  )
   aspect = tf.exp(log_ratio)
   erase_h = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
   erase_w = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
@@ -435,16 +434,21 @@ def augment_train_image(image, seed, settings: TrainAugmentation, image_size: in
   image: uint8 (h, w, 3), the (cropped) decoded image.
   Returns float32 (image_size, image_size, 3), normalized with settings.mean / settings.std.
   """
-  flip_seed, randaugment_seed, jitter_seed, erase_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 4))
+  flip_seed, randaugment_seed, jitter_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
   image = to_uint8(resize_bicubic(image, (image_size, image_size)))
   image.set_shape([image_size, image_size, 3])
   if settings.hflip:
     image = random_flip(image, flip_seed)
   if settings.randaugment_num_ops > 0:
     image = rand_augment(
-        image, randaugment_seed, settings.randaugment_num_ops, settings.randaugment_magnitude,
-        settings.randaugment_magnitude_std, settings.randaugment_prob, settings.fill_color)
+      image,
+      randaugment_seed,
+      settings.randaugment_num_ops,
+      settings.randaugment_magnitude,
+      settings.randaugment_magnitude_std,
+      settings.randaugment_prob,
+      settings.fill_color,
+    )
   elif settings.color_jitter > 0:
     image = color_jitter(image, jitter_seed, settings.color_jitter)
   image = normalize(image, settings.mean, settings.std)

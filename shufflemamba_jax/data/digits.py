@@ -46,36 +46,30 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return self.dataset_info_from_configs(
-        description=(
-            "The 1,797 8x8 handwritten digit images bundled with scikit-learn (UCI optdigits "
-            "test set), upsampled to 32x32 RGB."
-        ),
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"),
-            "label": tfds.features.ClassLabel(num_classes=10),
-            "file_name": tfds.features.Text(),
-            "id": np.int64,
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
+      description=(
+        "The 1,797 8x8 handwritten digit images bundled with scikit-learn (UCI optdigits "
+        "test set), upsampled to 32x32 RGB."
+      ),
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"),
+          "label": tfds.features.ClassLabel(num_classes=10),
+          "file_name": tfds.features.Text(),
+          "id": np.int64,
+        }
+      ),
+      supervised_keys=("image", "label"),
+      homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # The data ships with scikit-learn: nothing to download.
     train, validation = digits_split_indices()
-    return {
-        "train": self._generate_examples(train),
-        "validation": self._generate_examples(validation),
-    }
+    return {"train": self._generate_examples(train), "validation": self._generate_examples(validation)}
 
   def _generate_examples(self, indices):
     images, labels = digits_images_uint8()
     for index in indices:
       index = int(index)
       file_name = f"digit_{index:04d}.png"
-      yield file_name, {
-          "image": images[index],
-          "label": int(labels[index]),
-          "file_name": file_name,
-          "id": index,
-      }
+      yield (file_name, {"image": images[index], "label": int(labels[index]), "file_name": file_name, "id": index})

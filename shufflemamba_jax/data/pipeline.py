@@ -74,18 +74,17 @@ _hide_accelerators_from_tensorflow()
 
 # Top-level config fields the pipeline reads, with their values when no config is given.
 _FIELDS = {
-    "dataset": "digits",
-    "data_dir": None,
-    "train_split": "train",
-    "eval_split": "validation",
-    "image_size": 224,
-    "shuffle_buffer": 16_384,
-    "data_shards": 0,
-    "seed": 0,
+  "dataset": "digits",
+  "data_dir": None,
+  "train_split": "train",
+  "eval_split": "validation",
+  "image_size": 224,
+  "shuffle_buffer": 16_384,
+  "data_shards": 0,
+  "seed": 0,
 }
 # Fields under config.aug: the training augmentation's, and these two.
-_AUG_FIELDS = {"repeated_aug": 1, "eval_crop_ratio": 0.875,
-               **dataclasses.asdict(augment.TrainAugmentation())}
+_AUG_FIELDS = {"repeated_aug": 1, "eval_crop_ratio": 0.875, **dataclasses.asdict(augment.TrainAugmentation())}
 
 
 def settings(config=None, **overrides) -> dict[str, Any]:
@@ -116,7 +115,8 @@ def settings(config=None, **overrides) -> dict[str, Any]:
     raise checks.SettingError("config.aug.eval_crop_ratio", values["eval_crop_ratio"], "must be > 0")
   augmentation = {name: values[name] for name in dataclasses.asdict(augment.TrainAugmentation())}
   values["augmentation"] = augment.TrainAugmentation(
-      **dict(augmentation, mean=tuple(map(float, values["mean"])), std=tuple(map(float, values["std"]))))
+    **dict(augmentation, mean=tuple(map(float, values["mean"])), std=tuple(map(float, values["std"])))
+  )
   return values
 
 
@@ -132,14 +132,21 @@ def check_imagenet_manual_dir(manual_dir: str | None) -> None:
   """Raises FileNotFoundError naming every ImageNet tar missing from `manual_dir`."""
   if not manual_dir:
     raise FileNotFoundError(
-        "--manual_dir is required for imagenet2012: a folder holding "
-        + " and ".join(IMAGENET_TARS.values()) + " (download them from https://image-net.org).")
-  missing = [f"{name} ({split} split) -> put it at {epath.Path(manual_dir) / name}"
-             for split, name in IMAGENET_TARS.items() if not (epath.Path(manual_dir) / name).is_file()]
+      "--manual_dir is required for imagenet2012: a folder holding "
+      + " and ".join(IMAGENET_TARS.values())
+      + " (download them from https://image-net.org)."
+    )
+  missing = [
+    f"{name} ({split} split) -> put it at {epath.Path(manual_dir) / name}"
+    for split, name in IMAGENET_TARS.items()
+    if not (epath.Path(manual_dir) / name).is_file()
+  ]
   if missing:
     raise FileNotFoundError(
-        "Missing ImageNet archive(s) in --manual_dir: " + "; ".join(missing)
-        + ". Download them from https://image-net.org (registration required).")
+      "Missing ImageNet archive(s) in --manual_dir: "
+      + "; ".join(missing)
+      + ". Download them from https://image-net.org (registration required)."
+    )
 
 
 def _builder(dataset: str, data_dir: str | None):
@@ -149,8 +156,7 @@ def _builder(dataset: str, data_dir: str | None):
   return tfds.builder(dataset, data_dir=data_dir)
 
 
-def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = None,
-            compute_stats: bool = True):
+def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = None, compute_stats: bool = True):
   """Builds `dataset` into `data_dir` with TFDS's own builder and returns the builder.
 
   `digits` needs nothing; `imagenet2012` reads ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar
@@ -161,8 +167,7 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
     check_imagenet_manual_dir(manual_dir)  # Before TFDS, whose own error is less specific.
   builder = _builder(dataset, data_dir)
   stats = tfds.download.ComputeStatsMode.AUTO if compute_stats else tfds.download.ComputeStatsMode.SKIP
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir,
-                                                                            compute_stats=stats))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, compute_stats=stats))
   return builder
 
 
@@ -178,9 +183,10 @@ def get_builder(dataset: str, data_dir: str | None = None):
   if dataset == "digits":
     return prepare(dataset, data_dir)
   raise FileNotFoundError(
-      f"TFDS dataset {dataset!r} is not prepared in data_dir={builder.data_dir_root!r}. Run: "
-      f"python -m shufflemamba_jax.prepare --dataset={dataset} --data_dir={builder.data_dir_root}"
-      " --manual_dir=DIR_WITH_ILSVRC2012_TARS")
+    f"TFDS dataset {dataset!r} is not prepared in data_dir={builder.data_dir_root!r}. Run: "
+    f"python -m shufflemamba_jax.prepare --dataset={dataset} --data_dir={builder.data_dir_root}"
+    " --manual_dir=DIR_WITH_ILSVRC2012_TARS"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +200,10 @@ class DatasetInfo:
 def get_dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
   """Number of classes and examples per split of a prepared TFDS dataset."""
   builder = get_builder(dataset, data_dir)
-  return DatasetInfo(num_classes=builder.info.features["label"].num_classes,
-                     split_sizes={name: split.num_examples for name, split in builder.info.splits.items()})
+  return DatasetInfo(
+    num_classes=builder.info.features["label"].num_classes,
+    split_sizes={name: split.num_examples for name, split in builder.info.splits.items()},
+  )
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -210,8 +218,7 @@ def _process_split(split: str, process_index: int, process_count: int):
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
-    raise ValueError(
-        f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}.")
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}.")
   return global_batch_size // process_count
 
 
@@ -271,8 +278,7 @@ def safe_decode_crop(image_bytes, file_name, window_fn):
   window = tf.cast(window_fn(shape), tf.int32)
 
   def decode():
-    image, decoded = tf.py_function(
-        _eager_decode_window, [image_bytes, window, file_name], [tf.uint8, tf.bool])
+    image, decoded = tf.py_function(_eager_decode_window, [image_bytes, window, file_name], [tf.uint8, tf.bool])
     image.set_shape([None, None, 3])
     return image, decoded
 
@@ -296,8 +302,7 @@ def _chunks(file_instructions, records_per_chunk: int):
     if take is None or take < 0:
       take = instruction.examples_in_shard - instruction.skip
     for start in range(0, take, records_per_chunk):
-      chunks.append((os.fspath(instruction.filename), instruction.skip + start,
-                     min(records_per_chunk, take - start)))
+      chunks.append((os.fspath(instruction.filename), instruction.skip + start, min(records_per_chunk, take - start)))
   return chunks
 
 
@@ -313,8 +318,9 @@ class _Window:
   count: int  # Number of examples to emit.
 
 
-def plan_epoch(chunks, epoch: int, seed: int, shard: int, shuffle_buffer: int,
-               examples_per_epoch: int, start_position: int = 0) -> list[_Window]:
+def plan_epoch(
+  chunks, epoch: int, seed: int, shard: int, shuffle_buffer: int, examples_per_epoch: int, start_position: int = 0
+) -> list[_Window]:
   """The windows of one epoch of one data shard, as a pure function of its arguments.
 
   Chunks are permuted by (seed, epoch, shard) and grouped greedily into windows of at
@@ -339,10 +345,18 @@ def plan_epoch(chunks, epoch: int, seed: int, shard: int, shuffle_buffer: int,
     count = min(size, examples_per_epoch - start)
     if start + count > start_position:
       offset = max(0, start_position - start)
-      windows.append(_Window(
-          files=[f for f, _, _ in group], skips=[s for _, s, _ in group],
-          takes=[t for _, _, t in group], epoch=epoch, index=index, start=start, offset=offset,
-          count=count - offset))
+      windows.append(
+        _Window(
+          files=[f for f, _, _ in group],
+          skips=[s for _, s, _ in group],
+          takes=[t for _, _, t in group],
+          epoch=epoch,
+          index=index,
+          start=start,
+          offset=offset,
+          count=count - offset,
+        )
+      )
     start += size
   return windows
 
@@ -363,8 +377,15 @@ def num_data_shards(values: dict[str, Any], global_batch_size: int, process_coun
   return shards
 
 
-def create_train_dataset(config=None, *, global_batch_size: int, start_step: int = 0,
-                         process_index: int = 0, process_count: int = 1, **overrides):
+def create_train_dataset(
+  config=None,
+  *,
+  global_batch_size: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  **overrides,
+):
   """Infinite training stream of local batches, a pure function of (seed, epoch, start_step).
 
   The split is cut into V = `data_shards` shards (0: V = process_count), each an independent
@@ -396,16 +417,15 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
   num_shards = num_data_shards(values, global_batch_size, process_count)
   shard_batch = global_batch_size // num_shards  # Examples per step of one shard.
   shards_per_process = num_shards // process_count
-  local_shards = range(process_index * shards_per_process,
-                       (process_index + 1) * shards_per_process)
+  local_shards = range(process_index * shards_per_process, (process_index + 1) * shards_per_process)
   builder = get_builder(values["dataset"], values["data_dir"])
   split = values["train_split"]
   num_examples = builder.info.splits[split].num_examples
   steps_per_epoch = num_examples // global_batch_size
   if steps_per_epoch == 0:
     raise ValueError(
-        f"global_batch_size={global_batch_size} exceeds the {num_examples} examples of "
-        f"{values['dataset']}:{split}.")
+      f"global_batch_size={global_batch_size} exceeds the {num_examples} examples of {values['dataset']}:{split}."
+    )
   examples_per_epoch = steps_per_epoch * shard_batch  # Of one shard.
   seed, shuffle_buffer, repeats = values["seed"], values["shuffle_buffer"], values["repeated_aug"]
   start_epoch, start_batch = divmod(int(start_step), steps_per_epoch)
@@ -413,9 +433,12 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
 
   def read_window(files, skips, takes, epoch, index, start, offset, count):
     records = tf.data.Dataset.from_tensor_slices((files, skips, takes)).interleave(
-        lambda f, s, t: tf.data.TFRecordDataset(f).skip(s).take(t),
-        cycle_length=16, block_length=16, num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True)
+      lambda f, s, t: tf.data.TFRecordDataset(f).skip(s).take(t),
+      cycle_length=16,
+      block_length=16,
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
     records = records.batch(2**31 - 1).get_single_element()
     return records, epoch, index, start, offset, count
 
@@ -427,15 +450,32 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
     def windows():
       epoch, start_position = start_epoch, start_batch * shard_batch
       while True:
-        for window in plan_epoch(chunks, epoch, seed, shard, shuffle_buffer,
-                                 examples_per_epoch, start_position):
-          yield (window.files, window.skips, window.takes, window.epoch, window.index,
-                 window.start, window.offset, window.count)
+        for window in plan_epoch(chunks, epoch, seed, shard, shuffle_buffer, examples_per_epoch, start_position):
+          yield (
+            window.files,
+            window.skips,
+            window.takes,
+            window.epoch,
+            window.index,
+            window.start,
+            window.offset,
+            window.count,
+          )
         epoch, start_position = epoch + 1, 0
 
-    plan = tf.data.Dataset.from_generator(windows, output_signature=(
-        tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64),
-        tf.TensorSpec([None], tf.int64), int_spec, int_spec, int_spec, int_spec, int_spec))
+    plan = tf.data.Dataset.from_generator(
+      windows,
+      output_signature=(
+        tf.TensorSpec([None], tf.string),
+        tf.TensorSpec([None], tf.int64),
+        tf.TensorSpec([None], tf.int64),
+        int_spec,
+        int_spec,
+        int_spec,
+        int_spec,
+        int_spec,
+      ),
+    )
 
     def expand_window(records, epoch, index, start, offset, count):
       size = tf.shape(records, out_type=tf.int64)[0]
@@ -447,13 +487,13 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
       def example(position_in_window):
         source = position_in_window // repeats  # The copy's original in the permuted window.
         return {
-            "record": tf.gather(records, permutation[source]),
-            # The substitute for a corrupt image (same window): one repeated augmentation
-            # drops, else the next.
-            "backup": tf.gather(records, permutation[(source + backup_shift) % size]),
-            "epoch": epoch,
-            "shard": tf.constant(shard, tf.int64),
-            "position": start + position_in_window,
+          "record": tf.gather(records, permutation[source]),
+          # The substitute for a corrupt image (same window): one repeated augmentation
+          # drops, else the next.
+          "backup": tf.gather(records, permutation[(source + backup_shift) % size]),
+          "epoch": epoch,
+          "shard": tf.constant(shard, tf.int64),
+          "position": start + position_in_window,
         }
 
       return tf.data.Dataset.range(offset, offset + count).map(example)
@@ -474,8 +514,7 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
   def decode_and_augment(element):
     primary = features.deserialize_example(element["record"], decoders=decoders)
     backup = features.deserialize_example(element["backup"], decoders=decoders)
-    example_seed = _fold(tf.constant([seed, 0], tf.int64), element["epoch"], element["shard"],
-                         element["position"])
+    example_seed = _fold(tf.constant([seed, 0], tf.int64), element["epoch"], element["shard"], element["position"])
     crop_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(example_seed, 2))
 
     def window_fn(shape):
@@ -491,11 +530,11 @@ def create_train_dataset(config=None, *, global_batch_size: int, start_step: int
     image, used = tf.cond(ok, lambda: (image, tf.constant(0)), decode_backup)
     use_backup = tf.equal(used, 1)
     return {
-        "image": augment.augment_train_image(image, augment_seed, aug, image_size),
-        "label": tf.cast(tf.where(use_backup, backup["label"], primary["label"]), tf.int32),
-        "example_id": tf.where(use_backup, _example_id(backup), _example_id(primary)),
-        "epoch": element["epoch"],
-        "decoded": used < 2,
+      "image": augment.augment_train_image(image, augment_seed, aug, image_size),
+      "label": tf.cast(tf.where(use_backup, backup["label"], primary["label"]), tf.int32),
+      "example_id": tf.where(use_backup, _example_id(backup), _example_id(primary)),
+      "epoch": element["epoch"],
+      "decoded": used < 2,
     }
 
   streams = [shard_stream(shard) for shard in local_shards]
@@ -527,9 +566,16 @@ def _options():
 # ---------------------------------------------------------------------------------------------
 
 
-def create_eval_dataset(config=None, *, split: str | None = None, global_batch_size: int,
-                        image_size: int | None = None, process_index: int = 0,
-                        process_count: int = 1, **overrides):
+def create_eval_dataset(
+  config=None,
+  *,
+  split: str | None = None,
+  global_batch_size: int,
+  image_size: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  **overrides,
+):
   """Finite evaluation stream of local batches covering `split` once, padded with mask 0.
 
   Every process yields the same number of batches, ceil(ceil(N / process_count) / local_batch),
@@ -557,22 +603,26 @@ def create_eval_dataset(config=None, *, split: str | None = None, global_batch_s
     image, ok = safe_decode_crop(example["image"], example["file_name"], _full_window)
     image = augment.eval_resize_and_center_crop(image, image_size, crop_ratio)
     return {
-        "image": augment.normalize(augment.to_uint8(image), mean, std),
-        "label": tf.cast(example["label"], tf.int32),
-        "mask": tf.cast(ok, tf.float32),
-        "example_id": _example_id(example),
+      "image": augment.normalize(augment.to_uint8(image), mean, std),
+      "label": tf.cast(example["label"], tf.int32),
+      "mask": tf.cast(ok, tf.float32),
+      "example_id": _example_id(example),
     }
 
   dataset = builder.as_dataset(
-      split=process_split, shuffle_files=False,
-      decoders={"image": tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    split=process_split,
+    shuffle_files=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(interleave_cycle_length=1),
+  )
   dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  padding = tf.data.Dataset.from_tensors({
+  padding = tf.data.Dataset.from_tensors(
+    {
       "image": tf.zeros([image_size, image_size, 3], tf.float32),
       "label": tf.constant(0, tf.int32),
       "mask": tf.constant(0.0, tf.float32),
       "example_id": tf.constant(-1, tf.int64),
-  }).repeat(num_batches * local_batch - local_examples)
+    }
+  ).repeat(num_batches * local_batch - local_examples)
   dataset = dataset.concatenate(padding).batch(local_batch, drop_remainder=True)
   return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)

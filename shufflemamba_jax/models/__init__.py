@@ -8,13 +8,13 @@ from shufflemamba_jax.models.variants import VARIANTS, create_model, model_confi
 from shufflemamba_jax.models.vim import VisionMamba, VisionMambaConfig
 
 __all__ = [
-    "VARIANTS",
-    "SettingError",
-    "VisionMamba",
-    "VisionMambaConfig",
-    "create_model",
-    "layer_shuffle_probabilities",
-    "model_config",
-    "sample_token_permutations",
-    "selective_scan",
+  "VARIANTS",
+  "SettingError",
+  "VisionMamba",
+  "VisionMambaConfig",
+  "create_model",
+  "layer_shuffle_probabilities",
+  "model_config",
+  "sample_token_permutations",
+  "selective_scan",
 ]

@@ -19,18 +19,22 @@ from shufflemamba_jax.models import ssm
 
 def uniform_init(bound: float):
   """U(-bound, bound); with bound 1/sqrt(fan_in) it is PyTorch's default Linear/Conv init."""
+
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
 def _dt_bias_init(dt_min=1e-3, dt_max=1e-1, dt_floor=1e-4):
   """Mamba's dt init: softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max]."""
+
   def init(key, shape, dtype=jnp.float32):
     u = jax.random.uniform(key, shape, jnp.float32)
     dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = jnp.maximum(dt, dt_floor)
     return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
   return init
 
 
@@ -57,7 +61,7 @@ class CausalDepthwiseConv1d(nnx.Module):
     out = self.bias[...].astype(self.dtype)
     for k in range(kernel_size):
       start = kernel_size - 1 - k if reverse else k
-      out = out + kernel[k] * padded[:, start:start + length]
+      out = out + kernel[k] * padded[:, start : start + length]
     return out
 
 
@@ -65,19 +69,19 @@ class BiMamba(nnx.Module):
   """Bidirectional selective-SSM token mixer, (batch, length, dim) -> (batch, length, dim)."""
 
   def __init__(
-      self,
-      dim: int,
-      *,
-      d_state: int = 16,
-      d_conv: int = 4,
-      expand: int = 2,
-      dt_rank: int | None = None,
-      num_layers: int = 1,
-      scan_method: str = ssm.DEFAULT_SCAN_METHOD,
-      chunk_size: int = ssm.DEFAULT_CHUNK_SIZE,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
-      rngs: nnx.Rngs,
+    self,
+    dim: int,
+    *,
+    d_state: int = 16,
+    d_conv: int = 4,
+    expand: int = 2,
+    dt_rank: int | None = None,
+    num_layers: int = 1,
+    scan_method: str = ssm.DEFAULT_SCAN_METHOD,
+    chunk_size: int = ssm.DEFAULT_CHUNK_SIZE,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
   ):
     inner = expand * dim
     self.dt_rank = dt_rank or math.ceil(dim / 16)
@@ -89,17 +93,25 @@ class BiMamba(nnx.Module):
     self.in_proj = nnx.Linear(dim, 2 * inner, kernel_init=uniform_init(1 / math.sqrt(dim)), **linear)
     # Mamba rescales the residual-branch output projection by 1/sqrt(depth) (GPT-2 style).
     self.out_proj = nnx.Linear(
-        inner, dim, kernel_init=uniform_init(1 / math.sqrt(inner) / math.sqrt(num_layers)), **linear)
+      inner, dim, kernel_init=uniform_init(1 / math.sqrt(inner) / math.sqrt(num_layers)), **linear
+    )
 
     def direction_params():
       conv = CausalDepthwiseConv1d(inner, d_conv, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-      x_proj = nnx.Linear(inner, self.dt_rank + 2 * d_state,
-                          kernel_init=uniform_init(1 / math.sqrt(inner)), **linear)
-      dt_proj = nnx.Linear(self.dt_rank, inner, use_bias=True, dtype=dtype, param_dtype=param_dtype,
-                           kernel_init=uniform_init(self.dt_rank ** -0.5), bias_init=_dt_bias_init(),
-                           rngs=rngs)
-      a_log = nnx.Param(jnp.broadcast_to(
-          jnp.log(jnp.arange(1, d_state + 1, dtype=jnp.float32)), (inner, d_state)).astype(param_dtype))
+      x_proj = nnx.Linear(inner, self.dt_rank + 2 * d_state, kernel_init=uniform_init(1 / math.sqrt(inner)), **linear)
+      dt_proj = nnx.Linear(
+        self.dt_rank,
+        inner,
+        use_bias=True,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=uniform_init(self.dt_rank**-0.5),
+        bias_init=_dt_bias_init(),
+        rngs=rngs,
+      )
+      a_log = nnx.Param(
+        jnp.broadcast_to(jnp.log(jnp.arange(1, d_state + 1, dtype=jnp.float32)), (inner, d_state)).astype(param_dtype)
+      )
       skip = nnx.Param(jnp.ones((inner,), param_dtype))
       return conv, x_proj, dt_proj, a_log, skip
 
@@ -112,13 +124,22 @@ class BiMamba(nnx.Module):
     # dt_proj's bias enters the scan as delta_bias (inside the softplus), as in the reference.
     delta = dt @ dt_proj.kernel[...].astype(self.dtype)
     return ssm.selective_scan(
-        x, delta, -jnp.exp(a_log[...].astype(jnp.float32)), B, C, skip[...], z=z,
-        delta_bias=dt_proj.bias[...], delta_softplus=True, reverse=reverse,
-        method=self.scan_method, chunk_size=self.chunk_size)
+      x,
+      delta,
+      -jnp.exp(a_log[...].astype(jnp.float32)),
+      B,
+      C,
+      skip[...],
+      z=z,
+      delta_bias=dt_proj.bias[...],
+      delta_softplus=True,
+      reverse=reverse,
+      method=self.scan_method,
+      chunk_size=self.chunk_size,
+    )
 
   def __call__(self, hidden: jax.Array) -> jax.Array:
     x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
     forward = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False)
     backward = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, True)
     return self.out_proj((forward + backward) / 2)
-

@@ -33,9 +33,7 @@ def layer_shuffle_probabilities(depth: int, max_prob: float, schedule: str = "li
   return probs.astype(np.float32)
 
 
-def sample_token_permutations(
-    key: jax.Array, batch_size: int, length: int, prob, group_size: int
-) -> jax.Array:
+def sample_token_permutations(key: jax.Array, batch_size: int, length: int, prob, group_size: int) -> jax.Array:
   """Draws the (batch_size, length) int32 token order of one layer.
 
   Rows are permutations of `range(length)`. Groups of `group_size` consecutive rows share one

@@ -91,19 +91,19 @@ def _scan_chunked(u, delta, A, B, C, reverse, chunk_size):
 
 
 def selective_scan(
-    u: jax.Array,
-    delta: jax.Array,
-    A: jax.Array,
-    B: jax.Array,
-    C: jax.Array,
-    D: jax.Array | None = None,
-    z: jax.Array | None = None,
-    delta_bias: jax.Array | None = None,
-    delta_softplus: bool = False,
-    *,
-    reverse: bool = False,
-    method: str = DEFAULT_SCAN_METHOD,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+  u: jax.Array,
+  delta: jax.Array,
+  A: jax.Array,
+  B: jax.Array,
+  C: jax.Array,
+  D: jax.Array | None = None,
+  z: jax.Array | None = None,
+  delta_bias: jax.Array | None = None,
+  delta_softplus: bool = False,
+  *,
+  reverse: bool = False,
+  method: str = DEFAULT_SCAN_METHOD,
+  chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> jax.Array:
   """Runs the selective SSM `h_l = exp(delta_l A) h_{l-1} + delta_l B_l u_l; y_l = C_l h_l + D u_l`.
 

@@ -118,7 +118,9 @@ def resize_pos_embed_table(pos_embed, new_grid, token_layout: str) -> jax.Array:
   patches = shape[0] - extra if len(shape) == 2 else 0
   side = math.isqrt(max(patches, 0))
   if patches < 1 or side * side != patches:
-    raise ValueError(f"cannot infer the square patch grid of a pos_embed of shape {shape} "
-                     f"with token_layout {token_layout!r}")
-  return resize_position_embedding(pos_embed, old_grid=(side, side), new_grid=tuple(new_grid),
-                                   token_layout=token_layout)
+    raise ValueError(
+      f"cannot infer the square patch grid of a pos_embed of shape {shape} with token_layout {token_layout!r}"
+    )
+  return resize_position_embedding(
+    pos_embed, old_grid=(side, side), new_grid=tuple(new_grid), token_layout=token_layout
+  )

@@ -14,18 +14,18 @@ _SHUFFLE = dict(token_layout="head", slws_max_prob=0.5)
 _REG = dict(token_layout="registers", slws_max_prob=0.1)
 
 VARIANTS: dict[str, dict] = {
-    "vim_tiny": dict(embed_dim=192, depth=24, **_VIM),
-    "vim_small": dict(embed_dim=384, depth=24, **_VIM),
-    "vim_base": dict(embed_dim=768, depth=24, **_VIM),
-    "shufflemamba_tiny": dict(embed_dim=192, depth=24, **_SHUFFLE),
-    "shufflemamba_small": dict(embed_dim=384, depth=24, **_SHUFFLE),
-    "shufflemamba_middle": dict(embed_dim=576, depth=32, norm="layernorm", **_SHUFFLE),
-    "shufflemamba_base": dict(embed_dim=768, depth=24, **_SHUFFLE),
-    "shufflemamba_large": dict(embed_dim=1024, depth=48, **_SHUFFLE),
-    "shufflemamba_reg_tiny": dict(embed_dim=192, depth=24, num_registers=12, cls_reduce=1, **_REG),
-    "shufflemamba_reg_small": dict(embed_dim=384, depth=24, num_registers=12, cls_reduce=2, **_REG),
-    "shufflemamba_reg_base": dict(embed_dim=768, depth=24, num_registers=12, cls_reduce=4, **_REG),
-    "shufflemamba_reg_large": dict(embed_dim=1024, depth=48, num_registers=16, cls_reduce=8, **_REG),
+  "vim_tiny": dict(embed_dim=192, depth=24, **_VIM),
+  "vim_small": dict(embed_dim=384, depth=24, **_VIM),
+  "vim_base": dict(embed_dim=768, depth=24, **_VIM),
+  "shufflemamba_tiny": dict(embed_dim=192, depth=24, **_SHUFFLE),
+  "shufflemamba_small": dict(embed_dim=384, depth=24, **_SHUFFLE),
+  "shufflemamba_middle": dict(embed_dim=576, depth=32, norm="layernorm", **_SHUFFLE),
+  "shufflemamba_base": dict(embed_dim=768, depth=24, **_SHUFFLE),
+  "shufflemamba_large": dict(embed_dim=1024, depth=48, **_SHUFFLE),
+  "shufflemamba_reg_tiny": dict(embed_dim=192, depth=24, num_registers=12, cls_reduce=1, **_REG),
+  "shufflemamba_reg_small": dict(embed_dim=384, depth=24, num_registers=12, cls_reduce=2, **_REG),
+  "shufflemamba_reg_base": dict(embed_dim=768, depth=24, num_registers=12, cls_reduce=4, **_REG),
+  "shufflemamba_reg_large": dict(embed_dim=1024, depth=48, num_registers=16, cls_reduce=8, **_REG),
 }
 
 CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(VisionMambaConfig))
@@ -46,8 +46,9 @@ def model_config(variant: str, *, num_classes: int = 1000, img_size: int = 224, 
   return VisionMambaConfig(**settings)
 
 
-def create_model(variant: str, *, rngs: nnx.Rngs, num_classes: int = 1000, img_size: int = 224,
-                 **overrides) -> VisionMamba:
+def create_model(
+  variant: str, *, rngs: nnx.Rngs, num_classes: int = 1000, img_size: int = 224, **overrides
+) -> VisionMamba:
   """Builds a named variant (see VARIANTS), e.g. `create_model("shufflemamba_base", rngs=nnx.Rngs(0))`.
 
   `overrides` change any VisionMambaConfig field (depth, embed_dim, patch_size, num_registers,

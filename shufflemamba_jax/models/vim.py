@@ -23,9 +23,9 @@ from shufflemamba_jax.parallel import sharding
 NORMS = ("rmsnorm", "layernorm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 # The stacked blocks: every parameter under this attribute has a leading (depth,) axis.
 LAYERS = "layers"
@@ -66,8 +66,19 @@ class VisionMambaConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    for name in ("img_size", "patch_size", "num_classes", "embed_dim", "depth", "d_state", "d_conv",
-                 "expand", "cls_reduce", "chunk_size", "slws_group_size"):
+    for name in (
+      "img_size",
+      "patch_size",
+      "num_classes",
+      "embed_dim",
+      "depth",
+      "d_state",
+      "d_conv",
+      "expand",
+      "cls_reduce",
+      "chunk_size",
+      "slws_group_size",
+    ):
       checks.integer(name, getattr(self, name))
     if self.img_size % self.patch_size:
       raise checks.SettingError("img_size", self.img_size, f"must be divisible by patch_size {self.patch_size}")
@@ -81,8 +92,9 @@ class VisionMambaConfig:
         raise checks.SettingError("cls_reduce", self.cls_reduce, f"must divide embed_dim {self.embed_dim}")
       tokens.extra_token_indices(self.num_patches, "registers", self.num_registers)
     elif self.num_registers:
-      raise checks.SettingError("num_registers", self.num_registers,
-                                f"needs token_layout 'registers', not {self.token_layout!r}")
+      raise checks.SettingError(
+        "num_registers", self.num_registers, f"needs token_layout 'registers', not {self.token_layout!r}"
+      )
     checks.one_of("norm", self.norm, NORMS)
     checks.number("drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
     slws.layer_shuffle_probabilities(self.depth, self.slws_max_prob, self.slws_schedule)
@@ -119,8 +131,14 @@ class VisionMambaConfig:
 
 def classification_head(config: VisionMambaConfig, rngs: nnx.Rngs) -> nnx.Linear:
   """The freshly initialized head, (head_features -> num_classes), float32 (SPEC §2: normal 0.02)."""
-  return nnx.Linear(config.head_features, config.num_classes, kernel_init=nnx.initializers.normal(0.02),
-                    dtype=jnp.float32, param_dtype=DTYPES[config.param_dtype], rngs=rngs)
+  return nnx.Linear(
+    config.head_features,
+    config.num_classes,
+    kernel_init=nnx.initializers.normal(0.02),
+    dtype=jnp.float32,
+    param_dtype=DTYPES[config.param_dtype],
+    rngs=rngs,
+  )
 
 
 def _norm(config: VisionMambaConfig, dim: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -135,10 +153,18 @@ class Block(nnx.Module):
   def __init__(self, config: VisionMambaConfig, *, rngs: nnx.Rngs):
     self.norm = _norm(config, config.embed_dim, rngs)
     self.mixer = BiMamba(
-        config.embed_dim, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
-        dt_rank=config.dt_rank, num_layers=config.depth, scan_method=config.scan_method,
-        chunk_size=config.chunk_size, dtype=DTYPES[config.dtype], param_dtype=DTYPES[config.param_dtype],
-        rngs=rngs)
+      config.embed_dim,
+      d_state=config.d_state,
+      d_conv=config.d_conv,
+      expand=config.expand,
+      dt_rank=config.dt_rank,
+      num_layers=config.depth,
+      scan_method=config.scan_method,
+      chunk_size=config.chunk_size,
+      dtype=DTYPES[config.dtype],
+      param_dtype=DTYPES[config.param_dtype],
+      rngs=rngs,
+    )
 
 
 def _drop_path(x: jax.Array, rate, key: jax.Array) -> jax.Array:
@@ -163,8 +189,16 @@ class VisionMamba(nnx.Module):
     # deviations: it is a plain normal.
     normal = nnx.initializers.normal(0.02)
     self.patch_embed = nnx.Conv(
-        3, dim, kernel_size=(config.patch_size,) * 2, strides=(config.patch_size,) * 2, padding="VALID",
-        kernel_init=nnx.initializers.lecun_normal(), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      3,
+      dim,
+      kernel_size=(config.patch_size,) * 2,
+      strides=(config.patch_size,) * 2,
+      padding="VALID",
+      kernel_init=nnx.initializers.lecun_normal(),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     n_extra = config.num_extra_tokens
     self.cls_token = nnx.Param(normal(rngs.params(), (n_extra, dim), param_dtype))
     if config.token_layout == "registers":
@@ -181,14 +215,23 @@ class VisionMamba(nnx.Module):
     self.layers = make_layers(rngs)
     self.norm_f = _norm(config, dim, rngs)
     if config.has_neck:
-      self.neck = nnx.Linear(dim, dim // config.cls_reduce, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                             kernel_init=uniform_init(1 / math.sqrt(dim)), rngs=rngs)
-      self.norm_neck = nnx.RMSNorm(config.head_features, epsilon=config.norm_eps, dtype=jnp.float32,
-                                   param_dtype=param_dtype, rngs=rngs)
+      self.neck = nnx.Linear(
+        dim,
+        dim // config.cls_reduce,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=uniform_init(1 / math.sqrt(dim)),
+        rngs=rngs,
+      )
+      self.norm_neck = nnx.RMSNorm(
+        config.head_features, epsilon=config.norm_eps, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs
+      )
     self.head = classification_head(config, rngs)
     # Per-layer schedules are static tuples (not arrays), so they are no part of the model state.
-    self.shuffle_probs = tuple(map(float, slws.layer_shuffle_probabilities(
-        config.depth, config.slws_max_prob, config.slws_schedule)))
+    self.shuffle_probs = tuple(
+      map(float, slws.layer_shuffle_probabilities(config.depth, config.slws_max_prob, config.slws_schedule))
+    )
     rates = np.linspace(0.0, config.drop_path_rate, config.depth)
     # The reference drops block i-1's output inside block i with rate [0] + rates; the last
     # block's output is dropped at the final add with the full rate.
@@ -201,7 +244,8 @@ class VisionMamba(nnx.Module):
       patch_pos = tokens.resize_patch_positions(self.pos_embed[...], config.grid, grid)
       return tokens.insert_extra_tokens(patch_pos[None], self.pos_embed_cls[...][None], "registers")[0]
     return tokens.resize_position_embedding(
-        self.pos_embed[...], old_grid=config.grid, new_grid=grid, token_layout=config.token_layout)
+      self.pos_embed[...], old_grid=config.grid, new_grid=grid, token_layout=config.token_layout
+    )
 
   def embed(self, images: jax.Array) -> jax.Array:
     """Images (batch, H, W, 3) -> token sequence (batch, length, D) with positions added."""
@@ -242,7 +286,8 @@ class VisionMamba(nnx.Module):
       # input: the norm, the residual add and drop path act token by token, and gathers are exact.
       if shuffle:
         order = slws.sample_token_permutations(
-            jax.random.fold_in(shuffle_key, index), batch, length, prob, config.slws_group_size)
+          jax.random.fold_in(shuffle_key, index), batch, length, prob, config.slws_group_size
+        )
         mixer_in = slws.permute_tokens(mixer_in, order)
       out = block.mixer(mixer_in)
       if shuffle:
@@ -252,8 +297,12 @@ class VisionMamba(nnx.Module):
 
     if config.remat:
       block_step = jax.checkpoint(block_step, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
-    xs = (layer_state, jnp.arange(config.depth), jnp.asarray(self.shuffle_probs, jnp.float32),
-          jnp.asarray(self.block_drop_rates, jnp.float32))
+    xs = (
+      layer_state,
+      jnp.arange(config.depth),
+      jnp.asarray(self.shuffle_probs, jnp.float32),
+      jnp.asarray(self.block_drop_rates, jnp.float32),
+    )
     residual = jnp.zeros(hidden.shape, jnp.float32)
     (hidden, residual), _ = jax.lax.scan(block_step, (hidden, residual), xs)
     if drop_path:
@@ -272,4 +321,3 @@ class VisionMamba(nnx.Module):
     else:
       extras = extras.reshape(extras.shape[0], -1)
     return self.head(extras.astype(jnp.float32))
-

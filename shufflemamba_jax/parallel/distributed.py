@@ -12,8 +12,11 @@ import os
 
 import jax
 
-_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
-        "process_id": "JAX_PROCESS_ID"}
+_ENV = {
+  "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+  "num_processes": "JAX_NUM_PROCESSES",
+  "process_id": "JAX_PROCESS_ID",
+}
 
 
 def _settings(coordinator_address, num_processes, process_id, environ) -> dict:
@@ -48,13 +51,15 @@ def _on_cloud_tpu_vm() -> bool:
   # Plain TPU VMs set no telling variable; JAX asks the metadata server (instant elsewhere).
   try:
     from jax._src.clusters import cloud_tpu_cluster
+
     return bool(cloud_tpu_cluster.GceTpuCluster.is_env_present())
   except Exception:  # A private JAX module: if it moves, fall back to the variables above.
     return False
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, environ=None) -> bool:
+def initialize(
+  coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None, environ=None
+) -> bool:
   """Initializes jax.distributed when the run spans processes; returns whether it did."""
   environ = os.environ if environ is None else environ
   settings = _settings(coordinator_address, num_processes, process_id, environ)
@@ -72,6 +77,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize()
   else:
     return False
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+    "process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True

@@ -33,12 +33,13 @@ def mesh_shape(data: int, fsdp: int, num_devices: int | None = None) -> tuple[in
   known = math.prod(size for size in sizes.values() if size != -1)
   if free:
     if num_devices % known:
-      raise ValueError(f"{num_devices} devices do not divide by the fixed mesh axes "
-                       f"(product {known}) of mesh {sizes}")
+      raise ValueError(f"{num_devices} devices do not divide by the fixed mesh axes (product {known}) of mesh {sizes}")
     sizes[free[0]] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} "
-                     f"needs {math.prod(sizes.values())} devices, but there are {num_devices}")
+    raise ValueError(
+      f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} "
+      f"needs {math.prod(sizes.values())} devices, but there are {num_devices}"
+    )
   return sizes["data"], sizes["fsdp"]
 
 
@@ -46,7 +47,7 @@ def create_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   """Builds the ("data", "fsdp") mesh over all (or the given, or the first N) devices."""
   devices = jax.devices() if devices is None else list(devices)
   if -1 not in (data, fsdp) and 0 < data * fsdp < len(devices):
-    devices = devices[:data * fsdp]  # An explicit smaller mesh uses the first devices.
+    devices = devices[: data * fsdp]  # An explicit smaller mesh uses the first devices.
   shape = mesh_shape(data, fsdp, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
@@ -64,7 +65,7 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
   return P()
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = 2 ** 16) -> Any:
+def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = 2**16) -> Any:
   """NamedShardings for a pytree of arrays (parameters, optimizer state, EMA) under FSDP rules."""
   fsdp_size = mesh.shape["fsdp"]
 
@@ -88,9 +89,11 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, name: str = "batch_size
   """Fails fast, naming the setting, when the global batch does not split over the batch axes."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_batch % shards:
-    raise ValueError(f"{name}={global_batch} does not divide by the {shards} batch shards "
-                     f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}, "
-                     f"{jax.device_count()} devices)")
+    raise ValueError(
+      f"{name}={global_batch} does not divide by the {shards} batch shards "
+      f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}, "
+      f"{jax.device_count()} devices)"
+    )
   if global_batch % jax.process_count():
     raise ValueError(f"{name}={global_batch} does not divide by the {jax.process_count()} processes")
 
@@ -98,8 +101,9 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, name: str = "batch_size
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's slice of the batch into global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
-  return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-          for name, value in local_batch.items()}
+  return {
+    name: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for name, value in local_batch.items()
+  }
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:

@@ -14,13 +14,13 @@ import jax
 import numpy as np
 from etils import epath
 
-METRICS_FILE = 'metrics.jsonl'
+METRICS_FILE = "metrics.jsonl"
 
 
 def _to_python(value: Any):
   value = np.asarray(jax.device_get(value))
   if value.ndim != 0:
-    raise ValueError(f'metrics must be scalars, got shape {value.shape}.')
+    raise ValueError(f"metrics must be scalars, got shape {value.shape}.")
   value = value.item()
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)  # JSON has no NaN/Inf; keep them readable instead of invalid JSON.
@@ -39,27 +39,30 @@ class MetricWriter:
       if tensorboard:
         import tensorflow as tf  # Lazy: only the training path needs TensorFlow.
         from tensorflow.core.framework import summary_pb2
+
         self._tf = tf
         # tf.summary.scalar lives in the `tensorboard` package, which tensorflow-cpu does not
         # install; the core tf.summary.write with the scalars plugin tag gives the same events.
         self._scalar_metadata = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
-        self._summary_writer = tf.summary.create_file_writer(str(epath.Path(workdir) / 'tensorboard'))
+          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        )
+        self._summary_writer = tf.summary.create_file_writer(str(epath.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
     """Writes scalar `metrics` at `step`; returns the record as Python numbers."""
-    record = {'step': int(step)}
+    record = {"step": int(step)}
     record.update({name: _to_python(value) for name, value in metrics.items()})
     if not self.enabled:
       return record
-    with self.path.open('a') as f:
-      f.write(json.dumps(record) + '\n')
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
     if self._summary_writer is not None:
       with self._summary_writer.as_default():
         for name, value in record.items():
-          if name != 'step' and isinstance(value, (int, float)):
-            self._tf.summary.write(name, self._tf.constant(float(value), self._tf.float32),
-                                   step=int(step), metadata=self._scalar_metadata)
+          if name != "step" and isinstance(value, (int, float)):
+            self._tf.summary.write(
+              name, self._tf.constant(float(value), self._tf.float32), step=int(step), metadata=self._scalar_metadata
+            )
       self._summary_writer.flush()
     return record
 

@@ -72,8 +72,7 @@ def box_mask(box, height: int, width: int) -> jax.Array:
   return (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
 
 
-def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: int,
-              settings: MixupSettings):
+def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: int, settings: MixupSettings):
   """Mixes a batch; returns (images, soft targets, lam).
 
   Args:
@@ -97,10 +96,8 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *, num_class
     use_cutmix = jax.random.uniform(key_switch) < settings.mixup_switch_prob
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  lam_mixup = (jax.random.beta(key_mixup, mixup_alpha, mixup_alpha)
-               if mixup_alpha > 0 else jnp.ones(()))
-  lam_cutmix = (jax.random.beta(key_cutmix, cutmix_alpha, cutmix_alpha)
-                if cutmix_alpha > 0 else jnp.ones(()))
+  lam_mixup = jax.random.beta(key_mixup, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.ones(())
+  lam_cutmix = jax.random.beta(key_cutmix, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.ones(())
   box = cutmix_box(key_box, lam_cutmix, height, width)
   inside = box_mask(box, height, width)
   lam_box = 1.0 - jnp.sum(inside) / (height * width)
@@ -108,9 +105,10 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *, num_class
   flipped = images[::-1]
   lam_mixup_images = lam_mixup.astype(images.dtype)
   mixed = jnp.where(
-      use_cutmix,
-      jnp.where(inside[None, :, :, None], flipped, images),
-      images * lam_mixup_images + flipped * (1 - lam_mixup_images))
+    use_cutmix,
+    jnp.where(inside[None, :, :, None], flipped, images),
+    images * lam_mixup_images + flipped * (1 - lam_mixup_images),
+  )
   lam = jnp.where(use_cutmix, lam_box, lam_mixup).astype(jnp.float32)
   lam = jnp.where(apply, lam, 1.0)
   images = jnp.where(apply, mixed, images)

@@ -53,14 +53,19 @@ class OptimizerSettings:
     return cls(**{field.name: config[field.name] for field in dataclasses.fields(cls)})
 
 
-def learning_rate_schedule(settings: OptimizerSettings, *, batch_size: int, steps_per_epoch: int,
-                           total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(
+  settings: OptimizerSettings, *, batch_size: int, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
   """Learning rate per optimizer step (0-based), float32: warmup, then cosine to min_lr (held)."""
   peak = settings.lr * batch_size / 512.0 if settings.lr_scale_batch else settings.lr
   warmup = min(round(settings.warmup_epochs * steps_per_epoch), total_steps)
   return optax.warmup_cosine_decay_schedule(
-      init_value=settings.warmup_lr, peak_value=peak, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=settings.min_lr)
+    init_value=settings.warmup_lr,
+    peak_value=peak,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=settings.min_lr,
+  )
 
 
 def decays(path: tuple[str, ...], ndim: int) -> bool:
@@ -82,8 +87,14 @@ def weight_decay_mask(params: Any):
 
 def create_optimizer(settings: OptimizerSettings, schedule: optax.Schedule) -> optax.GradientTransformation:
   """AdamW (decoupled decay, masked by `weight_decay_mask`) after optional global-norm clipping."""
-  adamw = optax.adamw(learning_rate=schedule, b1=settings.b1, b2=settings.b2, eps=settings.eps,
-                      weight_decay=settings.weight_decay, mask=weight_decay_mask)
+  adamw = optax.adamw(
+    learning_rate=schedule,
+    b1=settings.b1,
+    b2=settings.b2,
+    eps=settings.eps,
+    weight_decay=settings.weight_decay,
+    mask=weight_decay_mask,
+  )
   if not settings.grad_clip:
     return adamw
   return optax.chain(optax.clip_by_global_norm(settings.grad_clip), adamw)

@@ -30,18 +30,29 @@ def split_model(model: nnx.Module):
 def init_train_state(params, tx: optax.GradientTransformation, *, ema_decay: float) -> dict:
   """The train state (see the module docstring) at step 0 for `params`."""
   return {
-      "step": jnp.zeros((), jnp.int32),
-      "params": params,
-      "opt_state": tx.init(params),
-      "ema": jax.tree.map(jnp.copy, params) if ema_decay > 0 else None,
-      "nonfinite_step": jnp.full((), -1, jnp.int32),
+    "step": jnp.zeros((), jnp.int32),
+    "params": params,
+    "opt_state": tx.init(params),
+    "ema": jax.tree.map(jnp.copy, params) if ema_decay > 0 else None,
+    "nonfinite_step": jnp.full((), -1, jnp.int32),
   }
 
 
-def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: Callable, *,
-                    num_classes: int, seed: int, mixup_settings: mixup.MixupSettings,
-                    grad_accum_steps: int = 1, ema_decay: float = 0.0, donate: bool = True,
-                    state_shardings=None, batch_sharding=None):
+def make_train_step(
+  graphdef,
+  rest,
+  tx: optax.GradientTransformation,
+  schedule: Callable,
+  *,
+  num_classes: int,
+  seed: int,
+  mixup_settings: mixup.MixupSettings,
+  grad_accum_steps: int = 1,
+  ema_decay: float = 0.0,
+  donate: bool = True,
+  state_shardings=None,
+  batch_sharding=None,
+):
   """Returns `train_step(state, batch) -> (state, metrics)`, one jitted pure function.
 
   batch: {"image": (batch, H, W, 3) float32, "label": (batch,) int32} (global batch on the
@@ -63,16 +74,18 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
     step = state["step"]
     mix_key, model_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), step))
     labels = batch["label"]
-    images, targets, _ = mixup.mix_batch(mix_key, batch["image"], labels, num_classes=num_classes,
-                                         settings=mixup_settings)
+    images, targets, _ = mixup.mix_batch(
+      mix_key, batch["image"], labels, num_classes=num_classes, settings=mixup_settings
+    )
     params = state["params"]
 
     if grad_accum_steps == 1:
       (loss, logits), grads = grad_fn(params, images, targets, model_key)
     else:
       batch_size = images.shape[0]
-      micro_batches = [x.reshape((grad_accum_steps, batch_size // grad_accum_steps) + x.shape[1:])
-                       for x in (images, targets)]
+      micro_batches = [
+        x.reshape((grad_accum_steps, batch_size // grad_accum_steps) + x.shape[1:]) for x in (images, targets)
+      ]
 
       def accumulate(carry, xs):
         grad_sum, loss_sum = carry
@@ -82,7 +95,8 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
 
       zeros = jax.tree.map(jnp.zeros_like, params)
       (grad_sum, loss_sum), logits = jax.lax.scan(
-          accumulate, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(grad_accum_steps), *micro_batches))
+        accumulate, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(grad_accum_steps), *micro_batches)
+      )
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
       loss = loss_sum / grad_accum_steps
       logits = logits.reshape((batch_size,) + logits.shape[2:])
@@ -92,15 +106,15 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
     ema = state["ema"]
     if ema is not None:
       ema = optax.incremental_update(new_params, ema, step_size=1.0 - ema_decay)
-    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~jnp.isfinite(loss), step,
-                               state["nonfinite_step"])
-    new_state = dict(state, step=step + 1, params=new_params, opt_state=opt_state, ema=ema,
-                     nonfinite_step=nonfinite_step)
+    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~jnp.isfinite(loss), step, state["nonfinite_step"])
+    new_state = dict(
+      state, step=step + 1, params=new_params, opt_state=opt_state, ema=ema, nonfinite_step=nonfinite_step
+    )
     metrics = {
-        "loss": loss,
-        "train_top1": jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)),
-        "grad_norm": optax.tree.norm(grads),
-        "lr": schedule(step),
+      "loss": loss,
+      "train_top1": jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)),
+      "grad_norm": optax.tree.norm(grads),
+      "lr": schedule(step),
     }
     return new_state, metrics
 
@@ -109,8 +123,12 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
     return jax.jit(train_step, donate_argnums=donate_argnums)
   # Explicit shardings: the state keeps its FSDP layout step after step, metrics are replicated.
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, replicated), donate_argnums=donate_argnums)
+  return jax.jit(
+    train_step,
+    in_shardings=(state_shardings, batch_sharding),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=donate_argnums,
+  )
 
 
 def make_eval_step(graphdef, rest):
@@ -128,8 +146,12 @@ def make_eval_step(graphdef, rest):
     top1 = (top_k[:, 0] == labels).astype(jnp.float32)
     top5 = jnp.any(top_k == labels[:, None], axis=-1).astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    return {"top1": jnp.sum(top1 * mask), "top5": jnp.sum(top5 * mask), "loss": jnp.sum(loss * mask),
-            "count": jnp.sum(mask)}
+    return {
+      "top1": jnp.sum(top1 * mask),
+      "top5": jnp.sum(top5 * mask),
+      "loss": jnp.sum(loss * mask),
+      "count": jnp.sum(mask),
+    }
 
   return jax.jit(eval_step)
 
@@ -145,5 +167,9 @@ def run_evaluation(eval_step, params, batches, to_device=None) -> dict:
     for name in totals:
       totals[name] += float(sums[name])
   count = max(totals["count"], 1.0)
-  return {"top1": totals["top1"] / count, "top5": totals["top5"] / count, "loss": totals["loss"] / count,
-          "count": totals["count"]}
+  return {
+    "top1": totals["top1"] / count,
+    "top5": totals["top5"] / count,
+    "loss": totals["loss"] / count,
+    "count": totals["count"],
+  }

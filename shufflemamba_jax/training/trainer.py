@@ -32,8 +32,11 @@ from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 from shufflemamba_jax.weights import params as params_lib
 
 # Model settings whose config field is not `model.<name>`.
-_MODEL_CONFIG_FIELDS = {"img_size": "image_size", "variant": "model.variant",
-                        **{f"slws_{name}": f"model.slws.{name}" for name in ("max_prob", "schedule", "group_size")}}
+_MODEL_CONFIG_FIELDS = {
+  "img_size": "image_size",
+  "variant": "model.variant",
+  **{f"slws_{name}": f"model.slws.{name}" for name in ("max_prob", "schedule", "group_size")},
+}
 
 
 def model_config_from(config, num_classes: int | None = None) -> vim.VisionMambaConfig:
@@ -41,8 +44,9 @@ def model_config_from(config, num_classes: int | None = None) -> vim.VisionMamba
 
   A bad value raises a SettingError naming the config field (e.g. config.model.slws.max_prob).
   """
-  overrides = {name: value for name, value in config.model.items()
-               if name not in ("variant", "slws") and value is not None}
+  overrides = {
+    name: value for name, value in config.model.items() if name not in ("variant", "slws") and value is not None
+  }
   overrides.update({f"slws_{name}": value for name, value in config.model.slws.items() if value is not None})
   if num_classes is not None:
     overrides["num_classes"] = num_classes
@@ -65,31 +69,43 @@ class Settings:
   @classmethod
   def from_config(cls, config) -> Settings:
     """Builds every part of a run from a training config; raises SettingError on a bad value."""
-    for name in ("batch_size", "eval_batch_size", "log_every_steps", "eval_every_steps",
-                 "checkpoint_every_steps", "grad_accum_steps"):
+    for name in (
+      "batch_size",
+      "eval_batch_size",
+      "log_every_steps",
+      "eval_every_steps",
+      "checkpoint_every_steps",
+      "grad_accum_steps",
+    ):
       checks.integer(f"config.{name}", config[name])
     if config.total_steps is not None:
       checks.integer("config.total_steps", config.total_steps)
     elif not checks.number("config.num_epochs", config.num_epochs):
       raise checks.SettingError("config.num_epochs", config.num_epochs, "must be > 0 when total_steps is not set")
     if config.batch_size % config.grad_accum_steps:
-      raise checks.SettingError("config.grad_accum_steps", config.grad_accum_steps,
-                                f"must divide config.batch_size={config.batch_size}")
+      raise checks.SettingError(
+        "config.grad_accum_steps", config.grad_accum_steps, f"must divide config.batch_size={config.batch_size}"
+      )
     checkpoint_lib.check_keep_policy(config.keep_checkpoints, config.keep_best_checkpoints, config.best_metric)
     if config.keep_best_checkpoints and config.best_metric.startswith("ema_") and not config.ema_decay:
       raise checks.SettingError("config.best_metric", config.best_metric, "needs the EMA (config.ema_decay > 0)")
     data = pipeline.settings(config)
     pipeline.num_data_shards(data, config.batch_size, jax.process_count())
-    return cls(model=model_config_from(config), data=data, optimizer=optim.OptimizerSettings.from_config(config),
-               mixup=mixup.MixupSettings.from_config(config))
+    return cls(
+      model=model_config_from(config),
+      data=data,
+      optimizer=optim.OptimizerSettings.from_config(config),
+      mixup=mixup.MixupSettings.from_config(config),
+    )
 
 
 def _raise_if_nonfinite(state, step: int):
   bad = int(jax.device_get(state["nonfinite_step"]))
   if bad >= 0:
     raise FloatingPointError(
-        f"Non-finite (NaN/Inf) training loss at step {bad} (detected by step {step}); stopping. "
-        "Lower the learning rate (config.lr) or enable clipping (config.grad_clip).")
+      f"Non-finite (NaN/Inf) training loss at step {bad} (detected by step {step}); stopping. "
+      "Lower the learning rate (config.lr) or enable clipping (config.grad_clip)."
+    )
 
 
 def init_params_from(path: str, params, config: vim.VisionMambaConfig, *, option: str = "config.init_from"):
@@ -119,8 +135,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   info = pipeline.get_dataset_info(config.dataset, config.data_dir)
   num_train = info.split_sizes[config.train_split]
   if config.batch_size > num_train:
-    raise checks.SettingError("config.batch_size", config.batch_size,
-                              f"exceeds the {num_train} examples of {config.dataset}:{config.train_split}")
+    raise checks.SettingError(
+      "config.batch_size",
+      config.batch_size,
+      f"exceeds the {num_train} examples of {config.dataset}:{config.train_split}",
+    )
   epoch_steps = num_train // config.batch_size  # The pipeline drops the remainder: static shapes.
   total_steps = config.total_steps or math.ceil(config.num_epochs * epoch_steps)
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
@@ -129,8 +148,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---- Model, optimizer and train state ----------------------------------------------------
   model_config = dataclasses.replace(settings.model, num_classes=info.num_classes)
-  schedule = optim.learning_rate_schedule(settings.optimizer, batch_size=config.batch_size,
-                                          steps_per_epoch=epoch_steps, total_steps=total_steps)
+  schedule = optim.learning_rate_schedule(
+    settings.optimizer, batch_size=config.batch_size, steps_per_epoch=epoch_steps, total_steps=total_steps
+  )
   tx = optim.create_optimizer(settings.optimizer, schedule)
   ema_decay = settings.optimizer.ema_decay
 
@@ -145,46 +165,69 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Created, restored and updated already sharded: FSDP over the mesh, never whole on one device.
   state_shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
   abstract_state = jax.tree.map(
-      lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-      abstract_state, state_shardings)
+    lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), abstract_state, state_shardings
+  )
 
   # ---- Checkpoint: resume or start -------------------------------------------------------
   checkpointer = checkpoint_lib.Checkpointer(
-      checkpoint_lib.checkpoint_directory(workdir), keep=config.keep_checkpoints,
-      keep_best=config.keep_best_checkpoints, best_metric=config.best_metric,
-      save_every_steps=config.checkpoint_every_steps, async_save=config.async_checkpointing)
+    checkpoint_lib.checkpoint_directory(workdir),
+    keep=config.keep_checkpoints,
+    keep_best=config.keep_best_checkpoints,
+    best_metric=config.best_metric,
+    save_every_steps=config.checkpoint_every_steps,
+    async_save=config.async_checkpointing,
+  )
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(abstract_state)
     logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state["step"]))
     saved_processes = meta.get("process_count", jax.process_count())
     if saved_processes != jax.process_count() and not config.data_shards:
       logging.warning(
-          "The checkpoint was written by %d processes, this run has %d: with config.data_shards "
-          "= 0 (one shard per process) the rest of this epoch sees other examples. Set "
-          "config.data_shards to a fixed multiple of both to keep the data order.",
-          saved_processes, jax.process_count())
+        "The checkpoint was written by %d processes, this run has %d: with config.data_shards "
+        "= 0 (one shard per process) the rest of this epoch sees other examples. Set "
+        "config.data_shards to a fixed multiple of both to keep the data order.",
+        saved_processes,
+        jax.process_count(),
+      )
   else:
     state = jax.jit(initial_state, out_shardings=state_shardings)()
     if config.init_from:
-      state["params"] = jax.device_put(init_params_from(config.init_from, state["params"], model_config),
-                                       state_shardings["params"])
+      state["params"] = jax.device_put(
+        init_params_from(config.init_from, state["params"], model_config), state_shardings["params"]
+      )
       if state["ema"] is not None:
         state["ema"] = jax.tree.map(jnp.copy, state["params"])
   start_step = int(jax.device_get(state["step"]))
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
-  logging.info("Model %s: %d parameters; %d steps (%d per epoch), global batch %d.",
-               config.model.variant, num_params, total_steps, epoch_steps, config.batch_size)
+  logging.info(
+    "Model %s: %d parameters; %d steps (%d per epoch), global batch %d.",
+    config.model.variant,
+    num_params,
+    total_steps,
+    epoch_steps,
+    config.batch_size,
+  )
 
   # ---- Steps, data and metrics -----------------------------------------------------------
   batch_sharding = sharding.batch_sharding(mesh)
   train_step = steps.make_train_step(
-      graphdef, rest, tx, schedule, num_classes=info.num_classes, seed=config.seed,
-      mixup_settings=settings.mixup, grad_accum_steps=config.grad_accum_steps, ema_decay=ema_decay,
-      state_shardings=state_shardings, batch_sharding=batch_sharding)
+    graphdef,
+    rest,
+    tx,
+    schedule,
+    num_classes=info.num_classes,
+    seed=config.seed,
+    mixup_settings=settings.mixup,
+    grad_accum_steps=config.grad_accum_steps,
+    ema_decay=ema_decay,
+    state_shardings=state_shardings,
+    batch_sharding=batch_sharding,
+  )
   eval_step = steps.make_eval_step(graphdef, rest)
   process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
   train_batches = pipeline.create_train_dataset(
-      config, global_batch_size=config.batch_size, start_step=start_step, **process).as_numpy_iterator()
+    config, global_batch_size=config.batch_size, start_step=start_step, **process
+  ).as_numpy_iterator()
   eval_dataset = pipeline.create_eval_dataset(config, global_batch_size=config.eval_batch_size, **process)
   writer = metrics_lib.MetricWriter(workdir)
   config_json = json.loads(config.to_json_best_effort())
@@ -206,8 +249,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     _raise_if_nonfinite(state, step)
     # A copy: the next train step donates `state`'s buffers while the async save may still be
     # reading them (on CPU, host views of device arrays are not copies).
-    checkpointer.save(step, jax.tree.map(jnp.copy, state), model=model_config, config=config_json,
-                      meta={"process_count": jax.process_count()}, metrics=metrics, force=True)
+    checkpointer.save(
+      step,
+      jax.tree.map(jnp.copy, state),
+      model=model_config,
+      config=config_json,
+      meta={"process_count": jax.process_count()},
+      metrics=metrics,
+      force=True,
+    )
 
   # ---- Loop ------------------------------------------------------------------------------
   progress = None
@@ -240,8 +290,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         _raise_if_nonfinite(state, done)
         elapsed = time.perf_counter() - window_start
         record = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
-        record.update(lr=float(fetched[-1]["lr"]), step_time_s=elapsed / window_steps,
-                      images_per_s=config.batch_size * window_steps / elapsed, epoch=done / epoch_steps)
+        record.update(
+          lr=float(fetched[-1]["lr"]),
+          step_time_s=elapsed / window_steps,
+          images_per_s=config.batch_size * window_steps / elapsed,
+          epoch=done / epoch_steps,
+        )
         record = writer.write(done, record)
         if progress is not None:
           progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
@@ -265,8 +319,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if not saved:
           save(done)
         checkpointer.wait()  # The process may be killed soon after: the save must be complete.
-        logging.warning("Stopped by %s after step %d; checkpoint saved in %s. Run the same command "
-                        "to resume.", watcher.signal_name, done, checkpointer.directory)
+        logging.warning(
+          "Stopped by %s after step %d; checkpoint saved in %s. Run the same command to resume.",
+          watcher.signal_name,
+          done,
+          checkpointer.directory,
+        )
         break
     if start_step >= total_steps:
       logging.info("Already trained %d of %d steps; nothing to do.", start_step, total_steps)
@@ -299,8 +357,13 @@ def evaluate(config, path: str, split: str | None = None, image_size: int | None
   saved = checkpoint_lib.read_weights(path)
   trees = {"eval": (saved.params, str(path)), "ema_eval": (saved.ema, f"{path} (EMA)")}
   eval_dataset = pipeline.create_eval_dataset(
-      config, split=split, global_batch_size=config.eval_batch_size, image_size=image_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
+    config,
+    split=split,
+    global_batch_size=config.eval_batch_size,
+    image_size=image_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   eval_step = steps.make_eval_step(graphdef, rest)
   record = {"split": split, "image_size": int(image_size)}
   for prefix, (tree, source) in trees.items():

@@ -42,8 +42,10 @@ def checkpoint_directory(workdir: str) -> epath.Path:
 
 
 def _handlers(state_handler=None) -> dict:
-  return {"state": state_handler or ocp.StandardCheckpointHandler(),
-          **{name: ocp.JsonCheckpointHandler() for name in _JSON_ITEMS}}
+  return {
+    "state": state_handler or ocp.StandardCheckpointHandler(),
+    **{name: ocp.JsonCheckpointHandler() for name in _JSON_ITEMS},
+  }
 
 
 def check_keep_policy(keep: int, keep_best: int, best_metric: str) -> None:
@@ -67,16 +69,26 @@ def resolve(path: str) -> tuple[epath.Path, int | None]:
   if path.name == CHECKPOINT_DIR and path.is_dir():
     return path, None
   raise FileNotFoundError(
-      f"No checkpoint at {path}: expected a workdir containing {CHECKPOINT_DIR}/ (a training run "
-      f"or weights written by shufflemamba_jax.convert), a {CHECKPOINT_DIR}/ folder or one of "
-      "its numbered step folders.")
+    f"No checkpoint at {path}: expected a workdir containing {CHECKPOINT_DIR}/ (a training run "
+    f"or weights written by shufflemamba_jax.convert), a {CHECKPOINT_DIR}/ folder or one of "
+    "its numbered step folders."
+  )
 
 
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for the items of the module docstring."""
 
-  def __init__(self, directory, *, keep: int = 3, keep_best: int = 0, best_metric: str = "eval_top1",
-               save_every_steps: int | None = None, async_save: bool = True, read_only: bool = False):
+  def __init__(
+    self,
+    directory,
+    *,
+    keep: int = 3,
+    keep_best: int = 0,
+    best_metric: str = "eval_top1",
+    save_every_steps: int | None = None,
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     """`keep`: newest checkpoints kept; `keep_best`: best by `best_metric` (higher is better)
     kept besides them; `save_every_steps`: the fixed interval of `should_save` (None: only
     preemption); `read_only`: open an existing directory for reading only."""
@@ -88,8 +100,9 @@ class Checkpointer:
     best = {}
     if keep_best:
       metric = lambda metrics: float(metrics[best_metric])  # noqa: E731
-      keep_policies.append(checkpoint_managers.BestN(get_metric_fn=metric, n=keep_best,
-                                                     keep_checkpoints_without_metrics=False))
+      keep_policies.append(
+        checkpoint_managers.BestN(get_metric_fn=metric, n=keep_best, keep_checkpoints_without_metrics=False)
+      )
       # best_fn makes Orbax write the metrics next to the checkpoint, so that the ranking
       # survives a restart.
       best = {"best_fn": metric, "best_mode": "max"}
@@ -97,9 +110,12 @@ class Checkpointer:
       options = _READ_ONLY
     else:
       options = ocp.CheckpointManagerOptions(
-          create=True, enable_async_checkpointing=async_save,
-          save_decision_policy=checkpoint_managers.AnySavePolicy(save_policies),
-          preservation_policy=checkpoint_managers.AnyPreservationPolicy(keep_policies), **best)
+        create=True,
+        enable_async_checkpointing=async_save,
+        save_decision_policy=checkpoint_managers.AnySavePolicy(save_policies),
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(keep_policies),
+        **best,
+      )
     self.directory = epath.Path(directory)
     self.best_metric = best_metric if keep_best else None
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
@@ -134,29 +150,41 @@ class Checkpointer:
       ranked = {s: value for s, value in ranked.items() if value is not None}
       if not ranked:
         raise FileNotFoundError(
-            f"No checkpoint in {self.directory} was saved with evaluation metrics (the run had "
-            "config.keep_best_checkpoints = 0); ask for a step instead.")
+          f"No checkpoint in {self.directory} was saved with evaluation metrics (the run had "
+          "config.keep_best_checkpoints = 0); ask for a step instead."
+        )
       return max(ranked, key=ranked.get)
     if step not in steps:
       raise FileNotFoundError(f"No checkpoint step {step} in {self.directory}; steps: {steps}")
     return step
 
-  def save(self, step: int, state: Any, *, model: vim.VisionMambaConfig, config: dict | None = None,
-           meta: dict | None = None, metrics: dict | None = None, force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    state: Any,
+    *,
+    model: vim.VisionMambaConfig,
+    config: dict | None = None,
+    meta: dict | None = None,
+    metrics: dict | None = None,
+    force: bool = False,
+  ) -> bool:
     """Starts saving (asynchronously); returns whether a save was started.
 
     Without `force`, the save policy decides. `metrics` (an evaluation record) ranks the
     checkpoint for keep_best; checkpoints saved without it are kept only as recent ones.
     """
     if metrics is not None and self.best_metric is not None and self.best_metric not in metrics:
-      raise ValueError(f"config.best_metric={self.best_metric!r} is not an evaluation metric; "
-                       f"evaluation reports {sorted(metrics)}.")
-    items = {"state": ocp.args.StandardSave(state),
-             "model": ocp.args.JsonSave(dataclasses.asdict(model))}
-    items.update({name: ocp.args.JsonSave(value) for name, value in (("config", config), ("meta", meta))
-                  if value is not None})
-    return self.manager.save(step, force=force, metrics=metrics if self.best_metric else None,
-                             args=ocp.args.Composite(**items))
+      raise ValueError(
+        f"config.best_metric={self.best_metric!r} is not an evaluation metric; evaluation reports {sorted(metrics)}."
+      )
+    items = {"state": ocp.args.StandardSave(state), "model": ocp.args.JsonSave(dataclasses.asdict(model))}
+    items.update(
+      {name: ocp.args.JsonSave(value) for name, value in (("config", config), ("meta", meta)) if value is not None}
+    )
+    return self.manager.save(
+      step, force=force, metrics=metrics if self.best_metric else None, args=ocp.args.Composite(**items)
+    )
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` (None = latest) into the structure of `abstract_state`.
@@ -165,8 +193,7 @@ class Checkpointer:
     shardings, if any, decide where the arrays land, whatever mesh saved them.
     """
     step = self.step(step)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored.state, self.read_json("meta", step) or {}
 
   def restore_parts(self, names=("params", "ema"), step: int | None = None) -> dict:
@@ -178,16 +205,27 @@ class Checkpointer:
     step = self.step(step)
     # The state was written through the PyTree handler (StandardSave wraps it); reading it
     # through that handler allows a partial restore.
-    reader = ocp.CheckpointManager(self.directory, item_handlers=_handlers(ocp.PyTreeCheckpointHandler()),
-                                   options=_READ_ONLY)
+    reader = ocp.CheckpointManager(
+      self.directory, item_handlers=_handlers(ocp.PyTreeCheckpointHandler()), options=_READ_ONLY
+    )
     try:
       saved = reader.item_metadata(step)["state"]
       saved = getattr(saved, "tree", saved)
-      target = {name: jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), saved[name])
-                for name in names if saved.get(name) is not None}
-      restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, partial_restore=True,
-          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target))))
+      target = {
+        name: jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), saved[name])
+        for name in names
+        if saved.get(name) is not None
+      }
+      restored = reader.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+            item=target,
+            partial_restore=True,
+            restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
+          )
+        ),
+      )
     finally:
       reader.close()
     return dict(restored.state)
@@ -232,10 +270,18 @@ def read_weights(path: str, step: int | str | None = None, *, ema: bool = True) 
     parts = checkpointer.restore_parts(("params", "ema") if ema else ("params",), step)
     model = checkpointer.read_json("model", step)
     if model is None:
-      raise FileNotFoundError(f"{directory}/{step} has no model item: it was not written by this "
-                              "version of shufflemamba_jax (train or convert again).")
-    return SavedWeights(directory, step, parts["params"], parts.get("ema"), vim.VisionMambaConfig(**model),
-                        checkpointer.read_json("config", step) or {})
+      raise FileNotFoundError(
+        f"{directory}/{step} has no model item: it was not written by this "
+        "version of shufflemamba_jax (train or convert again)."
+      )
+    return SavedWeights(
+      directory,
+      step,
+      parts["params"],
+      parts.get("ema"),
+      vim.VisionMambaConfig(**model),
+      checkpointer.read_json("config", step) or {},
+    )
 
 
 def load_model(path: str, step: int | str | None = None, ema: bool = True) -> vim.VisionMamba:

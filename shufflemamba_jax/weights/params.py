@@ -51,8 +51,13 @@ def param_tree(model: nnx.Module) -> dict:
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def fill(target: Mapping, flat: Mapping[str, Any], *, source: str,
-         describe: Callable[[str, tuple], tuple[str, tuple]] | None = None) -> dict:
+def fill(
+  target: Mapping,
+  flat: Mapping[str, Any],
+  *,
+  source: str,
+  describe: Callable[[str, tuple], tuple[str, tuple]] | None = None,
+) -> dict:
   """The nested tree of `target` holding the values of `flat`, in the target's dtypes.
 
   Args:
@@ -77,28 +82,38 @@ def fill(target: Mapping, flat: Mapping[str, Any], *, source: str,
       entries = [(name, shape, unused.pop(name, None))]
     else:  # A block parameter given one block at a time.
       rest = name[len(vim.LAYERS) + 1 :]
-      entries = [(f"{vim.LAYERS}.{i}.{rest}", shape[1:], unused.pop(f"{vim.LAYERS}.{i}.{rest}", None))
-                 for i in range(shape[0])]
+      entries = [
+        (f"{vim.LAYERS}.{i}.{rest}", shape[1:], unused.pop(f"{vim.LAYERS}.{i}.{rest}", None)) for i in range(shape[0])
+      ]
     values = []
     for entry, entry_shape, value in entries:
       if value is None:
         missing.append("missing from the checkpoint: {} {}".format(*describe(entry, entry_shape)))
       elif tuple(np.shape(value)) != entry_shape:
         saved_name, saved_shape = describe(entry, np.shape(value))
-        mismatched.append(f"{saved_name}: {saved_shape} in the checkpoint, "
-                          f"{describe(entry, entry_shape)[1]} in the model")
+        mismatched.append(
+          f"{saved_name}: {saved_shape} in the checkpoint, {describe(entry, entry_shape)[1]} in the model"
+        )
       else:
         values.append(np.asarray(value))
     if len(values) == len(entries):
       filled[name] = np.array(values[0] if entries[0][0] == name else np.stack(values), leaf.dtype)
   extra = ["not in the model: {} {}".format(*describe(name, np.shape(value))) for name, value in unused.items()]
   if missing or mismatched or extra:
-    counts = ", ".join(f"{len(items)} {what}" for items, what in (
-        (mismatched, "with another shape"), (missing, "missing from the checkpoint"),
-        (extra, "not in the model")) if items)
+    counts = ", ".join(
+      f"{len(items)} {what}"
+      for items, what in (
+        (mismatched, "with another shape"),
+        (missing, "missing from the checkpoint"),
+        (extra, "not in the model"),
+      )
+      if items
+    )
     problems = mismatched + missing + extra
-    lines = [f"{source} does not fit the model ({counts}); was it saved from another model "
-             "(model.variant, depth, embed_dim, num_registers, ...)?"]
+    lines = [
+      f"{source} does not fit the model ({counts}); was it saved from another model "
+      "(model.variant, depth, embed_dim, num_registers, ...)?"
+    ]
     lines += [f"  {problem}" for problem in problems[:MAX_LISTED]]
     if len(problems) > MAX_LISTED:
       lines.append(f"  ... and {len(problems) - MAX_LISTED} more")
@@ -106,8 +121,15 @@ def fill(target: Mapping, flat: Mapping[str, Any], *, source: str,
   return unflatten(filled)
 
 
-def adapt(flat: Mapping[str, Any], target: Mapping, config: vim.VisionMambaConfig, *, source: str,
-          resize_positions: bool = True, new_head: bool = True) -> dict[str, Any]:
+def adapt(
+  flat: Mapping[str, Any],
+  target: Mapping,
+  config: vim.VisionMambaConfig,
+  *,
+  source: str,
+  resize_positions: bool = True,
+  new_head: bool = True,
+) -> dict[str, Any]:
   """`flat` (a copy) with fine-tuning's expected differences from `target` bridged.
 
   resize_positions: a `pos_embed` saved for another square patch grid is resized bicubically to
@@ -124,22 +146,31 @@ def adapt(flat: Mapping[str, Any], target: Mapping, config: vim.VisionMambaConfi
     except ValueError:
       resized = None  # Not a square grid: `fill` reports the shapes.
     if resized is not None and tuple(resized.shape) == wanted:
-      _log.info("%s: resized pos_embed %s -> %s for the %dx%d patch grid.", source, np.shape(saved), wanted,
-                *config.grid)
+      _log.info(
+        "%s: resized pos_embed %s -> %s for the %dx%d patch grid.", source, np.shape(saved), wanted, *config.grid
+      )
       flat["pos_embed"] = np.asarray(resized)
   kernel, bias = flat.get("head.kernel"), flat.get("head.bias")
   fresh = target["head.kernel"].shape
-  if (new_head and kernel is not None and bias is not None and np.ndim(kernel) == 2
-      and np.shape(kernel)[0] == fresh[0] and np.shape(kernel)[1] != fresh[1]
-      and np.shape(bias) == np.shape(kernel)[1:]):
-    _log.warning("%s has a %d-class head: the head is re-initialized for %d classes.", source,
-                 np.shape(kernel)[1], fresh[1])
+  if (
+    new_head
+    and kernel is not None
+    and bias is not None
+    and np.ndim(kernel) == 2
+    and np.shape(kernel)[0] == fresh[0]
+    and np.shape(kernel)[1] != fresh[1]
+    and np.shape(bias) == np.shape(kernel)[1:]
+  ):
+    _log.warning(
+      "%s has a %d-class head: the head is re-initialized for %d classes.", source, np.shape(kernel)[1], fresh[1]
+    )
     flat["head.kernel"], flat["head.bias"] = target["head.kernel"], target["head.bias"]
   return flat
 
 
-def model_with_params(config: vim.VisionMambaConfig, params: Mapping, *, source: str = "the parameters",
-                      describe=None) -> vim.VisionMamba:
+def model_with_params(
+  config: vim.VisionMambaConfig, params: Mapping, *, source: str = "the parameters", describe=None
+) -> vim.VisionMamba:
   """A VisionMamba of `config` holding `params` (nested or flat), filled by `fill`.
 
   Skips the random initialization (for the full-size models tens of seconds of compilation on a

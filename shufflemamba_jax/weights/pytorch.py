@@ -42,11 +42,11 @@ _TOKENS = ("cls_token", "pos_embed", "pos_embed_cls")
 _CHECKPOINT_KEYS = ("model", "state_dict", "model_ema", "module")
 # (to ours, to official) for each layout.
 _LAYOUTS = {
-    "linear": (np.transpose, np.transpose),
-    "conv2d": (lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1)),
-    "conv1d": (lambda x: x[:, 0, :].T, lambda x: x.T[:, None, :]),
-    "token": (lambda x: x[0], lambda x: x[None]),
-    "same": (lambda x: x, lambda x: x),
+  "linear": (np.transpose, np.transpose),
+  "conv2d": (lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1)),
+  "conv1d": (lambda x: x[:, 0, :].T, lambda x: x.T[:, None, :]),
+  "token": (lambda x: x[0], lambda x: x[None]),
+  "same": (lambda x: x, lambda x: x),
 }
 
 
@@ -97,8 +97,14 @@ def to_flat(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return flat
 
 
-def import_params(state_dict: Mapping[str, Any], config: vim.VisionMambaConfig, *, source: str,
-                  resize_positions: bool = False, new_head_seed: int | None = None) -> dict:
+def import_params(
+  state_dict: Mapping[str, Any],
+  config: vim.VisionMambaConfig,
+  *,
+  source: str,
+  resize_positions: bool = False,
+  new_head_seed: int | None = None,
+) -> dict:
   """Our parameter tree (a nested dict of numpy arrays) for `config` from an official state dict.
 
   resize_positions: a pos_embed trained on another (square) patch grid is resized bicubically to
@@ -111,8 +117,14 @@ def import_params(state_dict: Mapping[str, Any], config: vim.VisionMambaConfig, 
   target = params_lib.param_tree(params_lib.abstract_model(config))
   if new_head_seed is not None:
     target["head"] = params_lib.param_tree(vim.classification_head(config, nnx.Rngs(new_head_seed)))
-  flat = params_lib.adapt(to_flat(state_dict), target, config, source=source,
-                          resize_positions=resize_positions, new_head=new_head_seed is not None)
+  flat = params_lib.adapt(
+    to_flat(state_dict),
+    target,
+    config,
+    source=source,
+    resize_positions=resize_positions,
+    new_head=new_head_seed is not None,
+  )
   return params_lib.fill(target, flat, source=source, describe=describe_official)
 
 
@@ -121,8 +133,11 @@ def export_state_dict(params: Mapping) -> dict[str, np.ndarray]:
   state_dict = {}
   for name, value in params_lib.flatten(params).items():
     value = np.asarray(value)
-    blocks = [(f"{vim.LAYERS}.{i}.{name[len(vim.LAYERS) + 1:]}", value[i]) for i in range(value.shape[0])] \
-        if name.startswith(vim.LAYERS + ".") else [(name, value)]
+    blocks = (
+      [(f"{vim.LAYERS}.{i}.{name[len(vim.LAYERS) + 1 :]}", value[i]) for i in range(value.shape[0])]
+      if name.startswith(vim.LAYERS + ".")
+      else [(name, value)]
+    )
     for block_name, block_value in blocks:
       official, layout = _official_name(block_name)
       state_dict[official] = np.ascontiguousarray(_LAYOUTS[layout][1](block_value))
@@ -158,21 +173,25 @@ def _torch_load(path: str, allow_pickle: bool):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(f"reading {path} needs PyTorch (pip install torch); or convert it to "
-                      ".safetensors or .npz elsewhere") from e
+    raise ImportError(
+      f"reading {path} needs PyTorch (pip install torch); or convert it to .safetensors or .npz elsewhere"
+    ) from e
   with epath.Path(path).open("rb") as f:
     if allow_pickle:
       return torch.load(f, map_location="cpu", weights_only=False)
     # Training checkpoints also hold their argparse arguments and numpy scalars (accuracies):
     # plain data, allowed here; anything else needs the caller's trust.
     plain_data = [argparse.Namespace, np.dtype, np._core.multiarray.scalar] + [
-        getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+      getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")
+    ]
     with torch.serialization.safe_globals(plain_data):
       try:
         return torch.load(f, map_location="cpu", weights_only=True)
       except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds objects beyond tensors and plain data; if you trust the "
-                         f"file, pass --allow-pickle (allow_pickle=True). torch said: {e}") from e
+        raise ValueError(
+          f"{path} holds objects beyond tensors and plain data; if you trust the "
+          f"file, pass --allow-pickle (allow_pickle=True). torch said: {e}"
+        ) from e
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -186,8 +205,9 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     return safetensors.numpy.load_file(local)
 
 
-def read_state_dict(path: str, *, checkpoint_key: str | None = None,
-                    allow_pickle: bool = False) -> dict[str, np.ndarray]:
+def read_state_dict(
+  path: str, *, checkpoint_key: str | None = None, allow_pickle: bool = False
+) -> dict[str, np.ndarray]:
   """Reads an official-named state dict from .pth/.pt/.bin, .safetensors or .npz as numpy arrays.
 
   Training checkpoints that wrap the state dict ("model", "state_dict", "model_ema", "module",
@@ -206,7 +226,7 @@ def read_state_dict(path: str, *, checkpoint_key: str | None = None,
     raise ValueError(f"{path}: unknown state-dict format; use .pth, .pt, .safetensors or .npz")
   if path.endswith((".safetensors", ".npz")) and checkpoint_key is not None:
     prefix = checkpoint_key + "."
-    state_dict = {n[len(prefix):]: v for n, v in state_dict.items() if n.startswith(prefix)}
+    state_dict = {n[len(prefix) :]: v for n, v in state_dict.items() if n.startswith(prefix)}
   stripped = {}
   for name, value in state_dict.items():
     if not hasattr(value, "shape"):
@@ -223,8 +243,9 @@ def write_state_dict(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
     raise ValueError(f"{path}: unknown state-dict format; use .pth, .pt, .safetensors or .npz")
   bfloat16 = sorted(n for n, v in state_dict.items() if v.dtype == ml_dtypes.bfloat16)
   if path.endswith(".npz") and bfloat16:  # .npz would store them as opaque 2-byte records
-    raise ValueError(f"{path}: .npz cannot hold bfloat16 tensors ({', '.join(bfloat16[:3])}, ...); "
-                     "write .safetensors or .pth instead")
+    raise ValueError(
+      f"{path}: .npz cannot hold bfloat16 tensors ({', '.join(bfloat16[:3])}, ...); write .safetensors or .pth instead"
+    )
   file.parent.mkdir(parents=True, exist_ok=True)
   if path.endswith(".safetensors"):
     file.write_bytes(safetensors.numpy.save(dict(state_dict), metadata={"format": "pt"}))
