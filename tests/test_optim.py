@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import shufflemamba_jax as smj
@@ -139,32 +140,36 @@ def test_grad_clipping_bounds_the_global_norm():
   np.testing.assert_allclose(optax.tree.norm(first_moment), 0.1, rtol=1e-5)
 
 
-def test_gradient_accumulation_equals_one_big_batch():
-  """Four micro-batches in one jitted step give the same update as the whole batch at once."""
-  model = smj.create_model("shufflemamba_tiny", rngs=nnx.Rngs(0), slws_max_prob=0.0, scan_method="associative", **TINY)
+@pytest.fixture(scope="module")
+def sgd_steps():
+  """One plain-SGD step (the update is the gradient itself) on one batch, without and with four
+  micro-batches, with EMA 0.9 and label smoothing 0.1; no mixup and no shuffle."""
+  model = smj.create_model("shufflemamba_tiny", rngs=nnx.Rngs(0), slws_max_prob=0.0, scan_method="sequential", **TINY)
   graphdef, params, rest = steps.split_model(model)
-  tx = optax.sgd(0.5)  # Plain SGD: the update is the gradient itself, no normalisation.
-  schedule = lambda step: jnp.float32(0.5)
-  batch = {
-    "image": jax.random.normal(jax.random.key(1), (16, 16, 16, 3)),
-    "label": jnp.arange(16, dtype=jnp.int32) % 10,
-  }
-  results = []
+  tx = optax.sgd(0.5)
+  batch = {"image": jax.random.normal(jax.random.key(1), (16, 16, 16, 3)), "label": jnp.arange(16) % 10}
+  results = {}
   for accum in (1, 4):
-    state = steps.init_train_state(params, tx, ema_decay=0.0)
     step = steps.make_train_step(
       graphdef,
       rest,
       tx,
-      schedule,
+      lambda _: 0.5,
       num_classes=10,
       seed=0,
       mixup_settings=NO_MIXUP,
       grad_accum_steps=accum,
+      ema_decay=0.9,
       donate=False,
     )
-    results.append(step(state, batch))
-  (big_state, big_metrics), (acc_state, acc_metrics) = results
+    results[accum] = step(steps.init_train_state(params, tx, ema_decay=0.9), batch)
+  return model, params, batch, results
+
+
+def test_gradient_accumulation_equals_one_big_batch(sgd_steps):
+  """Four micro-batches in one jitted step give the same update as the whole batch at once."""
+  _, _, _, results = sgd_steps
+  (big_state, big_metrics), (acc_state, acc_metrics) = results[1], results[4]
   np.testing.assert_allclose(acc_metrics["loss"], big_metrics["loss"], rtol=1e-5)
   np.testing.assert_allclose(acc_metrics["grad_norm"], big_metrics["grad_norm"], rtol=1e-4)
   np.testing.assert_allclose(acc_metrics["train_top1"], big_metrics["train_top1"])
@@ -173,18 +178,11 @@ def test_gradient_accumulation_equals_one_big_batch():
   assert int(acc_state["step"]) == 1
 
 
-def test_the_train_step_updates_the_ema_and_labels_like_the_recipe():
-  """One step: EMA = decay * EMA + (1 - decay) * new params (optax.incremental_update), and the
-  loss is the cross entropy against label-smoothed one-hots (optax.smooth_labels)."""
-  model = smj.create_model("shufflemamba_tiny", rngs=nnx.Rngs(0), slws_max_prob=0.0, **TINY)
-  graphdef, params, rest = steps.split_model(model)
-  tx = optax.sgd(0.5)
-  batch = {"image": jax.random.normal(jax.random.key(1), (8, 16, 16, 3)), "label": jnp.arange(8) % 10}
-  state = steps.init_train_state(params, tx, ema_decay=0.9)
-  step = steps.make_train_step(
-    graphdef, rest, tx, lambda _: 0.5, num_classes=10, seed=0, mixup_settings=NO_MIXUP, ema_decay=0.9, donate=False
-  )
-  new_state, metrics = step(state, batch)
+def test_the_train_step_updates_the_ema_and_labels_like_the_recipe(sgd_steps):
+  """EMA = decay * EMA + (1 - decay) * new params (optax.incremental_update), and the loss is the
+  cross entropy against label-smoothed one-hots (optax.smooth_labels)."""
+  model, params, batch, results = sgd_steps
+  new_state, metrics = results[1]
   for ema, old, new in zip(*(jax.tree.leaves(tree) for tree in (new_state["ema"], params, new_state["params"]))):
     np.testing.assert_allclose(ema, 0.9 * old + 0.1 * new, rtol=1e-5, atol=1e-7)
   log_probs = jax.nn.log_softmax(model(batch["image"]))
