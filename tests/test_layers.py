@@ -1,0 +1,54 @@
+"""The package's layers: which subpackage may import which, read from every import statement."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "shufflemamba_jax"
+ENTRY_POINTS = {"main", "predict", "convert", "prepare", "benchmark", "ablation"}
+# What each layer may import from the package, besides itself.
+ALLOWED = {
+  "parallel": set(),
+  "models": {"parallel"},
+  "data": {"models", "parallel"},
+  "weights": {"models", "parallel"},
+  "training": {"data", "weights", "models", "parallel"},
+}
+
+
+def package_imports(path: pathlib.Path) -> set[str]:
+  """The modules of the package that `path` imports (at the top or inside functions)."""
+  imported = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      imported.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+  return {name for name in imported if name.split(".")[0] == PACKAGE.name}
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda path: str(path.relative_to(PACKAGE)))
+def test_imports_run_only_down_the_layers(path):
+  layer = path.relative_to(PACKAGE).parts[0] if path.parent != PACKAGE else None
+  for name in package_imports(path):
+    target = (name.split(".") + [""])[1]  # "" for `import shufflemamba_jax` itself.
+    assert target not in ENTRY_POINTS, f"{path.name} imports the entry point {name}"
+    if layer is None:  # The package root and the entry points may import any layer.
+      continue
+    assert target in ALLOWED, f"{path} imports {name} from the package root"
+    assert target == layer or target in ALLOWED[layer], f"{path} ({layer}) imports {name}"
+
+
+def test_the_model_layer_loads_neither_tensorflow_nor_orbax():
+  code = (
+    "import sys, shufflemamba_jax, shufflemamba_jax.models;"
+    "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'orbax', 'ml_collections'}))"
+  )
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+  assert result.stdout.strip() == "[]", result.stdout
