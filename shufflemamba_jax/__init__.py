@@ -3,40 +3,19 @@
 Layers, each a subpackage: `models` (needs only jax, flax and numpy) and `parallel` at the
 bottom; `data` (tf.data over TFDS), `weights` (checkpoints, PyTorch import and export) and
 `training` on top of them; the command-line entry points (`main`, `predict`, `convert`,
-`prepare`, `benchmark`, `ablation`) above everything, imported by nothing.
+`prepare`, `benchmark`, `ablation`) above everything, imported by nothing. The package's API is
+the model layer's (`create_model`, `VARIANTS`, `VisionMamba`, ...) and `load_model`.
 """
 
-from shufflemamba_jax.models import (
-  VARIANTS,
-  SettingError,
-  VisionMamba,
-  VisionMambaConfig,
-  create_model,
-  layer_shuffle_probabilities,
-  model_config,
-  sample_token_permutations,
-  selective_scan,
-)
+from shufflemamba_jax import models
+from shufflemamba_jax.models import *  # noqa: F403  (the model layer's API is the package's)
 
 __version__ = "0.1.0"
+__all__ = [*models.__all__, "load_model"]
 
 
-def load_model(path: str, step: int | str | None = None, ema: bool = True) -> VisionMamba:
+def load_model(path: str, step: int | str | None = None, ema: bool = True) -> models.VisionMamba:
   """The model saved at `path` (a training workdir or converted weights); see `weights.load_model`."""
   from shufflemamba_jax import weights  # Lazy: reading checkpoints needs Orbax.
 
   return weights.load_model(path, step=step, ema=ema)
-
-
-__all__ = [
-  "VARIANTS",
-  "SettingError",
-  "VisionMamba",
-  "VisionMambaConfig",
-  "create_model",
-  "layer_shuffle_probabilities",
-  "load_model",
-  "model_config",
-  "sample_token_permutations",
-  "selective_scan",
-]

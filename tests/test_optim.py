@@ -1,6 +1,7 @@
 """The optimizer of the training recipe: schedule, weight-decay mask, gradient accumulation."""
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,22 +11,12 @@ import pytest
 from flax import nnx
 
 import shufflemamba_jax as smj
-from shufflemamba_jax.training import mixup, optim, steps
+from shufflemamba_jax.training import config_files, mixup, optim, steps
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=4, num_classes=10)
 # The ShuffleMamba-B recipe's optimizer (SPEC §4); tests replace what they vary.
-RECIPE = optim.OptimizerSettings(
-  lr=5e-4,
-  lr_scale_batch=True,
-  warmup_epochs=30.0,
-  warmup_lr=5e-7,
-  min_lr=5e-6,
-  weight_decay=0.1,
-  b1=0.9,
-  b2=0.95,
-  eps=1e-8,
-  grad_clip=3.0,
-  ema_decay=0.9999,
+RECIPE = optim.OptimizerSettings.from_config(
+  config_files.get_config(str(pathlib.Path(__file__).parents[1] / "configs" / "imagenet.py"), "shufflemamba_base")
 )
 NO_MIXUP = mixup.MixupSettings(
   mixup_alpha=0.0, cutmix_alpha=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1

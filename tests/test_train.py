@@ -49,19 +49,18 @@ def data_dir(digits_data_dir):
   return digits_data_dir
 
 
+def main_command(workdir, data_dir, overrides, *flags):
+  """The command line of a digits run with `--config.name=value` overrides."""
+  command = [sys.executable, "-m", "shufflemamba_jax.main", f"--config={DIGITS_CONFIG}", f"--workdir={workdir}"]
+  command += [f"--config.data_dir={data_dir}", *flags]
+  return command + [f"--config.{name}={value}" for name, value in overrides.items()]
+
+
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory, data_dir):
   """A 4-step digits run through the command line; returns its workdir."""
   workdir = str(tmp_path_factory.mktemp("digits_run"))
-  command = [
-    sys.executable,
-    "-m",
-    "shufflemamba_jax.main",
-    f"--config={DIGITS_CONFIG}",
-    f"--workdir={workdir}",
-    f"--config.data_dir={data_dir}",
-  ]
-  command += [f"--config.{name}={value}" for name, value in SHORT.items()]
+  command = main_command(workdir, data_dir, SHORT)
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
   return workdir
@@ -166,15 +165,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run_bitwise(tmp_path, data_
     "model.slws.group_size": 2,
   }
   workdir = str(tmp_path / "preempted")
-  command = [
-    sys.executable,
-    "-m",
-    "shufflemamba_jax.main",
-    f"--config={DIGITS_CONFIG}",
-    f"--workdir={workdir}",
-    f"--config.data_dir={data_dir}",
-  ]
-  command += [f"--config.{name}={value}" for name, value in run.items()]
+  command = main_command(workdir, data_dir, run)
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300
@@ -289,18 +280,14 @@ def test_two_processes_train_like_one_process_with_8_devices(tmp_path, data_dir,
   env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
   workers = [
     subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "shufflemamba_jax.main",
-        f"--config={DIGITS_CONFIG}",
-        f"--workdir={multi}",
-        f"--config.data_dir={data_dir}",
+      main_command(
+        multi,
+        data_dir,
+        overrides,
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
         f"--process_id={rank}",
-      ]
-      + [f"--config.{name}={value}" for name, value in overrides.items()],
+      ),
       cwd=ROOT,
       env=env,
       stdout=subprocess.PIPE,

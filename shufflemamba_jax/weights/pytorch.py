@@ -50,41 +50,37 @@ _LAYOUTS = {
 }
 
 
-def _our_name(official: str) -> tuple[str, str]:
-  """(our name, layout) of an official tensor name."""
-  *module, leaf = official.split(".")
-  if official == "patch_embed.proj.weight":
-    return "patch_embed.kernel", "conv2d"
-  if official == "patch_embed.proj.bias":
-    return "patch_embed.bias", "same"
-  if official in _TOKENS:
-    return official, "token"
-  if leaf == "weight" and module and module[-1].startswith("norm"):
-    return ".".join(module + ["scale"]), "same"
-  if leaf == "weight" and module:
-    return ".".join(module + ["kernel"]), "conv1d" if module[-1].startswith("conv1d") else "linear"
-  return official, "same"
+# Whole names that are renamed or re-laid out: official -> (ours, layout).
+_NAMES = {
+  "patch_embed.proj.weight": ("patch_embed.kernel", "conv2d"),
+  "patch_embed.proj.bias": ("patch_embed.bias", "same"),
+  **{name: (name, "token") for name in _TOKENS},
+}
 
 
-def _official_name(ours: str) -> tuple[str, str]:
-  """(official name, layout) of one of our tensor names: the inverse of `_our_name`."""
-  *module, leaf = ours.split(".")
-  if ours == "patch_embed.kernel":
-    return "patch_embed.proj.weight", "conv2d"
-  if ours == "patch_embed.bias":
-    return "patch_embed.proj.bias", "same"
-  if ours in _TOKENS:
-    return ours, "token"
-  if leaf == "scale":
-    return ".".join(module + ["weight"]), "same"
-  if leaf == "kernel":
-    return ".".join(module + ["weight"]), "conv1d" if module[-1].startswith("conv1d") else "linear"
-  return ours, "same"
+def _weight_rule(module: str) -> tuple[str, str]:
+  """(our leaf name, layout) of the official `weight` of a module named `module`."""
+  if module.startswith("norm"):
+    return "scale", "same"
+  return "kernel", "conv1d" if module.startswith("conv1d") else "linear"
+
+
+def _rename(name: str, *, to_ours: bool) -> tuple[str, str]:
+  """(the other side's name, layout) of an official name (to_ours) or of ours (not to_ours)."""
+  names = _NAMES if to_ours else {ours: (official, layout) for official, (ours, layout) in _NAMES.items()}
+  if name in names:
+    return names[name]
+  *module, leaf = name.split(".")
+  if module:
+    our_leaf, layout = _weight_rule(module[-1])
+    if leaf == ("weight" if to_ours else our_leaf):
+      return ".".join(module + [our_leaf if to_ours else "weight"]), layout
+  return name, "same"
 
 
 def describe_official(name: str, shape) -> tuple[str, tuple]:
   """(official name, official shape) of our (name, shape): how `params.fill` words its errors."""
-  official, layout = _official_name(name)
+  official, layout = _rename(name, to_ours=False)
   return official, _LAYOUTS[layout][1](np.empty(shape, np.bool_)).shape
 
 
@@ -92,7 +88,7 @@ def to_flat(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """An official-named state dict as {our name: array in our layout} (blocks one at a time)."""
   flat = {}
   for name, value in state_dict.items():
-    ours, layout = _our_name(name)
+    ours, layout = _rename(name, to_ours=True)
     flat[ours] = _LAYOUTS[layout][0](_to_numpy(value))
   return flat
 
@@ -139,7 +135,7 @@ def export_state_dict(params: Mapping) -> dict[str, np.ndarray]:
       else [(name, value)]
     )
     for block_name, block_value in blocks:
-      official, layout = _official_name(block_name)
+      official, layout = _rename(block_name, to_ours=False)
       state_dict[official] = np.ascontiguousarray(_LAYOUTS[layout][1](block_value))
   return state_dict
 
