@@ -1,5 +1,9 @@
 """tf.data input pipelines over TFDS (`imagenet2012`, `digits`) with exact, seeded resume.
 
+`settings(config)` checks the pipeline's config fields, `prepare` builds a dataset with TFDS's
+own builder (`python -m shufflemamba_jax.prepare`), `create_train_dataset` and
+`create_eval_dataset` stream local batches.
+
 Training order. The split is cut into V = `data_shards` contiguous shards
 (`tfds.even_splits(split, V)[v]`; the default 0 means V = process_count, one shard per process).
 Each shard is an independent stream: its records are cut into chunks of at most `records_per_chunk`
@@ -368,7 +372,7 @@ def _fold(seed_pair, *values):
 
 
 def num_data_shards(values: dict[str, Any], global_batch_size: int, process_count: int) -> int:
-  """The number V of training data shards of `settings` (`data_shards`, 0 = one per process)."""
+  """The number V of training data shards (`data_shards` of `settings()`, 0 = one per process)."""
   shards = values["data_shards"] or process_count
   if shards % process_count:
     raise checks.SettingError("config.data_shards", shards, f"must be a multiple of the {process_count} processes")
