@@ -172,3 +172,14 @@ def test_kill_9_during_an_asynchronous_save_keeps_the_previous_checkpoint(tmp_pa
   checkpointer.save(2, {"x": np.zeros(4, np.float32)}, meta={"step": 2}, model=MODEL, force=True)
   assert checkpointer.all_steps() == [1, 2]
   checkpointer.close()
+
+
+def test_relative_paths_work_as_given(tmp_path, monkeypatch):
+  """Orbax needs absolute paths; a workdir given relative to the current folder still works."""
+  monkeypatch.chdir(tmp_path)
+  params = {"x": np.arange(3, dtype=np.float32)}
+  with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory("run"), async_save=False) as checkpointer:
+    checkpointer.save(0, {"params": params}, model=MODEL, force=True)
+  saved = checkpoint_lib.read_weights("run")
+  assert saved.step == 0 and saved.directory == tmp_path / "run" / "checkpoints"
+  np.testing.assert_array_equal(saved.params["x"], params["x"])

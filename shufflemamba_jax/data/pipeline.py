@@ -198,16 +198,17 @@ class DatasetInfo:
   """What training needs to know of a prepared dataset before reading it."""
 
   num_classes: int
-  split_sizes: dict[str, int]  # Examples per split name.
+  splits: Any  # tfds SplitDict: splits[name].num_examples, also for slices such as "train[:99%]".
+
+  def num_examples(self, split: str) -> int:
+    """Examples in `split`, a split name or a TFDS slice of one."""
+    return self.splits[split].num_examples
 
 
 def get_dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
-  """Number of classes and examples per split of a prepared TFDS dataset."""
+  """Number of classes and the splits of a prepared TFDS dataset."""
   builder = get_builder(dataset, data_dir)
-  return DatasetInfo(
-    num_classes=builder.info.features["label"].num_classes,
-    split_sizes={name: split.num_examples for name, split in builder.info.splits.items()},
-  )
+  return DatasetInfo(num_classes=builder.info.features["label"].num_classes, splits=builder.info.splits)
 
 
 def _check_process(process_index: int, process_count: int) -> None:

@@ -62,7 +62,6 @@ class Settings:
   """What a run is built from, each part checked by its own module when it is built."""
 
   model: vim.VisionMambaConfig  # For the variant's number of classes until the data is known.
-  data: dict  # data.pipeline.settings
   optimizer: optim.OptimizerSettings
   mixup: mixup.MixupSettings
 
@@ -89,11 +88,9 @@ class Settings:
     checkpoint_lib.check_keep_policy(config.keep_checkpoints, config.keep_best_checkpoints, config.best_metric)
     if config.keep_best_checkpoints and config.best_metric.startswith("ema_") and not config.ema_decay:
       raise checks.SettingError("config.best_metric", config.best_metric, "needs the EMA (config.ema_decay > 0)")
-    data = pipeline.settings(config)
-    pipeline.num_data_shards(data, config.batch_size, jax.process_count())
+    pipeline.num_data_shards(pipeline.settings(config), config.batch_size, jax.process_count())
     return cls(
       model=model_config_from(config),
-      data=data,
       optimizer=optim.OptimizerSettings.from_config(config),
       mixup=mixup.MixupSettings.from_config(config),
     )
@@ -128,12 +125,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   settings = Settings.from_config(config)
   workdir = epath.Path(workdir)
-  workdir = workdir if workdir.is_absolute() else workdir.resolve()
   workdir.mkdir(parents=True, exist_ok=True)
 
   # ---- Input and mesh --------------------------------------------------------------------
   info = pipeline.get_dataset_info(config.dataset, config.data_dir)
-  num_train = info.split_sizes[config.train_split]
+  num_train = info.num_examples(config.train_split)
   if config.batch_size > num_train:
     raise checks.SettingError(
       "config.batch_size",

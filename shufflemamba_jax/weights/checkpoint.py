@@ -37,8 +37,14 @@ _READ_ONLY = ocp.CheckpointManagerOptions(read_only=True, create=False, save_int
 BEST_METRICS = ("eval_top1", "eval_top5", "ema_eval_top1", "ema_eval_top5")
 
 
+def _absolute(path) -> epath.Path:
+  # Orbax wants absolute paths; URLs (gs://...) already are.
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.resolve()
+
+
 def checkpoint_directory(workdir: str) -> epath.Path:
-  return epath.Path(workdir) / CHECKPOINT_DIR
+  return _absolute(workdir) / CHECKPOINT_DIR
 
 
 def _handlers(state_handler=None) -> dict:
@@ -61,7 +67,7 @@ def resolve(path: str) -> tuple[epath.Path, int | None]:
 
   None means "the latest step in that directory".
   """
-  path = epath.Path(path)
+  path = _absolute(path)
   if path.name.isdigit() and path.is_dir():
     return path.parent, int(path.name)
   if (path / CHECKPOINT_DIR).is_dir():
@@ -116,7 +122,7 @@ class Checkpointer:
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(keep_policies),
         **best,
       )
-    self.directory = epath.Path(directory)
+    self.directory = _absolute(directory)
     self.best_metric = best_metric if keep_best else None
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
 
