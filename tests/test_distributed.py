@@ -29,3 +29,28 @@ def test_cluster_detection():
   assert distributed.detected_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
   assert distributed.detected_cluster({"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == "tpu"
   assert distributed.detected_cluster({}) is None
+
+
+def test_a_plain_cloud_tpu_vm_is_detected_through_the_metadata_server(monkeypatch):
+  """The GCE metadata server (here a local stand-in) names the accelerator of a TPU VM."""
+  import http.server
+  import threading
+
+  class Metadata(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+      found = self.path.endswith("/attributes/accelerator-type") and self.headers["Metadata-Flavor"] == "Google"
+      self.send_response(200 if found else 404)
+      self.end_headers()
+      self.wfile.write(b"v5litepod-16" if found else b"")
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metadata)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{server.server_address[1]}")
+    assert distributed.detected_cluster() == "tpu"
+  finally:
+    server.shutdown()
+  assert not distributed._on_cloud_tpu_vm()  # Nothing answers any more.

@@ -19,15 +19,19 @@ ALLOWED = {
 }
 
 
-def package_imports(path: pathlib.Path) -> set[str]:
-  """The modules of the package that `path` imports (at the top or inside functions)."""
+def imports(path: pathlib.Path) -> set[str]:
+  """Every module (or module.name) that `path` imports, at the top or inside functions."""
   imported = set()
   for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.Import):
       imported.update(alias.name for alias in node.names)
     elif isinstance(node, ast.ImportFrom) and node.module:
       imported.update(f"{node.module}.{alias.name}" for alias in node.names)
-  return {name for name in imported if name.split(".")[0] == PACKAGE.name}
+  return imported
+
+
+def package_imports(path: pathlib.Path) -> set[str]:
+  return {name for name in imports(path) if name.split(".")[0] == PACKAGE.name}
 
 
 MODULES = sorted(PACKAGE.rglob("*.py"))
@@ -43,6 +47,12 @@ def test_imports_run_only_down_the_layers(path):
       continue
     assert target in ALLOWED, f"{path} imports {name} from the package root"
     assert target == layer or target in ALLOWED[layer], f"{path} ({layer}) imports {name}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda path: str(path.relative_to(PACKAGE)))
+def test_only_public_jax_apis(path):
+  """A JAX upgrade may move its private modules; an import of them would break ours."""
+  assert not [name for name in imports(path) if name.startswith("jax._src")], path
 
 
 def test_the_model_layer_loads_neither_tensorflow_nor_orbax():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 
-from jax._src import distributed as _jax_distributed
+import jax
 from jax.experimental import multihost_utils
 
 
@@ -20,7 +20,7 @@ class PreemptionWatcher:
   def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self.signal_name: str | None = None
     self._previous = {}
-    self._multiprocess = _jax_distributed.global_state.client is not None
+    self._multiprocess = jax.process_count() > 1
     if not self._multiprocess:
       for signum in signals:
         self._previous[signum] = signal.signal(signum, self._handle)
