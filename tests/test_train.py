@@ -94,14 +94,39 @@ def test_resume_continues_at_the_next_step(trained_workdir, data_dir, tmp_path):
     assert int(checkpointer.restore_parts(("step",))["step"]) == 6
 
 
-def test_evaluate_mode(trained_workdir, data_dir):
-  """Scores the latest checkpoint, also at twice the training resolution (resized positions)."""
+def test_evaluate_mode(trained_workdir, data_dir, tmp_path):
+  """Scores the latest checkpoint, also at twice the training resolution (resized positions),
+  and appends the record to the run's metrics."""
+  workdir = shutil.copytree(trained_workdir, tmp_path / "run")  # The fixture stays as it is.
   config = _digits_config(data_dir)
-  record = trainer.evaluate(config, trained_workdir, split="validation", image_size=32)
+  record = trainer.evaluate(config, workdir, split="validation", image_size=32)
   assert record["image_size"] == 32 and record["split"] == "validation"
   assert record["num_examples"] == 360
   assert 0.0 <= record["eval_top1"] <= 1.0
   assert record["step"] == 4
+  assert metrics_lib.read_metrics(workdir)[-1] == record
+
+
+EVAL_MESHES = {"eval_batch_size": 64, "mesh.fsdp_min_size": 256}  # 360 images: the last batch is padded.
+
+
+def _evaluation(workdir, data_dir, data, fsdp):
+  config = _digits_config(data_dir, **EVAL_MESHES, **{"mesh.data": data, "mesh.fsdp": fsdp})
+  record = trainer.evaluate(config, workdir)
+  assert record["num_examples"] == 360
+  return {name: record[name] for name in ("eval_top1", "eval_top5", "eval_loss", "ema_eval_top1", "ema_eval_loss")}
+
+
+def test_evaluation_does_not_depend_on_the_mesh(trained_workdir, data_dir, tmp_path):
+  """One device, 8 data-parallel devices and a 2 x 4 data x FSDP mesh score alike; 360 images in
+  batches of 64 end with a padded, masked batch that counts for nothing."""
+  import numpy as np
+
+  workdir = shutil.copytree(trained_workdir, tmp_path / "run")
+  one = _evaluation(workdir, data_dir, 1, 1)
+  for data, fsdp in ((8, 1), (2, 4)):
+    for name, value in _evaluation(workdir, data_dir, data, fsdp).items():
+      np.testing.assert_allclose(value, one[name], rtol=1e-5, atol=1e-6, err_msg=f"{name} on {data}x{fsdp}")
 
 
 def test_nonfinite_loss_stops_the_run_naming_the_step(tmp_path, data_dir):
@@ -257,37 +282,22 @@ def test_meshes_give_the_losses_of_one_device(tmp_path, data_dir, data, fsdp, si
   np.testing.assert_allclose(_losses(workdir), single_device_losses, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one_process_with_8_devices(tmp_path, data_dir, eight_device_run):
-  """2 processes x 4 CPU devices on 127.0.0.1, joined by jax.distributed, train one 8-device
-  model: the same losses as 1 process with 8 devices, since with config.data_shards fixed the
-  global batches do not depend on the number of processes. Only process 0 writes metrics, and
-  both write the checkpoint together."""
+def run_two_processes(workdir, data_dir, overrides, *flags):
+  """The command line as 2 processes x 4 CPU devices on 127.0.0.1, joined by jax.distributed."""
   import socket
-
-  import numpy as np
 
   with socket.socket() as probe:
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
-  overrides = {**SHORT, **FIVE_STEPS, "mesh.data": 8}
   # Prepared once beforehand, as for any multi-host run: two processes must not both build it.
   from shufflemamba_jax.data import pipeline
 
   pipeline.get_dataset_info("digits", data_dir)
-
-  multi = str(tmp_path / "two_processes")
   env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
+  coordinator = (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2")
   workers = [
     subprocess.Popen(
-      main_command(
-        multi,
-        data_dir,
-        overrides,
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={rank}",
-      ),
+      main_command(workdir, data_dir, overrides, *coordinator, f"--process_id={rank}", *flags),
       cwd=ROOT,
       env=env,
       stdout=subprocess.PIPE,
@@ -300,6 +310,17 @@ def test_two_processes_train_like_one_process_with_8_devices(tmp_path, data_dir,
   for worker, output in zip(workers, outputs):
     assert worker.returncode == 0, output[-4000:]
 
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_process_with_8_devices(tmp_path, data_dir, eight_device_run):
+  """2 processes x 4 CPU devices on 127.0.0.1, joined by jax.distributed, train one 8-device
+  model: the same losses as 1 process with 8 devices, since with config.data_shards fixed the
+  global batches do not depend on the number of processes. Only process 0 writes metrics, and
+  both write the checkpoint together."""
+  import numpy as np
+
+  multi = str(tmp_path / "two_processes")
+  run_two_processes(multi, data_dir, {**SHORT, **FIVE_STEPS, "mesh.data": 8})
   records = [r for r in metrics_lib.read_metrics(multi) if "loss" in r]
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5]  # Written once, by process 0 only.
   np.testing.assert_allclose(_losses(multi), _losses(eight_device_run), rtol=1e-5, atol=1e-6)
@@ -310,3 +331,19 @@ def test_two_processes_train_like_one_process_with_8_devices(tmp_path, data_dir,
     np.testing.assert_allclose(evaluation[key], expected[key], rtol=1e-5, atol=1e-6)
   with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(multi), read_only=True) as checkpointer:
     assert checkpointer.all_steps() == [5]  # Saved collectively by both processes.
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_like_one_device(trained_workdir, data_dir, tmp_path):
+  """--mode=evaluate on 2 processes x 4 devices: every example of every process is scored once
+  (the last, padded batch masked), the sums are global, and only process 0 writes the record."""
+  import numpy as np
+
+  workdir = shutil.copytree(trained_workdir, tmp_path / "run")
+  expected = _evaluation(workdir, data_dir, 1, 1)
+  records = len(metrics_lib.read_metrics(workdir))
+  run_two_processes(workdir, data_dir, {**SHORT, **EVAL_MESHES, "mesh.data": 8}, "--mode=evaluate")
+  (record,) = metrics_lib.read_metrics(workdir)[records:]
+  assert record["num_examples"] == 360 and record["step"] == 4
+  for name, value in expected.items():
+    np.testing.assert_allclose(record[name], value, rtol=1e-5, atol=1e-6, err_msg=name)

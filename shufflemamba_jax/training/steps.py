@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import mixup
 
 
@@ -156,13 +157,18 @@ def make_eval_step(graphdef, rest):
   return jax.jit(eval_step)
 
 
-def run_evaluation(eval_step, params, batches, to_device=None) -> dict:
-  """Top-1, top-5 (fractions), mean loss and count of `params` over finite eval `batches`."""
+def run_evaluation(eval_step, params, batches, mesh) -> dict:
+  """Top-1, top-5 (fractions), mean loss and count of `params` over finite eval `batches`.
+
+  Each process passes its own local batches; they are assembled into global batches sharded over
+  all devices of `mesh`, so the sums (and the result) cover every process's examples.
+  """
   totals = {"top1": 0.0, "top5": 0.0, "loss": 0.0, "count": 0.0}
   pending = []
   for batch in batches:
-    batch = {name: batch[name] for name in ("image", "label", "mask")}
-    pending.append(eval_step(params, to_device(batch) if to_device else batch))
+    batch = sharding.global_batch({name: batch[name] for name in ("image", "label", "mask")}, mesh)
+    with jax.set_mesh(mesh):  # Activation sharding constraints refer to this mesh.
+      pending.append(eval_step(params, batch))
   for sums in jax.device_get(pending):
     for name in totals:
       totals[name] += float(sums[name])

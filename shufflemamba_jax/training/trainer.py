@@ -116,6 +116,18 @@ def init_params_from(path: str, params, config: vim.VisionMambaConfig, *, option
   return params_lib.fill(params, flat, source=source)
 
 
+def _evaluation_record(eval_step, trees: dict, dataset, mesh) -> dict:
+  """{<prefix>_top1, _top5, _loss} of each parameter tree (None: left out) over the whole eval
+  `dataset`, and num_examples, the examples scored by all processes together."""
+  record = {}
+  for prefix, params in trees.items():
+    if params is not None:
+      result = steps.run_evaluation(eval_step, params, dataset.as_numpy_iterator(), mesh)
+      record.update({f"{prefix}_{name}": result[name] for name in ("top1", "top5", "loss")})
+      record["num_examples"] = int(result["count"])
+  return record
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last eval.
 
@@ -228,15 +240,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = metrics_lib.MetricWriter(workdir)
   config_json = json.loads(config.to_json_best_effort())
 
-  def to_device(batch):
-    return sharding.global_batch(batch, mesh)
-
   def evaluate_now(step: int) -> dict:
-    record = {}
-    for prefix, params in (("eval", state["params"]), ("ema_eval", state["ema"])):
-      if params is not None:
-        result = steps.run_evaluation(eval_step, params, eval_dataset.as_numpy_iterator(), to_device)
-        record.update({f"{prefix}_{name}": result[name] for name in ("top1", "top5", "loss")})
+    record = _evaluation_record(eval_step, {"eval": state["params"], "ema_eval": state["ema"]}, eval_dataset, mesh)
     record = writer.write(step, record)
     logging.info("step %d: %s", step, record)
     return record
@@ -339,19 +344,28 @@ def evaluate(config, path: str, split: str | None = None, image_size: int | None
   weights), strictly: the model is built from `config`, and parameters that do not fit it are an
   error (a head or a position table is never re-initialized or resized on disk).
 
-  `image_size` (default config.image_size) other than the model's resizes the position
-  embeddings on the fly. Returns and logs {step, split, image_size, eval_top1, eval_top5,
-  eval_loss, and ema_eval_* when the checkpoint has an EMA, num_examples}; when `path` is a
-  training workdir the record is appended to its metrics.jsonl.
+  Runs on the training mesh (config.mesh): the batch is split over every device of every process
+  and the sums are global. `image_size` (default config.image_size) other than the model's
+  resizes the position embeddings on the fly. Returns and logs {step, split, image_size,
+  eval_top1, eval_top5, eval_loss, and ema_eval_* when the checkpoint has an EMA, num_examples};
+  when `path` is a training workdir the record is appended to its metrics.jsonl.
   """
   settings = Settings.from_config(config)
   split = split or config.eval_split
   image_size = image_size or config.image_size
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+  sharding.check_batch_divisible(config.eval_batch_size, mesh, "config.eval_batch_size")
   info = pipeline.get_dataset_info(config.dataset, config.data_dir)
   model = params_lib.abstract_model(dataclasses.replace(settings.model, num_classes=info.num_classes))
   graphdef, abstract_params, rest = steps.split_model(model)
+  shardings = sharding.state_shardings(abstract_params, mesh, config.mesh.fsdp_min_size)
   saved = checkpoint_lib.read_weights(path)
-  trees = {"eval": (saved.params, str(path)), "ema_eval": (saved.ema, f"{path} (EMA)")}
+  trees = {}
+  for prefix, tree, source in (("eval", saved.params, str(path)), ("ema_eval", saved.ema, f"{path} (EMA)")):
+    if tree is not None:
+      trees[prefix] = jax.device_put(
+        params_lib.fill(abstract_params, params_lib.flatten(tree), source=source), shardings
+      )
   eval_dataset = pipeline.create_eval_dataset(
     config,
     split=split,
@@ -360,14 +374,8 @@ def evaluate(config, path: str, split: str | None = None, image_size: int | None
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  eval_step = steps.make_eval_step(graphdef, rest)
   record = {"split": split, "image_size": int(image_size)}
-  for prefix, (tree, source) in trees.items():
-    if tree is not None:
-      params = params_lib.fill(abstract_params, params_lib.flatten(tree), source=source)
-      result = steps.run_evaluation(eval_step, params, eval_dataset.as_numpy_iterator())
-      record.update({f"{prefix}_{name}": result[name] for name in ("top1", "top5", "loss")})
-  record["num_examples"] = int(result["count"])
+  record.update(_evaluation_record(steps.make_eval_step(graphdef, rest), trees, eval_dataset, mesh))
   workdir = saved.directory.parent
   if saved.directory.name == checkpoint_lib.CHECKPOINT_DIR and (workdir / metrics_lib.METRICS_FILE).exists():
     record = metrics_lib.MetricWriter(workdir, tensorboard=False).write(saved.step, record)
