@@ -7,8 +7,17 @@ bottom; `data` (tf.data over TFDS), `weights` (checkpoints, PyTorch import and e
 the model layer's (`create_model`, `VARIANTS`, `VisionMamba`, ...) and `load_model`.
 """
 
-from shufflemamba_jax import models
-from shufflemamba_jax.models import *  # noqa: F403  (the model layer's API is the package's)
+import os
+
+# gs:// paths (workdirs, checkpoints, metrics, weights) go through etils.epath. Its backend is
+# chosen here, explicitly: gcsfs (fsspec), with or without TensorFlow installed, rather than
+# tf.io.gfile, which epath would pick whenever TensorFlow is importable. TensorFlow's own reads
+# (TFDS records) and TensorBoard files keep using TensorFlow's client. Set EPATH_USE_TF=true to
+# choose otherwise.
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+from shufflemamba_jax import models  # noqa: E402
+from shufflemamba_jax.models import *  # noqa: E402, F403  (the model layer's API is the package's)
 
 __version__ = "0.1.0"
 __all__ = [*models.__all__, "load_model"]

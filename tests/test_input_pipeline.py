@@ -10,9 +10,9 @@ tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 ml_collections = pytest.importorskip("ml_collections")
 
-from data_fixtures import CORRUPT_TRAIN_IMAGE  # pylint: disable=g-import-not-at-top
-
 from shufflemamba_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+from data_fixtures import CORRUPT_TRAIN_IMAGE  # pylint: disable=g-import-not-at-top
 
 # Cheap settings for order tests: no decoding-heavy augmentation, several windows per epoch
 # (1437 examples, windows of >= 300 in chunks of 64) so that resume starts mid-window.

@@ -8,52 +8,20 @@ time. The model is the digits config's tiny one (16x16 images, patch 4, width 48
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from shufflemamba_jax.training import config_files, trainer
 from shufflemamba_jax.training import metrics as metrics_lib
+from shufflemamba_jax.training import trainer
 from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIGITS_CONFIG = os.path.join(ROOT, "configs", "digits.py")
-# Short-run overrides: 2 steps between logs and checkpoints, evaluation at step 4. The digits
-# config's sequential scan is also the fastest to compile, which is most of a 4-step run.
-SHORT = {
-  "batch_size": 32,
-  "total_steps": 4,
-  "log_every_steps": 2,
-  "eval_every_steps": 4,
-  "checkpoint_every_steps": 2,
-  "eval_batch_size": 120,
-  "async_checkpointing": False,
-  "mesh.data": 1,
-}
-
-
-def _digits_config(data_dir, **overrides):
-  config = config_files.get_config(DIGITS_CONFIG)
-  config.data_dir = data_dir
-  for name, value in {**SHORT, **overrides}.items():
-    *parents, leaf = name.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+from digits_runs import ROOT, SHORT, main_command, without_timings
+from digits_runs import digits_config as _digits_config
 
 
 @pytest.fixture(scope="module")
 def data_dir(digits_data_dir):
   return digits_data_dir
-
-
-def main_command(workdir, data_dir, overrides, *flags):
-  """The command line of a digits run with `--config.name=value` overrides."""
-  command = [sys.executable, "-m", "shufflemamba_jax.main", f"--config={DIGITS_CONFIG}", f"--workdir={workdir}"]
-  command += [f"--config.data_dir={data_dir}", *flags]
-  return command + [f"--config.{name}={value}" for name, value in overrides.items()]
 
 
 @pytest.fixture(scope="module")
@@ -212,10 +180,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run_bitwise(tmp_path, data_
   trainer.train_and_evaluate(_digits_config(data_dir, **run), uninterrupted)
 
   def records(path):
-    return [
-      {k: v for k, v in r.items() if k not in ("images_per_s", "step_time_s", "time")}
-      for r in metrics_lib.read_metrics(path)
-    ]
+    return without_timings(metrics_lib.read_metrics(path))
 
   assert records(workdir) == records(uninterrupted)  # Every loss, lr, grad norm and the eval.
 

@@ -54,8 +54,14 @@ class MetricWriter:
     record.update({name: _to_python(value) for name, value in metrics.items()})
     if not self.enabled:
       return record
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if "://" in str(self.path):
+      # Cloud objects cannot be appended to (gcsfs opens "a" as "w" and would drop the earlier
+      # records): the file is written whole, a few hundred kB at most for a long run.
+      self.path.write_text((self.path.read_text() if self.path.exists() else "") + line)
+    else:
+      with self.path.open("a") as f:
+        f.write(line)
     if self._summary_writer is not None:
       with self._summary_writer.as_default():
         for name, value in record.items():

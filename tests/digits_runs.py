@@ -1,0 +1,47 @@
+"""Short training runs of the digits config, in-process or through the command line, shared by
+the training and storage tests."""
+
+import os
+import sys
+
+from shufflemamba_jax.training import config_files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS_CONFIG = os.path.join(ROOT, "configs", "digits.py")
+# Short-run overrides: 2 steps between logs and checkpoints, evaluation at step 4. The digits
+# config's sequential scan is also the fastest to compile, which is most of a 4-step run.
+SHORT = {
+  "batch_size": 32,
+  "total_steps": 4,
+  "log_every_steps": 2,
+  "eval_every_steps": 4,
+  "checkpoint_every_steps": 2,
+  "eval_batch_size": 120,
+  "async_checkpointing": False,
+  "mesh.data": 1,
+}
+
+
+def digits_config(data_dir, **overrides):
+  """The digits config with SHORT and `overrides` (dotted names) applied."""
+  config = config_files.get_config(DIGITS_CONFIG)
+  config.data_dir = data_dir
+  for name, value in {**SHORT, **overrides}.items():
+    *parents, leaf = name.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def main_command(workdir, data_dir, overrides, *flags):
+  """The command line of a digits run with `--config.name=value` overrides."""
+  command = [sys.executable, "-m", "shufflemamba_jax.main", f"--config={DIGITS_CONFIG}", f"--workdir={workdir}"]
+  command += [f"--config.data_dir={data_dir}", *flags]
+  return command + [f"--config.{name}={value}" for name, value in overrides.items()]
+
+
+def without_timings(records):
+  """Metric records without the wall-clock fields, which differ from run to run."""
+  return [{k: v for k, v in record.items() if k not in ("images_per_s", "step_time_s")} for record in records]

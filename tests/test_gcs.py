@@ -1,0 +1,116 @@
+"""Training on a pod's storage: gs:// workdirs and data end to end, against a local GCS emulator.
+
+tests/gcs_emulator.py starts fake-gcs-server and points TensorStore (Orbax's arrays), gcsfs
+(etils.epath) and TensorFlow's own client (TFDS records, TensorBoard) at it. The runs go
+through the command line, as on a pod, in a working folder of their own: no local folder named
+"gs:" may appear there.
+"""
+
+import pathlib
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from shufflemamba_jax.training import metrics as metrics_lib
+from shufflemamba_jax.training import trainer
+from shufflemamba_jax.weights import checkpoint as checkpoint_lib
+
+from digits_runs import ROOT, SHORT, digits_config, main_command, without_timings
+from gcs_emulator import BUCKET, GcsEmulator
+
+pytestmark = pytest.mark.slow
+BUCKET_URL = f"gs://{BUCKET}"
+# 48 steps cross the digits epoch (44 steps); every step is logged, so the metrics of the two
+# halves of an interrupted run can be compared with an uninterrupted run's one by one.
+RUN = {
+  **SHORT,
+  "total_steps": 48,
+  "log_every_steps": 1,
+  "eval_every_steps": 48,
+  "checkpoint_every_steps": 12,
+  "async_checkpointing": True,
+  "model.drop_path_rate": 0.1,
+  "model.slws.group_size": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """The emulator, with this process's clients pointed at it for the module's tests."""
+  emulator = GcsEmulator(tmp_path_factory.mktemp("gcs")).start()
+  with pytest.MonkeyPatch.context() as patch:
+    for name, value in emulator.environment().items():
+      patch.setenv(name, value)
+    yield emulator
+  emulator.stop()
+
+
+def copy_tree(source, target):
+  """Copies a local folder into the bucket, as `gcloud storage cp --recursive` would."""
+  for path in pathlib.Path(source).rglob("*"):
+    if path.is_file():
+      (epath.Path(target) / path.relative_to(source)).write_bytes(path.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def gcs_data_dir(gcs, digits_data_dir):
+  """The prepared digits dataset on the bucket, as launch/tpu_vm.sh prepare-data leaves it."""
+  target = f"{BUCKET_URL}/tfds"
+  copy_tree(digits_data_dir, target)
+  return target
+
+
+def run_main(workdir, data_dir, overrides, cwd, *flags, timeout=600):
+  """Runs the command line to its end; returns (exit status, output)."""
+  result = subprocess.run(
+    main_command(workdir, data_dir, overrides, *flags),
+    cwd=cwd,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=timeout,
+  )
+  return result.returncode, result.stdout
+
+
+def final_state(workdir, step):
+  with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(workdir), read_only=True) as checkpointer:
+    assert checkpointer.latest_step() == step
+    return checkpointer.restore_parts(("step", "params", "opt_state", "ema", "nonfinite_step"))
+
+
+def test_a_gs_run_stopped_by_sigterm_resumes_and_ends_like_a_local_run(gcs, gcs_data_dir, digits_data_dir, tmp_path):
+  """--workdir and --config.data_dir on gs://: SIGTERM saves and exits 0, the same command resumes,
+  and the final state is bit for bit that of an uninterrupted run on local disk."""
+  workdir = f"{BUCKET_URL}/sigterm"
+  metrics = epath.Path(workdir) / metrics_lib.METRICS_FILE
+  process = subprocess.Popen(
+    main_command(workdir, gcs_data_dir, RUN), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
+    assert process.poll() is None, process.stdout.read()[-4000:]
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, output[-4000:]
+  assert "Stopped by SIGTERM after step" in output
+  stopped_at = len(metrics_lib.read_metrics(workdir))
+  assert 1 <= stopped_at < RUN["total_steps"]
+
+  status, output = run_main(workdir, gcs_data_dir, RUN, tmp_path)  # The same command again.
+  assert status == 0, output[-4000:]
+  assert f"Resumed from {workdir}/checkpoints at step {stopped_at}" in output
+
+  local = str(tmp_path / "local")
+  trainer.train_and_evaluate(digits_config(digits_data_dir, **RUN), local)
+  assert without_timings(metrics_lib.read_metrics(workdir)) == without_timings(metrics_lib.read_metrics(local))
+  jax.tree.map(np.testing.assert_array_equal, final_state(workdir, 48), final_state(local, 48))
+  assert (epath.Path(workdir) / "tensorboard").is_dir() and list((epath.Path(workdir) / "tensorboard").iterdir())
+  assert not (tmp_path / "gs:").exists()
+  assert not (epath.Path(ROOT) / "gs:").exists()
