@@ -1,7 +1,7 @@
 """Command line: imports the official PyTorch Vim / Mamba-Reg / ShuffleMamba weights, and exports ours.
 
   python -m shufflemamba_jax.convert --from-pytorch vim_t_midclstok_76p1acc.pth \
-      --variant vim_tiny --out /ckpt/vim_tiny [--img-size 256] [--num-classes 100]
+      --variant vim_tiny --out /ckpt/vim_tiny [--img-size 256] [--num-classes 100] [--set depth=12 ...]
   python -m shufflemamba_jax.convert --to-pytorch /ckpt/vim_tiny --out vim_tiny.safetensors
 
 An import writes OUT as a workdir with one checkpoint, step 0 (see `weights.checkpoint`), which
@@ -13,6 +13,7 @@ parameters, or its EMA with --ema) and writes .pth, .safetensors or .npz.
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import sys
 
@@ -26,7 +27,7 @@ def import_checkpoint(args) -> None:
   overrides = {
     name: value for name, value in (("img_size", args.img_size), ("num_classes", args.num_classes)) if value is not None
   }
-  config = models.model_config(args.variant, **overrides)
+  config = models.model_config(args.variant, **dict(args.set), **overrides)
   state_dict = pytorch.read_state_dict(
     args.from_pytorch, checkpoint_key=args.checkpoint_key, allow_pickle=args.allow_pickle
   )
@@ -41,7 +42,18 @@ def import_checkpoint(args) -> None:
     if saver.latest_step() is not None:
       raise FileExistsError(f"{args.out} already holds a checkpoint; choose an empty --out")
     saver.save(0, {"params": params}, model=config, force=True)
-  _log.info("Wrote %s (variant %s, overrides %s).", args.out, args.variant, overrides)
+  _log.info("Wrote %s (variant %s, settings %s, overrides %s).", args.out, args.variant, dict(args.set), overrides)
+
+
+def _setting(text: str) -> tuple[str, object]:
+  """NAME=VALUE with VALUE a Python literal (4, 0.1, True) or else a string."""
+  name, equals, value = text.partition("=")
+  if not equals or not name:
+    raise argparse.ArgumentTypeError(f"--set {text!r}: expected NAME=VALUE, e.g. depth=12")
+  try:
+    return name, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return name, value
 
 
 def export_checkpoint(args) -> None:
@@ -68,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument("--out", required=True, help="import: new directory; export: .pth, .safetensors or .npz file")
   parser.add_argument("--variant", help="model variant (import only), e.g. vim_tiny")
+  parser.add_argument(
+    "--set",
+    type=_setting,
+    action="append",
+    default=[],
+    metavar="NAME=VALUE",
+    help="a model setting of the checkpoint's own architecture (repeatable), e.g. depth=12 for a "
+    "model trained at another size than the variant's",
+  )
   parser.add_argument("--img-size", type=int, help="input resolution; position embeddings are resized")
   parser.add_argument("--num-classes", type=int, help="classes; a different head is re-initialized")
   parser.add_argument("--seed", type=int, default=0, help="seed of a re-initialized head")

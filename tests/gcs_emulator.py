@@ -236,6 +236,8 @@ class GcsEmulator:
       "no_proxy": "127.0.0.1,localhost",
       "CURL_CA_BUNDLE": self.urls["ca"],
       "NO_GCE_CHECK": "true",
+      # gcsfs's zonal-bucket probe asks the Storage Control API, which the emulator lacks.
+      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
 
 

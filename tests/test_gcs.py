@@ -9,6 +9,7 @@ through the command line, as on a pod, in a working folder of their own: no loca
 import pathlib
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -114,3 +115,57 @@ def test_a_gs_run_stopped_by_sigterm_resumes_and_ends_like_a_local_run(gcs, gcs_
   assert (epath.Path(workdir) / "tensorboard").is_dir() and list((epath.Path(workdir) / "tensorboard").iterdir())
   assert not (tmp_path / "gs:").exists()
   assert not (epath.Path(ROOT) / "gs:").exists()
+
+
+def test_gs_checkpoints_load_predict_evaluate_convert_and_initialize_training(gcs, gcs_data_dir, tmp_path):
+  """load_model, predict, evaluate mode, convert --out and init_from, all on gs:// paths."""
+  import json
+
+  from PIL import Image
+
+  import shufflemamba_jax as smj
+
+  workdir = f"{BUCKET_URL}/short"
+  status, output = run_main(workdir, gcs_data_dir, SHORT, tmp_path)
+  assert status == 0, output[-4000:]
+
+  # load_model and predict, the image on the bucket too.
+  pixels = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+  with epath.Path(f"{BUCKET_URL}/images/digit.png").open("wb") as file:
+    Image.fromarray(pixels).save(file, format="PNG")
+  model = smj.load_model(workdir)
+  from shufflemamba_jax import predict
+
+  image = predict.preprocess(f"{BUCKET_URL}/images/digit.png", 16, crop_ratio=1.0)
+  expected = int(np.argmax(model(image[None])[0]))
+  command = [sys.executable, "-m", "shufflemamba_jax.predict", f"--checkpoint={workdir}", "--json"]
+  result = subprocess.run([*command, f"{BUCKET_URL}/images/digit.png"], cwd=tmp_path, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert json.loads(result.stdout)["top"][0]["index"] == expected
+
+  # Evaluate mode appends its record to the run's metrics on the bucket, keeping the others.
+  before = metrics_lib.read_metrics(workdir)
+  status, output = run_main(workdir, gcs_data_dir, SHORT, tmp_path, "--mode=evaluate")
+  assert status == 0, output[-4000:]
+  after = metrics_lib.read_metrics(workdir)
+  assert after[:-1] == before and after[-1]["step"] == 4 and after[-1]["num_examples"] == 360
+
+  # Export to PyTorch names on the bucket, import back onto the bucket, and start training from
+  # it: the same losses as starting from the run itself.
+  convert = [sys.executable, "-m", "shufflemamba_jax.convert"]
+  exported, converted = f"{BUCKET_URL}/weights/digits.safetensors", f"{BUCKET_URL}/converted"
+  settings = ["--set=patch_size=4", "--set=embed_dim=48", "--set=depth=4", "--set=d_state=8", "--set=img_size=16"]
+  for args in (
+    ["--to-pytorch", workdir, "--out", exported],
+    ["--from-pytorch", exported, "--variant=shufflemamba_tiny", *settings, "--num-classes=10", "--out", converted],
+  ):
+    result = subprocess.run([*convert, *args], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+  losses = []
+  for source in (converted, workdir):
+    target = f"{BUCKET_URL}/from_{source.rsplit('/', 1)[-1]}"
+    status, output = run_main(target, gcs_data_dir, {**SHORT, "init_from": source}, tmp_path)
+    assert status == 0, output[-4000:]
+    losses.append([record["loss"] for record in metrics_lib.read_metrics(target) if "loss" in record])
+  assert losses[0] == losses[1]
+  assert not (tmp_path / "gs:").exists()
