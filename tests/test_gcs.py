@@ -169,3 +169,39 @@ def test_gs_checkpoints_load_predict_evaluate_convert_and_initialize_training(gc
     losses.append([record["loss"] for record in metrics_lib.read_metrics(target) if "loss" in record])
   assert losses[0] == losses[1]
   assert not (tmp_path / "gs:").exists()
+
+
+def test_the_command_the_tpu_launcher_prints_runs_to_its_first_checkpoint(gcs, gcs_data_dir, tmp_path):
+  """`launch/tpu_vm.sh train --dry-run` prints what each worker runs; that command, run here as
+  one process against the emulator (the worker's venv interpreter swapped for this one), trains
+  and checkpoints on the bucket."""
+  import os
+  import shlex
+
+  settings = {"TPU_NAME": "smj-v4", "TPU_ZONE": "us-central2-b", "TPU_PROJECT": "my-proj", "GCS_BUCKET": BUCKET}
+  overrides = [f"--config.{name}={value}" for name, value in {**SHORT, "checkpoint_every_steps": 2}.items()]
+  result = subprocess.run(
+    [
+      str(pathlib.Path(ROOT) / "launch" / "tpu_vm.sh"),
+      "train",
+      "--dry-run",
+      "--config=configs/digits.py",
+      "--",
+      *overrides,
+    ],
+    env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **settings},
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert result.returncode == 0, result.stderr
+  (ssh,) = [shlex.split(line) for line in result.stdout.splitlines()]
+  (remote,) = [shlex.split(word[len("--command=") :]) for word in ssh if word.startswith("--command=")]
+  command = remote[remote.index("setsid") + 5 : remote.index(">>")]  # nohup setsid sh -c LAUNCHER sh COMMAND...
+  assert command[0] == "../smj-venv/bin/python" and f"--config.data_dir={gcs_data_dir}" in command
+  workdir = f"{BUCKET_URL}/runs/smj-v4"
+  assert f"--workdir={workdir}" in command
+  run = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-4000:]
+  with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(workdir), read_only=True) as checkpointer:
+    assert checkpointer.all_steps()[0] == 2
