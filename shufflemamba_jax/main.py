@@ -74,6 +74,9 @@ def main(argv):
       )
   except SettingError as error:
     raise SystemExit(f"error: {error}") from None
+  except OSError as error:  # Storage: the message names the path; the traceback goes to the log.
+    logging.exception("Stopped by a storage error.")
+    raise SystemExit(f"error: {error}") from None
 
 
 def run():

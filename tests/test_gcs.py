@@ -205,3 +205,41 @@ def test_the_command_the_tpu_launcher_prints_runs_to_its_first_checkpoint(gcs, g
   assert run.returncode == 0, run.stderr[-4000:]
   with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(workdir), read_only=True) as checkpointer:
     assert checkpointer.all_steps()[0] == 2
+
+
+def test_a_bucket_that_refuses_writes_stops_the_run_naming_the_path_and_the_run_resumes_after(
+  gcs, gcs_data_dir, tmp_path
+):
+  """Storage refusing writes mid-run: the run exits non-zero, soon, with an error naming the gs://
+  path it could not write. Once the storage is back (restarted with its data), the same command
+  resumes from the last complete checkpoint and finishes."""
+  workdir = f"{BUCKET_URL}/refused"
+  run = {**RUN, "checkpoint_every_steps": 4}
+  first = checkpoint_lib.checkpoint_directory(workdir) / "4"
+  process = subprocess.Popen(
+    main_command(workdir, gcs_data_dir, run), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+  try:
+    deadline = time.time() + 300
+    while not (first / "commit_success.txt").exists() and time.time() < deadline:
+      assert process.poll() is None, process.stdout.read()[-4000:]
+      time.sleep(0.2)
+    gcs.refuse_writes()
+    refused_at = time.time()
+    output, _ = process.communicate(timeout=180)
+  finally:
+    process.kill()
+    gcs.stop()  # A restart of the storage, with its data; it takes writes again.
+    gcs.start()
+  assert process.returncode != 0, output[-4000:]
+  assert time.time() - refused_at < 120
+  (error,) = [line for line in output.splitlines() if line.startswith("error: ")]
+  assert workdir in error, output[-4000:]
+  with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(workdir), read_only=True) as checkpointer:
+    complete = checkpointer.latest_step()
+  assert complete is not None and complete >= 4
+
+  status, output = run_main(workdir, gcs_data_dir, run, tmp_path)
+  assert status == 0, output[-4000:]
+  assert f"Resumed from {workdir}/checkpoints at step {complete}" in output
+  assert [record["step"] for record in metrics_lib.read_metrics(workdir) if "loss" in record][-1] == 48

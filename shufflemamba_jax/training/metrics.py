@@ -54,7 +54,21 @@ class MetricWriter:
     record.update({name: _to_python(value) for name, value in metrics.items()})
     if not self.enabled:
       return record
-    line = json.dumps(record) + "\n"
+    try:
+      self._append(json.dumps(record) + "\n")
+      if self._summary_writer is not None:
+        with self._summary_writer.as_default():
+          for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+              self._tf.summary.write(
+                name, self._tf.constant(float(value), self._tf.float32), step=int(step), metadata=self._scalar_metadata
+              )
+        self._summary_writer.flush()
+    except Exception as error:
+      raise OSError(f"Could not write the metrics of step {step} to {self.path.parent}: {error}") from error
+    return record
+
+  def _append(self, line: str) -> None:
     if "://" in str(self.path):
       # Cloud objects cannot be appended to (gcsfs opens "a" as "w" and would drop the earlier
       # records): the file is written whole, a few hundred kB at most for a long run.
@@ -62,15 +76,6 @@ class MetricWriter:
     else:
       with self.path.open("a") as f:
         f.write(line)
-    if self._summary_writer is not None:
-      with self._summary_writer.as_default():
-        for name, value in record.items():
-          if name != "step" and isinstance(value, (int, float)):
-            self._tf.summary.write(
-              name, self._tf.constant(float(value), self._tf.float32), step=int(step), metadata=self._scalar_metadata
-            )
-      self._summary_writer.flush()
-    return record
 
   def close(self):
     if self._summary_writer is not None:

@@ -188,9 +188,13 @@ class Checkpointer:
     items.update(
       {name: ocp.args.JsonSave(value) for name, value in (("config", config), ("meta", meta)) if value is not None}
     )
-    return self.manager.save(
-      step, force=force, metrics=metrics if self.best_metric else None, args=ocp.args.Composite(**items)
-    )
+    # A failed asynchronous save surfaces here, at the next save, or in `wait`.
+    try:
+      return self.manager.save(
+        step, force=force, metrics=metrics if self.best_metric else None, args=ocp.args.Composite(**items)
+      )
+    except Exception as error:
+      raise OSError(f"Could not save checkpoint step {step} in {self.directory}: {error}") from error
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` (None = latest) into the structure of `abstract_state`.
@@ -243,7 +247,11 @@ class Checkpointer:
     return dict(self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item])
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Waits for the asynchronous save, if any; an error names the checkpoint folder."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:
+      raise OSError(f"Could not save a checkpoint in {self.directory}: {error}") from error
 
   def close(self):
     self.manager.close()
