@@ -312,3 +312,12 @@ def test_two_processes_evaluate_like_one_device(trained_workdir, data_dir, tmp_p
   assert record["num_examples"] == 360 and record["step"] == 4
   for name, value in expected.items():
     np.testing.assert_allclose(record[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_an_epoch_counts_the_configured_train_split(tmp_path, data_dir):
+  """config.train_split may be a TFDS slice: the epoch (and the warmup in epochs) counts its size,
+  here 718 images, 22 steps of 32, not the 1437 of the whole train split."""
+  config = _digits_config(data_dir, train_split="train[:50%]", total_steps=1, log_every_steps=1)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  (record,) = [r for r in metrics_lib.read_metrics(tmp_path) if "loss" in r]
+  assert record["epoch"] == 1 / 22
