@@ -45,3 +45,25 @@ def main_command(workdir, data_dir, overrides, *flags):
 def without_timings(records):
   """Metric records without the wall-clock fields, which differ from run to run."""
   return [{k: v for k, v in record.items() if k not in ("images_per_s", "step_time_s")} for record in records]
+
+
+def stop_with_sigterm_after_first_metrics(command, workdir, cwd, poll_s=0.05) -> str:
+  """Starts `command`, sends SIGTERM once WORKDIR/metrics.jsonl has a record, and returns the
+  output of a run that saved and exited 0."""
+  import signal
+  import subprocess
+  import time
+
+  from etils import epath
+
+  metrics = epath.Path(workdir) / "metrics.jsonl"
+  process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
+    assert process.poll() is None, process.stdout.read()[-4000:]
+    time.sleep(poll_s)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, output[-4000:]
+  assert "Stopped by SIGTERM after step" in output
+  return output

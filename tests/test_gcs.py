@@ -7,7 +7,6 @@ through the command line, as on a pod, in a working folder of their own: no loca
 """
 
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from shufflemamba_jax.training import metrics as metrics_lib
 from shufflemamba_jax.training import trainer
 from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 
-from digits_runs import ROOT, SHORT, digits_config, main_command, without_timings
+from digits_runs import ROOT, SHORT, digits_config, main_command, stop_with_sigterm_after_first_metrics, without_timings
 from gcs_emulator import BUCKET, GcsEmulator
 
 pytestmark = pytest.mark.slow
@@ -89,18 +88,7 @@ def test_a_gs_run_stopped_by_sigterm_resumes_and_ends_like_a_local_run(gcs, gcs_
   """--workdir and --config.data_dir on gs://: SIGTERM saves and exits 0, the same command resumes,
   and the final state is bit for bit that of an uninterrupted run on local disk."""
   workdir = f"{BUCKET_URL}/sigterm"
-  metrics = epath.Path(workdir) / metrics_lib.METRICS_FILE
-  process = subprocess.Popen(
-    main_command(workdir, gcs_data_dir, RUN), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-  )
-  deadline = time.time() + 300
-  while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
-    assert process.poll() is None, process.stdout.read()[-4000:]
-    time.sleep(0.2)
-  process.send_signal(signal.SIGTERM)
-  output, _ = process.communicate(timeout=300)
-  assert process.returncode == 0, output[-4000:]
-  assert "Stopped by SIGTERM after step" in output
+  stop_with_sigterm_after_first_metrics(main_command(workdir, gcs_data_dir, RUN), workdir, tmp_path, poll_s=0.2)
   stopped_at = len(metrics_lib.read_metrics(workdir))
   assert 1 <= stopped_at < RUN["total_steps"]
 

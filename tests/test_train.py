@@ -15,7 +15,7 @@ from shufflemamba_jax.training import metrics as metrics_lib
 from shufflemamba_jax.training import trainer
 from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 
-from digits_runs import ROOT, SHORT, main_command, without_timings
+from digits_runs import ROOT, SHORT, main_command, stop_with_sigterm_after_first_metrics, without_timings
 from digits_runs import digits_config as _digits_config
 
 
@@ -139,8 +139,6 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run_bitwise(tmp_path, data_
   """SIGTERM mid-run: save at a step boundary, exit 0; the restarted run ends bit for bit where
   an uninterrupted run ends (losses of every step, final evaluation and parameters), on one
   CPU device, with SLWS, drop path, EMA and augmentation all drawing random numbers."""
-  import signal
-  import time
 
   import jax
   import numpy as np
@@ -158,17 +156,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run_bitwise(tmp_path, data_
     "model.slws.group_size": 2,
   }
   workdir = str(tmp_path / "preempted")
-  command = main_command(workdir, data_dir, run)
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 300
-  while not (os.path.exists(metrics_path) and os.path.getsize(metrics_path)) and time.time() < deadline:
-    assert process.poll() is None, process.stdout.read()[-4000:]
-    time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)
-  output, _ = process.communicate(timeout=300)
-  assert process.returncode == 0, output[-4000:]
-  assert "Stopped by SIGTERM after step" in output
+  stop_with_sigterm_after_first_metrics(main_command(workdir, data_dir, run), workdir, ROOT)
   with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(workdir), read_only=True) as checkpointer:
     stopped_at = checkpointer.latest_step()
   assert 1 <= stopped_at < 48
