@@ -196,8 +196,6 @@ def build_step(settings: Settings, slws_prob: float | None = None) -> CompiledSt
 
 def _xla_flops(compiled) -> float | None:
   analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # older jax returned one dict per computation
-    analysis = analysis[0] if analysis else None
   if not analysis or "flops" not in analysis:
     return None
   return float(analysis["flops"])
@@ -257,22 +255,18 @@ def run(
     "device": jax.devices()[0].device_kind,
     "lower_s": main.lower_s,
     "compile_s": main.compile_s,
-    "temp_bytes": int(memory.temp_size_in_bytes),
-    "argument_bytes": int(memory.argument_size_in_bytes),
-    "output_bytes": int(memory.output_size_in_bytes),
-    "alias_bytes": int(memory.alias_size_in_bytes),
-    # Live at once: inputs, outputs not written in place of a donated input, and scratch.
-    "peak_bytes": int(
-      memory.temp_size_in_bytes
-      + memory.argument_size_in_bytes
-      + memory.output_size_in_bytes
-      - memory.alias_size_in_bytes
-    ),
+    **{
+      f"{part}_bytes": int(getattr(memory, f"{part}_size_in_bytes")) for part in ("temp", "argument", "output", "alias")
+    },
     "flops_xla": _xla_flops(main.compiled),
     "flops_analytic": analytic_train_flops(config, settings.img_size, settings.batch_size),
     "step_time_median_s": None,
     "images_per_s": None,
   }
+  # Live at once: inputs, outputs not written in place of a donated input, and scratch.
+  record["peak_bytes"] = (
+    record["temp_bytes"] + record["argument_bytes"] + record["output_bytes"] - record["alias_bytes"]
+  )
   if peak_tflops:
     record["peak_tflops"] = peak_tflops
     record["mfu"] = None
@@ -391,25 +385,10 @@ def main(argv=None) -> dict:
   overrides = tuple(
     (name, getattr(args, name)) for name in ("depth", "embed_dim", "patch_size") if getattr(args, name) is not None
   )
-  settings = Settings(
-    variant=args.variant,
-    img_size=args.img_size,
-    batch_size=args.batch_size,
-    method=args.method,
-    chunk_size=args.chunk_size,
-    remat=args.remat,
-    dtype=args.dtype,
-    slws_prob=args.slws_prob,
-    overrides=overrides,
-  )
-  record = run(
-    settings,
-    steps=args.steps,
-    warmup=args.warmup,
-    compile_only=args.compile_only,
-    compare_slws=args.compare_slws,
-    peak_tflops=args.peak_tflops,
-  )
+  fields = [field.name for field in dataclasses.fields(Settings) if field.name != "overrides"]
+  settings = Settings(**{name: getattr(args, name) for name in fields}, overrides=overrides)
+  timing = ("steps", "warmup", "compile_only", "compare_slws", "peak_tflops")
+  record = run(settings, **{name: getattr(args, name) for name in timing})
   record["command"] = "python -m shufflemamba_jax.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
   record["date_utc"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
   record["host"] = f"{platform.machine()}, {jax.local_device_count()} {jax.default_backend()} device(s)"

@@ -66,19 +66,8 @@ class VisionMambaConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    for name in (
-      "img_size",
-      "patch_size",
-      "num_classes",
-      "embed_dim",
-      "depth",
-      "d_state",
-      "d_conv",
-      "expand",
-      "cls_reduce",
-      "chunk_size",
-      "slws_group_size",
-    ):
+    positive = "img_size patch_size num_classes embed_dim depth d_state d_conv expand cls_reduce chunk_size"
+    for name in [*positive.split(), "slws_group_size"]:
       checks.integer(name, getattr(self, name))
     if self.img_size % self.patch_size:
       raise checks.SettingError("img_size", self.img_size, f"must be divisible by patch_size {self.patch_size}")

@@ -68,14 +68,8 @@ class Settings:
   @classmethod
   def from_config(cls, config) -> Settings:
     """Builds every part of a run from a training config; raises SettingError on a bad value."""
-    for name in (
-      "batch_size",
-      "eval_batch_size",
-      "log_every_steps",
-      "eval_every_steps",
-      "checkpoint_every_steps",
-      "grad_accum_steps",
-    ):
+    loop = "batch_size eval_batch_size log_every_steps eval_every_steps checkpoint_every_steps grad_accum_steps"
+    for name in loop.split():
       checks.integer(f"config.{name}", config[name])
     if config.total_steps is not None:
       checks.integer("config.total_steps", config.total_steps)
