@@ -202,7 +202,7 @@ def test_a_bucket_that_refuses_writes_stops_the_run_naming_the_path_and_the_run_
   path it could not write. Once the storage is back (restarted with its data), the same command
   resumes from the last complete checkpoint and finishes."""
   workdir = f"{BUCKET_URL}/refused"
-  run = {**RUN, "checkpoint_every_steps": 4}
+  run = {**RUN, "checkpoint_every_steps": 4, "log_every_steps": 100}  # The next write is a checkpoint.
   first = checkpoint_lib.checkpoint_directory(workdir) / "4"
   process = subprocess.Popen(
     main_command(workdir, gcs_data_dir, run), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

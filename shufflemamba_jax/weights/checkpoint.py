@@ -188,7 +188,7 @@ class Checkpointer:
     items.update(
       {name: ocp.args.JsonSave(value) for name, value in (("config", config), ("meta", meta)) if value is not None}
     )
-    # A failed asynchronous save surfaces here, at the next save, or in `wait`.
+    # A failed asynchronous save surfaces in the next call: this save, `wait` or `close`.
     try:
       return self.manager.save(
         step, force=force, metrics=metrics if self.best_metric else None, args=ocp.args.Composite(**items)
@@ -248,13 +248,18 @@ class Checkpointer:
 
   def wait(self):
     """Waits for the asynchronous save, if any; an error names the checkpoint folder."""
-    try:
-      self.manager.wait_until_finished()
-    except Exception as error:
-      raise OSError(f"Could not save a checkpoint in {self.directory}: {error}") from error
+    self._named(self.manager.wait_until_finished)
 
   def close(self):
-    self.manager.close()
+    """Finishes the asynchronous save, if any, and closes; an error names the checkpoint folder."""
+    self._named(self.manager.close)
+
+  def _named(self, finish):
+    # A failed asynchronous save surfaces in whichever call comes next.
+    try:
+      finish()
+    except Exception as error:
+      raise OSError(f"Could not save a checkpoint in {self.directory}: {error}") from error
 
 
 @dataclasses.dataclass(frozen=True)
