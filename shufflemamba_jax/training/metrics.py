@@ -33,6 +33,7 @@ class MetricWriter:
   def __init__(self, workdir: str, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
     self.path = epath.Path(workdir) / METRICS_FILE
+    self._text = None  # The file's content, on cloud storage (see _append).
     self._summary_writer = None
     if self.enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,8 +72,12 @@ class MetricWriter:
   def _append(self, line: str) -> None:
     if "://" in str(self.path):
       # Cloud objects cannot be appended to (gcsfs opens "a" as "w" and would drop the earlier
-      # records): the file is written whole, a few hundred kB at most for a long run.
-      self.path.write_text((self.path.read_text() if self.path.exists() else "") + line)
+      # records): the file is written whole, a few hundred kB at most for a long run. It is read
+      # once, at this writer's first record, and kept.
+      if self._text is None:
+        self._text = self.path.read_text() if self.path.exists() else ""
+      self._text += line
+      self.path.write_text(self._text)
     else:
       with self.path.open("a") as f:
         f.write(line)
