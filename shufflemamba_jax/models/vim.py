@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -253,6 +254,34 @@ class VisionMamba(nnx.Module):
 
   def __call__(self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
     config = self.config
+    ((hidden, residual),) = self.run_blocks(images, (config.depth,), train=train, key=key)
+    if train and config.drop_path_rate > 0:
+      drop_key = jax.random.fold_in(key, 1)
+      hidden = _drop_path(hidden, config.drop_path_rate, jax.random.fold_in(drop_key, config.depth))
+    features = self.norm_f(residual + hidden.astype(jnp.float32))
+    return self.classify(features)
+
+  def run_blocks(
+    self, images: jax.Array, stops: tuple[int, ...], *, train: bool = False, key: jax.Array | None = None
+  ) -> list[tuple[jax.Array, jax.Array]]:
+    """Embeds `images` and runs the blocks, returning the two streams after each of `stops`.
+
+    Args:
+      images: (batch, H, W, 3), any float dtype.
+      stops: increasing block counts in [1, depth]; (depth,) runs the whole stack.
+      train, key: as for `__call__` (drop path and SLWS, keyed by block index, so the result
+        does not depend on `stops`).
+
+    Returns:
+      For each stop n, (hidden, residual): block n - 1's output (batch, length, D) in the
+      compute dtype, and the float32 residual stream that block read, (batch, length, D). Their
+      sum is the token stream after n blocks. Each stretch of blocks between stops is one
+      `lax.scan` over its slice of the stacked parameters.
+    """
+    config = self.config
+    stops = tuple(int(stop) for stop in stops)
+    if not stops or list(stops) != sorted(set(stops)) or stops[0] < 1 or stops[-1] > config.depth:
+      raise ValueError(f"stops must be increasing block counts in [1, {config.depth}], got {stops}")
     if train and key is None:
       raise ValueError("training mode needs a PRNG key: model(images, train=True, key=jax.random.key(...))")
     hidden = sharding.constrain_batch(self.embed(images))
@@ -292,12 +321,14 @@ class VisionMamba(nnx.Module):
       jnp.asarray(self.shuffle_probs, jnp.float32),
       jnp.asarray(self.block_drop_rates, jnp.float32),
     )
-    residual = jnp.zeros(hidden.shape, jnp.float32)
-    (hidden, residual), _ = jax.lax.scan(block_step, (hidden, residual), xs)
-    if drop_path:
-      hidden = _drop_path(hidden, config.drop_path_rate, jax.random.fold_in(drop_key, config.depth))
-    features = self.norm_f(residual + hidden.astype(jnp.float32))
-    return self.classify(features)
+    carry = (hidden, jnp.zeros(hidden.shape, jnp.float32))
+    outputs, start = [], 0
+    for stop in stops:
+      stretch = xs if (start, stop) == (0, config.depth) else jax.tree.map(operator.itemgetter(slice(start, stop)), xs)
+      carry, _ = jax.lax.scan(block_step, carry, stretch)
+      outputs.append(carry)
+      start = stop
+    return outputs
 
   def classify(self, features: jax.Array) -> jax.Array:
     """Final-normed tokens (batch, length, D) -> float32 logits (batch, num_classes)."""

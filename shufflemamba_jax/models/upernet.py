@@ -1,0 +1,386 @@
+"""UperNet semantic segmentation on a Vim / ShuffleMamba backbone, as a Flax NNX module.
+
+The reference recipe (ShuffleMamba's `upernet_shufflemamba_8xb2-160k_ade20k-512x512_*` configs):
+token streams taken after four blocks (`out_indices`, [5, 11, 17, 23] for depth 24), the extra
+tokens (cls or registers) dropped and the patches laid back on their grid (1/16 of the image);
+the plain-backbone simple pyramid of the ViT / BEiT UperNets turns the four 1/16 maps into 1/4,
+1/8, 1/16 and 1/32; the UperNet decode head (pyramid pooling on the last level, then an FPN)
+and an FCN auxiliary head predict per-pixel class logits. BatchNorm uses the plain statistics of
+the batch it sees: under `jit` with a sharded batch that is the whole global batch, i.e.
+PyTorch's SyncBatchNorm. Convolution weights follow mmcv's ConvModule init (Kaiming normal,
+fan out), the classifiers mmseg's (normal 0.01); other layers keep Flax's defaults.
+
+`slide_inference` is the evaluation-time tiling of large images into overlapping crops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from shufflemamba_jax.models import checks, tokens
+from shufflemamba_jax.models.vim import DTYPES, VisionMamba, VisionMambaConfig
+
+NUM_LEVELS = 4
+# The backbone's classification parts, unused by a segmenter (the features are the raw token
+# streams, as in the ViT / BEiT / Vim UperNet backbones) and deleted from it.
+UNUSED_BACKBONE_PARTS = ("head", "neck", "norm_neck", "norm_f")
+
+
+def default_out_indices(depth: int) -> tuple[int, ...]:
+  """Blocks read by the pyramid: the last of each quarter, [5, 11, 17, 23] for depth 24."""
+  return tuple(round((level + 1) * depth / NUM_LEVELS) - 1 for level in range(NUM_LEVELS))
+
+
+@dataclasses.dataclass(frozen=True)
+class UperNetConfig:
+  """Every setting of a `UperNet` segmenter; a bad value raises a SettingError naming it.
+
+  `backbone` is the VisionMambaConfig of the backbone (its num_classes is unused); `out_indices`
+  None means `default_out_indices(backbone.depth)`; `aux_level` is the pyramid level (0 = 1/4,
+  ..., 3 = 1/32) the auxiliary head reads, 3 as in the reference configs (`in_index=3`).
+  """
+
+  backbone: VisionMambaConfig
+  num_classes: int = 150
+  out_indices: tuple[int, ...] | None = None
+  channels: int = 512
+  pool_scales: tuple[int, ...] = (1, 2, 3, 6)
+  dropout: float = 0.1
+  aux_channels: int = 256
+  aux_level: int = 3
+  norm_momentum: float = 0.9  # Flax's convention: PyTorch's BatchNorm momentum 0.1.
+  norm_eps: float = 1e-5
+
+  def __post_init__(self):
+    if not isinstance(self.backbone, VisionMambaConfig):
+      raise checks.SettingError("backbone", self.backbone, "must be a VisionMambaConfig")
+    for name in ("num_classes", "channels", "aux_channels"):
+      checks.integer(name, getattr(self, name))
+    indices = self.resolved_out_indices
+    depth = self.backbone.depth
+    if (
+      len(indices) != NUM_LEVELS
+      or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in indices)
+      or list(indices) != sorted(set(indices))
+      or indices[0] < 0
+      or indices[-1] >= depth
+    ):
+      raise checks.SettingError(
+        "out_indices", self.out_indices, f"must be {NUM_LEVELS} increasing block indices in [0, {depth})"
+      )
+    if not self.pool_scales:
+      raise checks.SettingError("pool_scales", self.pool_scales, "must name at least one scale")
+    for scale in self.pool_scales:
+      checks.integer("pool_scales", scale)
+    checks.number("dropout", self.dropout, 0.0, 1.0, high_open=True)
+    checks.integer("aux_level", self.aux_level, minimum=0)
+    if self.aux_level >= NUM_LEVELS:
+      raise checks.SettingError("aux_level", self.aux_level, f"must be a pyramid level in [0, {NUM_LEVELS})")
+    checks.number("norm_momentum", self.norm_momentum, 0.0, 1.0)
+    checks.number("norm_eps", self.norm_eps, 0.0)
+    if self.backbone.patch_size != 16:
+      # The simple pyramid's strides (x4, x2, x1, /2) turn 1/16 maps into 1/4 .. 1/32.
+      raise checks.SettingError("patch_size", self.backbone.patch_size, "the simple pyramid needs patch_size 16")
+
+  @property
+  def resolved_out_indices(self) -> tuple[int, ...]:
+    if self.out_indices is None:
+      return default_out_indices(self.backbone.depth)
+    return tuple(self.out_indices)
+
+
+def _kaiming_fan_out():
+  # mmcv's ConvModule init: kaiming_normal_(mode="fan_out", nonlinearity="relu"); JAX truncates at 2 sigma.
+  return nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class ConvNormReLU(nnx.Module):
+  """mmcv's ConvModule: conv (no bias) -> BatchNorm -> ReLU, 'same' padding, (B, H, W, C_in) -> C_out."""
+
+  def __init__(self, in_features: int, out_features: int, kernel: int, config: UperNetConfig, *, rngs: nnx.Rngs):
+    dtype = DTYPES[config.backbone.dtype]
+    param_dtype = DTYPES[config.backbone.param_dtype]
+    self.conv = nnx.Conv(
+      in_features,
+      out_features,
+      kernel_size=(kernel, kernel),
+      padding="SAME",
+      use_bias=False,
+      kernel_init=_kaiming_fan_out(),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+    self.norm = _batch_norm(out_features, config, rngs)
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    return jax.nn.relu(self.norm(self.conv(x), use_running_average=not train)).astype(self.conv.dtype)
+
+
+def _batch_norm(features: int, config: UperNetConfig, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  # Statistics in float32 whatever the compute dtype.
+  return nnx.BatchNorm(
+    features,
+    momentum=config.norm_momentum,
+    epsilon=config.norm_eps,
+    dtype=jnp.float32,
+    param_dtype=DTYPES[config.backbone.param_dtype],
+    rngs=rngs,
+  )
+
+
+def _classifier(in_features: int, config: UperNetConfig, rngs: nnx.Rngs) -> nnx.Conv:
+  """mmseg's conv_seg: a 1x1 conv with bias to num_classes, normal(0.01) init, float32 logits."""
+  return nnx.Conv(
+    in_features,
+    config.num_classes,
+    kernel_size=(1, 1),
+    kernel_init=nnx.initializers.normal(0.01),
+    dtype=jnp.float32,
+    param_dtype=DTYPES[config.backbone.param_dtype],
+    rngs=rngs,
+  )
+
+
+def channel_dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """PyTorch's Dropout2d on (batch, H, W, C): whole channels of a sample are zeroed, the rest rescaled."""
+  if key is None or rate == 0:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0], 1, 1, x.shape[-1]))
+  return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """(batch, h, w, C) -> (batch, *size, C), PyTorch's `interpolate(bilinear, align_corners=False)`.
+
+  Half-pixel centers and no antialiasing, up or down, as mmseg's `resize`.
+  """
+  if tuple(x.shape[1:3]) == tuple(size):
+    return x
+  return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), method="bilinear", antialias=False)
+
+
+def _adaptive_pool_matrix(length: int, bins: int) -> np.ndarray:
+  """(bins, length) averaging weights of PyTorch's adaptive average pooling along one axis."""
+  matrix = np.zeros((bins, length), np.float32)
+  for i in range(bins):
+    start, end = (i * length) // bins, math.ceil((i + 1) * length / bins)
+    matrix[i, start:end] = 1.0 / (end - start)
+  return matrix
+
+
+def adaptive_average_pool(x: jax.Array, bins: int) -> jax.Array:
+  """PyTorch's AdaptiveAvgPool2d(bins) on (batch, H, W, C) -> (batch, bins, bins, C), float32."""
+  rows = jnp.asarray(_adaptive_pool_matrix(x.shape[1], bins))
+  cols = jnp.asarray(_adaptive_pool_matrix(x.shape[2], bins))
+  return jnp.einsum("ih,bhwc,jw->bijc", rows, x.astype(jnp.float32), cols)
+
+
+class SimplePyramid(nnx.Module):
+  """Four 1/16 maps (batch, h, w, D) -> 1/4, 1/8, 1/16, 1/32 maps of D channels (ViT / BEiT UperNet).
+
+  1/4: transposed conv (stride 2) -> BatchNorm -> GELU -> transposed conv (stride 2); 1/8: one
+  transposed conv; 1/16: identity; 1/32: 2x2 max pool.
+  """
+
+  def __init__(self, config: UperNetConfig, *, rngs: nnx.Rngs):
+    dim = config.backbone.embed_dim
+    kwargs = dict(
+      kernel_size=(2, 2),
+      strides=(2, 2),
+      padding="VALID",
+      dtype=DTYPES[config.backbone.dtype],
+      param_dtype=DTYPES[config.backbone.param_dtype],
+      rngs=rngs,
+    )
+    self.up4_first = nnx.ConvTranspose(dim, dim, **kwargs)
+    self.up4_norm = _batch_norm(dim, config, rngs)
+    self.up4_second = nnx.ConvTranspose(dim, dim, **kwargs)
+    self.up8 = nnx.ConvTranspose(dim, dim, **kwargs)
+
+  def __call__(self, maps: list[jax.Array], train: bool) -> list[jax.Array]:
+    dtype = self.up8.dtype
+    quarter = self.up4_norm(self.up4_first(maps[0]), use_running_average=not train)
+    quarter = self.up4_second(jax.nn.gelu(quarter, approximate=False).astype(dtype))
+    eighth = self.up8(maps[1])
+    thirty_second = nnx.max_pool(maps[3], window_shape=(2, 2), strides=(2, 2))
+    return [quarter, eighth, maps[2], thirty_second]
+
+
+class UperHead(nnx.Module):
+  """mmseg's UPerHead: pyramid pooling on the last level, lateral 1x1 convs, a top-down FPN,
+  3x3 convs, all levels upsampled to the first and fused; then dropout and the classifier.
+
+  Levels (batch, h_i, w_i, D) -> logits (batch, h_0, w_0, num_classes) float32.
+  """
+
+  def __init__(self, config: UperNetConfig, *, rngs: nnx.Rngs):
+    dim, channels = config.backbone.embed_dim, config.channels
+    self.config = config
+    self.pool_convs = nnx.List([ConvNormReLU(dim, channels, 1, config, rngs=rngs) for _ in config.pool_scales])
+    self.pool_bottleneck = ConvNormReLU(dim + len(config.pool_scales) * channels, channels, 3, config, rngs=rngs)
+    self.lateral_convs = nnx.List([ConvNormReLU(dim, channels, 1, config, rngs=rngs) for _ in range(NUM_LEVELS - 1)])
+    self.fpn_convs = nnx.List([ConvNormReLU(channels, channels, 3, config, rngs=rngs) for _ in range(NUM_LEVELS - 1)])
+    self.fpn_bottleneck = ConvNormReLU(NUM_LEVELS * channels, channels, 3, config, rngs=rngs)
+    self.classifier = _classifier(channels, config, rngs)
+
+  def __call__(self, levels: list[jax.Array], *, train: bool, key: jax.Array | None) -> jax.Array:
+    last = levels[-1]
+    size = last.shape[1:3]
+    pooled = [
+      resize_bilinear(conv(adaptive_average_pool(last, scale).astype(last.dtype), train), size)
+      for conv, scale in zip(self.pool_convs, self.config.pool_scales)
+    ]
+    laterals = [conv(level, train) for conv, level in zip(self.lateral_convs, levels[:-1])]
+    laterals.append(self.pool_bottleneck(jnp.concatenate([last, *pooled], axis=-1), train))
+    for i in range(NUM_LEVELS - 1, 0, -1):  # Top-down: each level adds the coarser one, upsampled.
+      laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], laterals[i - 1].shape[1:3])
+    outputs = [conv(lateral, train) for conv, lateral in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
+    finest = outputs[0].shape[1:3]
+    fused = self.fpn_bottleneck(jnp.concatenate([resize_bilinear(x, finest) for x in outputs], axis=-1), train)
+    return self.classifier(channel_dropout(fused, self.config.dropout, key))
+
+
+class FCNHead(nnx.Module):
+  """mmseg's FCNHead with one conv: 3x3 ConvModule -> dropout -> classifier, (batch, h, w, D) -> logits."""
+
+  def __init__(self, config: UperNetConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.conv = ConvNormReLU(config.backbone.embed_dim, config.aux_channels, 3, config, rngs=rngs)
+    self.classifier = _classifier(config.aux_channels, config, rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None) -> jax.Array:
+    return self.classifier(channel_dropout(self.conv(x, train), self.config.dropout, key))
+
+
+class UperNet(nnx.Module):
+  """A Vim / ShuffleMamba backbone with the simple pyramid, a UperNet decode head and an FCN
+  auxiliary head.
+
+  `model(images)` with images (batch, H, W, 3) (H, W multiples of 32), any float dtype, returns
+  float32 logits (batch, H / 4, W / 4, num_classes); `model.forward(images, train=True, key=k)`
+  returns (logits, auxiliary logits (batch, H / 2^(aux_level + 2), ..., num_classes)) with drop
+  path, dropout and batch statistics on (the running statistics update in place). Parameters
+  live under `backbone` (named as in the classifier, so classification checkpoints load into
+  it), `pyramid`, `decode_head` and `aux_head`.
+  """
+
+  def __init__(self, config: UperNetConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.backbone = VisionMamba(config.backbone, rngs=rngs)
+    for name in UNUSED_BACKBONE_PARTS:
+      if hasattr(self.backbone, name):
+        delattr(self.backbone, name)
+    self.pyramid = SimplePyramid(config, rngs=rngs)
+    self.decode_head = UperHead(config, rngs=rngs)
+    self.aux_head = FCNHead(config, rngs=rngs)
+
+  def features(self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> list[jax.Array]:
+    """The token streams after the `out_indices` blocks as patch maps, 4 x (batch, H/16, W/16, D) float32.
+
+    Each is the residual stream after the block (its input plus its output, before any final
+    norm), with the extra tokens removed and the patches back in raster order on their grid.
+    """
+    backbone = self.backbone.config
+    stops = tuple(index + 1 for index in self.config.resolved_out_indices)
+    streams = self.backbone.run_blocks(images, stops, train=train, key=key)
+    grid = (images.shape[1] // backbone.patch_size, images.shape[2] // backbone.patch_size)
+    num_patches = grid[0] * grid[1]
+    extras = tokens.extra_token_indices(num_patches, backbone.token_layout, backbone.num_registers)
+    patch_positions = np.setdiff1d(np.arange(num_patches + len(extras)), extras)
+    maps = []
+    for hidden, residual in streams:
+      stream = residual + hidden.astype(jnp.float32)
+      maps.append(jnp.take(stream, patch_positions, axis=1).reshape(stream.shape[0], *grid, stream.shape[-1]))
+    return maps
+
+  def forward(
+    self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
+    """(decode head logits at 1/4, auxiliary head logits at its level), both float32."""
+    if images.shape[1] % 32 or images.shape[2] % 32:
+      raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is not a multiple of 32 (the 1/32 level)")
+    if train and key is None:
+      raise ValueError("training mode needs a PRNG key: model.forward(images, train=True, key=...)")
+    dtype = DTYPES[self.config.backbone.dtype]
+    backbone_key = jax.random.fold_in(key, 0) if train else None
+    maps = [x.astype(dtype) for x in self.features(images, train=train, key=backbone_key)]
+    levels = self.pyramid(maps, train)
+    decode_key = jax.random.fold_in(key, 1) if train else None
+    aux_key = jax.random.fold_in(key, 2) if train else None
+    logits = self.decode_head(levels, train=train, key=decode_key)
+    aux_logits = self.aux_head(levels[self.config.aux_level], train=train, key=aux_key)
+    return logits, aux_logits
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """Evaluation logits (batch, H / 4, W / 4, num_classes) float32; the auxiliary head is skipped."""
+    if images.shape[1] % 32 or images.shape[2] % 32:
+      raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is not a multiple of 32 (the 1/32 level)")
+    dtype = DTYPES[self.config.backbone.dtype]
+    levels = self.pyramid([x.astype(dtype) for x in self.features(images)], False)
+    return self.decode_head(levels, train=False, key=None)
+
+
+def segment_logits(model: UperNet, images: jax.Array) -> jax.Array:
+  """Whole-image inference: logits (batch, H, W, num_classes) float32 at the images' resolution."""
+  return resize_bilinear(model(images), images.shape[1:3])
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+  """Start offsets of mmseg's sliding windows along one axis (the last one flush with the end)."""
+  count = max(length - crop + stride - 1, 0) // stride + 1
+  return sorted({max(min(i * stride + crop, length) - crop, 0) for i in range(count)})
+
+
+def slide_inference(
+  logits_fn: Callable[[jax.Array], jax.Array],
+  images: jax.Array,
+  *,
+  crop_size: tuple[int, int],
+  stride: tuple[int, int],
+  num_classes: int,
+) -> jax.Array:
+  """Sliding-window inference (mmseg's `slide_inference`): logits averaged where windows overlap.
+
+  Args:
+    logits_fn: (n, h, w, 3) -> (n, h, w, num_classes) logits at the input resolution (e.g.
+      `functools.partial(segment_logits, model)`); called once on every window of every image,
+      stacked on the batch axis.
+    images: (batch, H, W, 3). Sizes are static: windows are fixed slices.
+    crop_size, stride: (height, width) of the windows and of their steps; an image smaller than
+      the crop is one window of its own size.
+
+  Returns:
+    (batch, H, W, num_classes) float32.
+  """
+  batch, height, width = images.shape[:3]
+  crop_h, crop_w = min(crop_size[0], height), min(crop_size[1], width)
+  windows = [
+    (top, left) for top in window_starts(height, crop_h, stride[0]) for left in window_starts(width, crop_w, stride[1])
+  ]
+  crops = jnp.concatenate([images[:, top : top + crop_h, left : left + crop_w] for top, left in windows], axis=0)
+  crop_logits = logits_fn(crops).astype(jnp.float32).reshape(len(windows), batch, crop_h, crop_w, num_classes)
+  total = jnp.zeros((batch, height, width, num_classes), jnp.float32)
+  count = np.zeros((height, width), np.float32)
+  for index, (top, left) in enumerate(windows):
+    total = total.at[:, top : top + crop_h, left : left + crop_w].add(crop_logits[index])
+    count[top : top + crop_h, left : left + crop_w] += 1
+  return total / jnp.asarray(count)[None, :, :, None]
+
+
+@nnx.jit(static_argnums=0)
+def _build(config: UperNetConfig, rngs: nnx.Rngs) -> UperNet:
+  return UperNet(config, rngs=rngs)
+
+
+def create_segmenter(config: UperNetConfig, *, rngs: nnx.Rngs) -> UperNet:
+  """Builds a `UperNet` in one compiled initializer (like `create_model`)."""
+  return _build(config, rngs)
