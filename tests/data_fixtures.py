@@ -115,3 +115,35 @@ def imagenet_data(tmp_path_factory):
   labels = write_imagenet_tars(str(root / "manual"))
   pipeline.prepare("imagenet2012", data_dir=str(root / "tfds"), manual_dir=str(root / "manual"), compute_stats=False)
   return str(root / "tfds"), labels
+
+
+def write_ade20k_zip(manual_dir: str, seed: int = 0) -> dict[str, np.ndarray]:
+  """Writes ADEChallengeData2016.zip in the real layout; returns {split/stem: 0..150 label map}.
+
+  Every image is split into vertical bands, one class each (0 included, the "other" class); the
+  image's gray level in a band is 1.5 x its class, so a decoded image shows its label map.
+  """
+  import zipfile  # pylint: disable=g-import-not-at-top
+
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  os.makedirs(manual_dir, exist_ok=True)
+  labels = {}
+  with zipfile.ZipFile(os.path.join(manual_dir, "ADEChallengeData2016.zip"), "w") as archive:
+    for folder, prefix, count in (("training", "ADE_train", 3), ("validation", "ADE_val", 2)):
+      for k in range(1, count + 1):
+        stem = f"{prefix}_{k:08d}"
+        height, width = int(rng.integers(40, 70)), int(rng.integers(40, 70))
+        classes = rng.choice(151, 3, replace=False)
+        classes[0] = 0 if k == 1 else classes[0]  # Some "other" pixels to be ignored.
+        label = np.repeat(classes, -(-width // 3))[:width][None, :].repeat(height, 0).astype(np.uint8)
+        image = np.repeat(np.round(label * 1.5).astype(np.uint8)[..., None], 3, axis=-1)
+        archive.writestr(
+          f"ADEChallengeData2016/images/{folder}/{stem}.jpg", tf.io.encode_jpeg(image, quality=95).numpy()
+        )
+        archive.writestr(
+          f"ADEChallengeData2016/annotations/{folder}/{stem}.png", tf.io.encode_png(label[..., None]).numpy()
+        )
+        labels[f"{folder}/{stem}"] = label
+  return labels

@@ -1,0 +1,81 @@
+"""The segmentation datasets: the ADE20K builder run on a zip in the real layout, and the embedded
+digits canvases."""
+
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from shufflemamba_jax.data import ade20k, digits_seg
+
+from data_fixtures import write_ade20k_zip
+
+
+def test_reduce_zero_label():
+  label = np.array([[0, 1, 150], [75, 0, 2]], np.uint8)
+  np.testing.assert_array_equal(ade20k.reduce_zero_label(label), [[255, 0, 149], [74, 255, 1]])
+
+
+def test_ade20k_builder_reduces_labels_and_keeps_images_aligned(tmp_path):
+  labels = write_ade20k_zip(str(tmp_path / "manual"))
+  builder = ade20k.Ade20k(data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(
+      manual_dir=str(tmp_path / "manual"), compute_stats=tfds.download.ComputeStatsMode.SKIP
+    )
+  )
+  assert {name: split.num_examples for name, split in builder.info.splits.items()} == {"train": 3, "validation": 2}
+  seen = set()
+  for split, folder in ade20k.SPLITS.items():
+    for example in tfds.as_numpy(builder.as_dataset(split=split)):
+      stem = example["file_name"].decode()[: -len(".jpg")]
+      original = labels[f"{folder}/{stem}"]
+      image, label = example["image"], example["label"][..., 0]
+      assert image.shape[:2] == label.shape == original.shape
+      np.testing.assert_array_equal(label, ade20k.reduce_zero_label(original))
+      assert (label == 255).any() == (original == 0).any()
+      # The image shows its own label map (gray = 1.5 x class), so the two are aligned: each
+      # label region's median gray (JPEG rings at the band edges) is its class's.
+      for value in np.unique(original):
+        assert abs(np.median(image[..., 0][original == value]) - round(value * 1.5)) <= 2
+      seen.add(f"{folder}/{stem}")
+  assert seen == set(labels)
+
+
+def test_ade20k_names_the_missing_archive(tmp_path):
+  with pytest.raises(FileNotFoundError, match="ADEChallengeData2016.zip"):
+    ade20k.check_manual_dir(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="--manual_dir is required"):
+    ade20k.check_manual_dir(None)
+
+
+def test_digits_canvases_label_strokes_with_their_digit():
+  gray, classes = digits_seg.load_gray_digits()
+  pool = np.arange(100)
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    image, label = digits_seg.canvas(rng, gray, classes, pool)
+    assert image.shape == (digits_seg.CANVAS, digits_seg.CANVAS, 3) and image.dtype == np.uint8
+    assert label.shape == image.shape[:2] and label.dtype == np.uint8
+    present = set(np.unique(label)) - {digits_seg.BACKGROUND}
+    assert 1 <= len(present) <= digits_seg.MAX_DIGITS and present <= set(classes[pool])
+    # Strokes are bright, and every bright pixel is a stroke.
+    stroke_gray = np.round(digits_seg.STROKE_LEVEL * 255 / 16)
+    assert (image[..., 0][label != digits_seg.BACKGROUND] >= stroke_gray).all()
+    assert (image[..., 0][label == digits_seg.BACKGROUND] < stroke_gray).all()
+
+
+def test_digits_seg_builds_the_same_dataset_every_time(tmp_path):
+  """Prepared twice: identical examples; validation canvases use only validation digits."""
+  examples = []
+  for attempt in range(2):
+    builder = digits_seg.DigitsSeg(data_dir=str(tmp_path / str(attempt)))
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+    )
+    examples.append(list(tfds.as_numpy(builder.as_dataset(split="validation").take(5))))
+  assert builder.info.splits["train"].num_examples == digits_seg.NUM_CANVASES["train"]
+  for first, second in zip(*examples):
+    np.testing.assert_array_equal(first["image"], second["image"])
+    np.testing.assert_array_equal(first["label"], second["label"])
+    assert set(np.unique(first["label"])) <= set(range(digits_seg.NUM_CLASSES))
