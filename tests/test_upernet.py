@@ -143,3 +143,31 @@ def test_sliding_window_on_an_image_that_fits_one_window_is_whole_image_inferenc
   )(images)
   assert whole.shape == (2, 64, 64, 5)
   np.testing.assert_array_equal(np.asarray(slid), np.asarray(whole))
+
+
+def test_warm_start_from_a_classifier_resizes_positions_and_reports_fresh_heads(caplog):
+  from shufflemamba_jax.weights import params as params_lib
+
+  config = tiny_config("middle")
+  classifier = variants.create_model(
+    "vim_tiny", rngs=nnx.Rngs(1), embed_dim=48, depth=4, img_size=32, num_classes=7, remat=False
+  )
+  saved = params_lib.flatten(nnx.to_pure_dict(nnx.state(classifier, nnx.Param)))
+  segmenter = nnx.eval_shape(lambda: upernet.UperNet(config, rngs=nnx.Rngs(0)))
+  # Concrete fresh values for the target, without compiling an initializer.
+  target = jax.tree.map(lambda x: np.full(x.shape, 0.5, x.dtype), nnx.to_pure_dict(nnx.state(segmenter, nnx.Param)))
+  with caplog.at_level("INFO"):
+    filled, fresh = params_lib.segmenter_from_classifier(saved, target, config, source="classifier")
+  flat = params_lib.flatten(filled)
+  assert set(flat) == set(params_lib.flatten(target))
+  np.testing.assert_array_equal(flat["backbone.layers.mixer.in_proj.kernel"], saved["layers.mixer.in_proj.kernel"])
+  np.testing.assert_array_equal(flat["backbone.patch_embed.kernel"], saved["patch_embed.kernel"])
+  # 2x2 -> 4x4 patch grid, the cls slot (middle) carried over.
+  expected = tokens.resize_position_embedding(
+    saved["pos_embed"], old_grid=(2, 2), new_grid=(4, 4), token_layout="middle"
+  )
+  np.testing.assert_allclose(flat["backbone.pos_embed"], np.asarray(expected), rtol=1e-6)
+  assert {name.split(".")[0] for name in fresh} == {"pyramid", "decode_head", "aux_head"}
+  assert all((flat[name] == 0.5).all() for name in fresh)
+  assert "initialized fresh (not in a classifier): aux_head, decode_head, pyramid" in caplog.text
+  assert "left out the classifier's head.bias, head.kernel, norm_f.scale" in caplog.text

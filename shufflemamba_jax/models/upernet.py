@@ -225,10 +225,13 @@ class UperHead(nnx.Module):
   def __init__(self, config: UperNetConfig, *, rngs: nnx.Rngs):
     dim, channels = config.backbone.embed_dim, config.channels
     self.config = config
-    self.pool_convs = nnx.List([ConvNormReLU(dim, channels, 1, config, rngs=rngs) for _ in config.pool_scales])
+    # Named attributes, not lists: parameter names stay dotted strings (`decode_head.pool6.conv.kernel`).
+    for scale in config.pool_scales:
+      setattr(self, f"pool{scale}", ConvNormReLU(dim, channels, 1, config, rngs=rngs))
     self.pool_bottleneck = ConvNormReLU(dim + len(config.pool_scales) * channels, channels, 3, config, rngs=rngs)
-    self.lateral_convs = nnx.List([ConvNormReLU(dim, channels, 1, config, rngs=rngs) for _ in range(NUM_LEVELS - 1)])
-    self.fpn_convs = nnx.List([ConvNormReLU(channels, channels, 3, config, rngs=rngs) for _ in range(NUM_LEVELS - 1)])
+    for level in range(NUM_LEVELS - 1):
+      setattr(self, f"lateral{level}", ConvNormReLU(dim, channels, 1, config, rngs=rngs))
+      setattr(self, f"fpn{level}", ConvNormReLU(channels, channels, 3, config, rngs=rngs))
     self.fpn_bottleneck = ConvNormReLU(NUM_LEVELS * channels, channels, 3, config, rngs=rngs)
     self.classifier = _classifier(channels, config, rngs)
 
@@ -236,14 +239,14 @@ class UperHead(nnx.Module):
     last = levels[-1]
     size = last.shape[1:3]
     pooled = [
-      resize_bilinear(conv(adaptive_average_pool(last, scale).astype(last.dtype), train), size)
-      for conv, scale in zip(self.pool_convs, self.config.pool_scales)
+      resize_bilinear(getattr(self, f"pool{scale}")(adaptive_average_pool(last, scale).astype(last.dtype), train), size)
+      for scale in self.config.pool_scales
     ]
-    laterals = [conv(level, train) for conv, level in zip(self.lateral_convs, levels[:-1])]
+    laterals = [getattr(self, f"lateral{i}")(level, train) for i, level in enumerate(levels[:-1])]
     laterals.append(self.pool_bottleneck(jnp.concatenate([last, *pooled], axis=-1), train))
     for i in range(NUM_LEVELS - 1, 0, -1):  # Top-down: each level adds the coarser one, upsampled.
       laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], laterals[i - 1].shape[1:3])
-    outputs = [conv(lateral, train) for conv, lateral in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
+    outputs = [getattr(self, f"fpn{i}")(lateral, train) for i, lateral in enumerate(laterals[:-1])] + [laterals[-1]]
     finest = outputs[0].shape[1:3]
     fused = self.fpn_bottleneck(jnp.concatenate([resize_bilinear(x, finest) for x in outputs], axis=-1), train)
     return self.classifier(channel_dropout(fused, self.config.dropout, key))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from shufflemamba_jax.models import tokens, vim
+from shufflemamba_jax.models import tokens, upernet, vim
 
 _log = logging.getLogger(__name__)
 # Problems listed in an error before the rest are only counted: a wrong depth mis-shapes every
@@ -151,9 +151,10 @@ def adapt(
       )
       flat["pos_embed"] = np.asarray(resized)
   kernel, bias = flat.get("head.kernel"), flat.get("head.bias")
-  fresh = target["head.kernel"].shape
+  fresh = target["head.kernel"].shape if "head.kernel" in target else None
   if (
     new_head
+    and fresh is not None
     and kernel is not None
     and bias is not None
     and np.ndim(kernel) == 2
@@ -166,6 +167,40 @@ def adapt(
     )
     flat["head.kernel"], flat["head.bias"] = target["head.kernel"], target["head.bias"]
   return flat
+
+
+def segmenter_from_classifier(
+  flat: Mapping[str, Any], target: Mapping, config: upernet.UperNetConfig, *, source: str
+) -> tuple[dict, list[str]]:
+  """Warm start of a segmenter: a classifier's parameters as the backbone, the rest left fresh.
+
+  Args:
+    flat: {name: array} of a VisionMamba classifier (see the module docstring).
+    target: the segmenter's parameters (nested, concrete values), where `backbone.*` is the
+      classifier's tree without its classification parts (head, neck, final norm).
+    config: the segmenter's UperNetConfig; the position table is resized to its backbone grid.
+    source: where `flat` comes from, named in messages and errors.
+
+  Returns:
+    (a nested dict like `target`: the classifier's backbone under `backbone` and the target's
+    own values elsewhere; the sorted names of the parameters left as initialized, i.e. the
+    pyramid's and the heads'). Both the fresh parts and the classifier's dropped classification
+    parts are logged. Anything else that does not fit raises `fill`'s ValueError.
+  """
+  target = flatten(target)
+  prefix = "backbone."
+  backbone_target = unflatten({name[len(prefix) :]: v for name, v in target.items() if name.startswith(prefix)})
+  unused = sorted(name for name in flat if name.split(".")[0] in upernet.UNUSED_BACKBONE_PARTS)
+  backbone = {name: value for name, value in flat.items() if name not in unused}
+  backbone = adapt(backbone, backbone_target, config.backbone, source=source, new_head=False)
+  filled = {prefix + name: value for name, value in flatten(fill(backbone_target, backbone, source=source)).items()}
+  fresh = sorted(name for name in target if not name.startswith(prefix))
+  if unused:
+    _log.info("%s: left out the classifier's %s.", source, ", ".join(unused))
+  parts = ", ".join(sorted({name.split(".")[0] for name in fresh}))
+  _log.info("%s: initialized fresh (not in a classifier): %s.", source, parts)
+  filled.update({name: np.asarray(target[name]) for name in fresh})
+  return unflatten(filled), fresh
 
 
 def model_with_params(
