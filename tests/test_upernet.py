@@ -171,3 +171,19 @@ def test_warm_start_from_a_classifier_resizes_positions_and_reports_fresh_heads(
   assert all((flat[name] == 0.5).all() for name in fresh)
   assert "initialized fresh (not in a classifier): aux_head, decode_head, pyramid" in caplog.text
   assert "left out the classifier's head.bias, head.kernel, norm_f.scale" in caplog.text
+
+
+def test_the_pyramid_follows_the_patch_grid_for_other_patch_sizes():
+  """8-pixel patches: levels at strides 2, 4, 8 and 16, logits at 1/2 of the image."""
+  backbone = variants.model_config("shufflemamba_tiny", embed_dim=48, depth=4, img_size=64, patch_size=8)
+  config = upernet.UperNetConfig(backbone=backbone, num_classes=5, channels=32, aux_channels=16, aux_level=2)
+  model = nnx.eval_shape(lambda: upernet.UperNet(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  images = jax.ShapeDtypeStruct((2, 64, 48, 3), jnp.float32)
+  logits, aux_logits = jax.eval_shape(
+    lambda state, images: nnx.merge(graphdef, state).forward(images, train=True, key=jax.random.key(0)), state, images
+  )
+  assert logits.shape == (2, 32, 24, 5) and aux_logits.shape == (2, 8, 6, 5)
+  with pytest.raises(SettingError) as error:
+    upernet.UperNetConfig(backbone=variants.model_config("shufflemamba_tiny", img_size=60, patch_size=10))
+  assert error.value.setting == "patch_size"

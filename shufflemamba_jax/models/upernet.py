@@ -4,11 +4,12 @@ The reference recipe (ShuffleMamba's `upernet_shufflemamba_8xb2-160k_ade20k-512x
 token streams taken after four blocks (`out_indices`, [5, 11, 17, 23] for depth 24), the extra
 tokens (cls or registers) dropped and the patches laid back on their grid (1/16 of the image);
 the plain-backbone simple pyramid of the ViT / BEiT UperNets turns the four 1/16 maps into 1/4,
-1/8, 1/16 and 1/32; the UperNet decode head (pyramid pooling on the last level, then an FPN)
-and an FCN auxiliary head predict per-pixel class logits. BatchNorm uses the plain statistics of
-the batch it sees: under `jit` with a sharded batch that is the whole global batch, i.e.
-PyTorch's SyncBatchNorm. Convolution weights follow mmcv's ConvModule init (Kaiming normal,
-fan out), the classifiers mmseg's (normal 0.01); other layers keep Flax's defaults.
+1/8, 1/16 and 1/32 (with patch size p: strides p/4, p/2, p and 2p); the UperNet decode head
+(pyramid pooling on the last level, then an FPN) and an FCN auxiliary head predict per-pixel
+class logits. BatchNorm uses the plain statistics of the batch it sees: under `jit` with a
+sharded batch that is the whole global batch, i.e. PyTorch's SyncBatchNorm. Convolution
+weights follow mmcv's ConvModule init (Kaiming normal, fan out), the classifiers mmseg's
+(normal 0.01); other layers keep Flax's defaults.
 
 `slide_inference` is the evaluation-time tiling of large images into overlapping crops.
 """
@@ -44,7 +45,7 @@ class UperNetConfig:
 
   `backbone` is the VisionMambaConfig of the backbone (its num_classes is unused); `out_indices`
   None means `default_out_indices(backbone.depth)`; `aux_level` is the pyramid level (0 = 1/4,
-  ..., 3 = 1/32) the auxiliary head reads, 3 as in the reference configs (`in_index=3`).
+  ..., 3 = 1/32 with 16-pixel patches) the auxiliary head reads, 3 as in the reference configs (`in_index=3`).
   """
 
   backbone: VisionMambaConfig
@@ -85,9 +86,9 @@ class UperNetConfig:
       raise checks.SettingError("aux_level", self.aux_level, f"must be a pyramid level in [0, {NUM_LEVELS})")
     checks.number("norm_momentum", self.norm_momentum, 0.0, 1.0)
     checks.number("norm_eps", self.norm_eps, 0.0)
-    if self.backbone.patch_size != 16:
-      # The simple pyramid's strides (x4, x2, x1, /2) turn 1/16 maps into 1/4 .. 1/32.
-      raise checks.SettingError("patch_size", self.backbone.patch_size, "the simple pyramid needs patch_size 16")
+    if self.backbone.patch_size % 4:
+      # The simple pyramid upsamples the patch grid 4x for its finest level.
+      raise checks.SettingError("patch_size", self.backbone.patch_size, "the simple pyramid needs a multiple of 4")
 
   @property
   def resolved_out_indices(self) -> tuple[int, ...]:
@@ -185,7 +186,9 @@ def adaptive_average_pool(x: jax.Array, bins: int) -> jax.Array:
 
 
 class SimplePyramid(nnx.Module):
-  """Four 1/16 maps (batch, h, w, D) -> 1/4, 1/8, 1/16, 1/32 maps of D channels (ViT / BEiT UperNet).
+  """Four patch-grid maps (batch, h, w, D) -> maps of 4x, 2x, 1x and 1/2x the grid, D channels.
+
+  With 16-pixel patches: 1/16 maps to 1/4, 1/8, 1/16 and 1/32 of the image (ViT / BEiT UperNet).
 
   1/4: transposed conv (stride 2) -> BatchNorm -> GELU -> transposed conv (stride 2); 1/8: one
   transposed conv; 1/16: identity; 1/32: 2x2 max pool.
@@ -268,9 +271,10 @@ class UperNet(nnx.Module):
   """A Vim / ShuffleMamba backbone with the simple pyramid, a UperNet decode head and an FCN
   auxiliary head.
 
-  `model(images)` with images (batch, H, W, 3) (H, W multiples of 32), any float dtype, returns
-  float32 logits (batch, H / 4, W / 4, num_classes); `model.forward(images, train=True, key=k)`
-  returns (logits, auxiliary logits (batch, H / 2^(aux_level + 2), ..., num_classes)) with drop
+  `model(images)` with images (batch, H, W, 3) (H, W multiples of 2 p, p the patch size), any
+  float dtype, returns float32 logits (batch, 4 H / p, 4 W / p, num_classes), i.e. H / 4 for
+  p = 16; `model.forward(images, train=True, key=k)` returns (logits, auxiliary logits at
+  pyramid level `aux_level`: (batch, H / 32, W / 32, num_classes) for p = 16 and level 3) with drop
   path, dropout and batch statistics on (the running statistics update in place). Parameters
   live under `backbone` (named as in the classifier, so classification checkpoints load into
   it), `pyramid`, `decode_head` and `aux_head`.
@@ -287,7 +291,7 @@ class UperNet(nnx.Module):
     self.aux_head = FCNHead(config, rngs=rngs)
 
   def features(self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> list[jax.Array]:
-    """The token streams after the `out_indices` blocks as patch maps, 4 x (batch, H/16, W/16, D) float32.
+    """The token streams after the `out_indices` blocks as patch maps, 4 x (batch, H/p, W/p, D) float32.
 
     Each is the residual stream after the block (its input plus its output, before any final
     norm), with the extra tokens removed and the patches back in raster order on their grid.
@@ -305,12 +309,18 @@ class UperNet(nnx.Module):
       maps.append(jnp.take(stream, patch_positions, axis=1).reshape(stream.shape[0], *grid, stream.shape[-1]))
     return maps
 
+  def _check_size(self, images: jax.Array) -> None:
+    stride = 2 * self.config.backbone.patch_size  # The coarsest level's.
+    if images.shape[1] % stride or images.shape[2] % stride:
+      raise ValueError(
+        f"image size {images.shape[1]}x{images.shape[2]} is not a multiple of {stride} (the 1/2 grid level)"
+      )
+
   def forward(
     self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None
   ) -> tuple[jax.Array, jax.Array]:
-    """(decode head logits at 1/4, auxiliary head logits at its level), both float32."""
-    if images.shape[1] % 32 or images.shape[2] % 32:
-      raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is not a multiple of 32 (the 1/32 level)")
+    """(decode head logits at stride p / 4, auxiliary head logits at its level), both float32."""
+    self._check_size(images)
     if train and key is None:
       raise ValueError("training mode needs a PRNG key: model.forward(images, train=True, key=...)")
     dtype = DTYPES[self.config.backbone.dtype]
@@ -324,9 +334,8 @@ class UperNet(nnx.Module):
     return logits, aux_logits
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    """Evaluation logits (batch, H / 4, W / 4, num_classes) float32; the auxiliary head is skipped."""
-    if images.shape[1] % 32 or images.shape[2] % 32:
-      raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is not a multiple of 32 (the 1/32 level)")
+    """Evaluation logits (batch, 4 H / p, 4 W / p, num_classes) float32; the auxiliary head is skipped."""
+    self._check_size(images)
     dtype = DTYPES[self.config.backbone.dtype]
     levels = self.pyramid([x.astype(dtype) for x in self.features(images)], False)
     return self.decode_head(levels, train=False, key=None)
