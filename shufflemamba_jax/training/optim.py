@@ -98,3 +98,50 @@ def create_optimizer(settings: OptimizerSettings, schedule: optax.Schedule) -> o
   if not settings.grad_clip:
     return adamw
   return optax.chain(optax.clip_by_global_norm(settings.grad_clip), adamw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic segmentation (the ADE20K UperNet recipe).
+# ---------------------------------------------------------------------------------------------
+
+# Parameters that never decay in the segmentation recipe: its paramwise_cfg's custom keys
+# (pos_embed, cls_token, norm, A_log, D), plus the backward direction's A_b_log and D_b and the
+# registers' pos_embed_cls, which the reference's substring match misses by its naming alone.
+SEGMENTATION_NO_DECAY_NAMES = ("pos_embed", "pos_embed_cls", "cls_token", "A_log", "A_b_log", "D", "D_b")
+
+
+def segmentation_decays(path: tuple[str, ...], ndim: int) -> bool:
+  """Whether a segmenter parameter decays: everything (biases included, as mmseg's paramwise_cfg
+  leaves them) except the names above and any part whose name contains "norm" (the backbone's
+  norms and every BatchNorm here, which this code names `norm`; mmseg names a ConvModule's `bn`,
+  so the reference decays the heads' BatchNorms)."""
+  del ndim
+  return not any(name in SEGMENTATION_NO_DECAY_NAMES or "norm" in name for name in map(str, path))
+
+
+def segmentation_weight_decay_mask(params: Any):
+  """A tree of bools like a segmenter's `params` (a nested dict of arrays): True = decays."""
+  return traverse_util.path_aware_map(lambda path, leaf: segmentation_decays(path, jnp.ndim(leaf)), params)
+
+
+def warmup_poly_schedule(
+  peak: float, *, warmup_steps: int, warmup_factor: float, total_steps: int, power: float = 1.0, end_value: float = 0.0
+) -> optax.Schedule:
+  """mmseg's LinearLR(start_factor=warmup_factor) over `warmup_steps`, then PolyLR(power) from
+  `peak` to `end_value` at `total_steps` (the reference: 1500, 1e-6, 160k, 1.0, 0)."""
+  checks.integer("warmup_steps", warmup_steps, minimum=0)
+  checks.integer("total_steps", total_steps)
+  if warmup_steps >= total_steps:
+    raise checks.SettingError("warmup_steps", warmup_steps, f"must be fewer than total_steps={total_steps}")
+  checks.number("warmup_factor", warmup_factor, 0.0, 1.0)
+  checks.number("power", power)
+  decay = optax.polynomial_schedule(peak, end_value, power, total_steps - warmup_steps)
+  if not warmup_steps:
+    return decay
+
+  def warmup(step):
+    # peak * factor, written so that a tiny start (1e-6 of the peak) is not lost to rounding.
+    fraction = jnp.clip(jnp.asarray(step, jnp.float32) / warmup_steps, 0.0, 1.0)
+    return peak * (warmup_factor + (1.0 - warmup_factor) * fraction)
+
+  return optax.join_schedules([warmup, decay], [warmup_steps])
