@@ -100,3 +100,14 @@ def test_cross_entropy_resizes_the_logits_to_the_labels():
   labels = jnp.full((1, 8, 12), 2)
   expected = -jax.nn.log_softmax(jnp.arange(NUM_CLASSES, dtype=jnp.float32))[2]
   np.testing.assert_allclose(float(segmentation.cross_entropy(logits, labels)), float(expected), rtol=1e-6)
+
+
+def test_label_colors_are_distinct_and_ignored_pixels_black():
+  colors = segmentation.label_colors(150)
+  assert colors.shape == (150, 3) and colors.dtype == np.uint8
+  assert len({tuple(c) for c in colors}) == 150 and not (colors == 0).all(axis=1).any()
+  labels = np.array([[0, 1], [149, segmentation.IGNORE_INDEX]])
+  image = segmentation.colorize(labels, 150)
+  np.testing.assert_array_equal(image[0, 0], colors[0])
+  np.testing.assert_array_equal(image[1, 0], colors[149])
+  np.testing.assert_array_equal(image[1, 1], [0, 0, 0])

@@ -137,3 +137,25 @@ def segmentation_metrics(totals: Mapping[str, np.ndarray], class_names: Sequence
     "IoU": dict(zip(names, map(float, iou))),
     "Acc": dict(zip(names, map(float, accuracy))),
   }
+
+
+def label_colors(num_classes: int) -> np.ndarray:
+  """A distinct color per class, (num_classes, 3) uint8: the PASCAL VOC palette (class index
+  bits spread over the high bits of R, G and B), whose first colors are far apart."""
+  colors = np.zeros((num_classes, 3), np.uint8)
+  for index in range(num_classes):
+    value, shift = index + 1, 7  # + 1: class 0 is not black, which marks ignored pixels.
+    while value:
+      for channel in range(3):
+        colors[index, channel] |= ((value >> channel) & 1) << shift
+      value >>= 3
+      shift -= 1
+  return colors
+
+
+def colorize(labels: np.ndarray, num_classes: int, *, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+  """A label map (H, W) of class indices -> (H, W, 3) uint8 RGB; `ignore_index` pixels are black."""
+  labels = np.asarray(labels)
+  image = label_colors(num_classes)[np.clip(labels, 0, num_classes - 1)]
+  image[labels == ignore_index] = 0
+  return image
