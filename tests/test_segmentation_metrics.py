@@ -111,3 +111,47 @@ def test_label_colors_are_distinct_and_ignored_pixels_black():
   np.testing.assert_array_equal(image[0, 0], colors[0])
   np.testing.assert_array_equal(image[1, 0], colors[149])
   np.testing.assert_array_equal(image[1, 1], [0, 0, 0])
+
+
+@pytest.mark.slow  # About 15 s: two compilations of a segmenter's training step.
+def test_training_steps_on_8_devices_equal_1_device():
+  """BatchNorm statistics, drop path, dropout and the loss do not depend on the batch's sharding."""
+  import optax
+  from flax import nnx
+
+  from shufflemamba_jax.models import upernet, variants
+
+  backbone = variants.model_config(
+    "shufflemamba_tiny", embed_dim=48, depth=4, img_size=32, patch_size=8, drop_path_rate=0.2, remat=False
+  )
+  config = upernet.UperNetConfig(backbone=backbone, num_classes=NUM_CLASSES, channels=16, aux_channels=8)
+  graphdef, params, rest = nnx.split(upernet.create_segmenter(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  # Plain SGD: Adam's normalization would magnify float rounding in near-zero gradients.
+  tx = optax.sgd(0.05)
+  rng = np.random.default_rng(3)
+  batches = [
+    (rng.normal(size=(8, 32, 32, 3)).astype(np.float32), rng.integers(0, NUM_CLASSES, (8, 32, 32))) for _ in range(3)
+  ]
+
+  def step(params, rest, opt_state, images, labels, key):
+    grad_fn = jax.value_and_grad(segmentation.train_loss, argnums=1, has_aux=True)
+    (loss, (_, rest, _)), grads = grad_fn(graphdef, params, rest, images, labels, key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), rest, opt_state, loss
+
+  results = []
+  for devices in (1, 8):
+    mesh = sharding.create_mesh(data=devices, devices=jax.devices()[:devices])
+    put = lambda x, mesh=mesh: jax.device_put(x, sharding.batch_sharding(mesh))
+    state = (params, rest, tx.init(params))
+    with jax.set_mesh(mesh):
+      jitted = jax.jit(step)
+      losses = []
+      for index, (images, labels) in enumerate(batches):
+        *state, loss = jitted(*state, put(images), put(labels), jax.random.key(index))
+        losses.append(float(loss))
+    results.append((jax.device_get(state[0]), jax.device_get(nnx.to_pure_dict(state[1])), losses))
+  (params_1, stats_1, losses_1), (params_8, stats_8, losses_8) = results
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params_8, params_1)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), stats_8, stats_1)

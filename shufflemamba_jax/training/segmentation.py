@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from shufflemamba_jax.models import upernet
 
@@ -57,6 +58,43 @@ def segmentation_loss(
   decode_loss = cross_entropy(logits, labels, **kwargs)
   aux_loss = cross_entropy(aux_logits, labels, **kwargs)
   return decode_loss + aux_weight * aux_loss, {"decode_loss": decode_loss, "aux_loss": aux_loss}
+
+
+def train_loss(
+  graphdef, params, rest, images: jax.Array, labels: jax.Array, key: jax.Array, *, aux_weight: float = 0.4
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], object, jax.Array]]:
+  """The training loss of a segmenter given as (graphdef, params, rest), for `jax.value_and_grad`.
+
+  images: (batch, H, W, 3) normalized floats; labels: (batch, H, W) integers (255 ignored).
+  BatchNorm runs on the batch's own statistics, which under `jit` with a sharded batch are
+  those of the whole global batch, and updates its running averages.
+
+  Returns (loss, ({"decode_loss", "aux_loss"}, the new non-parameter state (running
+  statistics), decode logits)).
+  """
+  # A copy: the model's variables must be created inside this trace to be updated in it.
+  model = nnx.merge(graphdef, params, rest, copy=True)
+  logits, aux_logits = model.forward(images, train=True, key=key)
+  loss, parts = segmentation_loss(logits, aux_logits, labels, aux_weight=aux_weight)
+  return loss, (parts, nnx.state(model, nnx.Not(nnx.Param)), logits)
+
+
+def predict_logits(
+  model: upernet.UperNet,
+  images: jax.Array,
+  *,
+  crop_size: tuple[int, int] | None = None,
+  stride: tuple[int, int] | None = None,
+) -> jax.Array:
+  """Evaluation logits (batch, H, W, num_classes) float32 at the images' resolution: sliding
+  windows of `crop_size` every `stride` (mmseg's "slide" mode) or, with crop_size None, the whole
+  image at once ("whole" mode)."""
+  whole = lambda x: upernet.segment_logits(model, x)
+  if crop_size is None:
+    return whole(images)
+  return upernet.slide_inference(
+    whole, images, crop_size=crop_size, stride=stride or crop_size, num_classes=model.config.num_classes
+  )
 
 
 def intersect_and_union(
