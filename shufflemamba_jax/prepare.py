@@ -1,19 +1,27 @@
-"""Command line: prepares a TFDS dataset for training, `digits` (offline) or `imagenet2012`.
+"""Command line: prepares a TFDS dataset for training: `digits` and `digits_seg` (offline),
+`imagenet2012` or `ade20k`.
 
   python -m shufflemamba_jax.prepare --dataset=imagenet2012 \
       --manual_dir=/data/imagenet_tars --data_dir=/data/tfds
+  python -m shufflemamba_jax.prepare --dataset=ade20k --manual_dir=/data/ade --data_dir=/data/tfds
   python -m shufflemamba_jax.prepare --dataset=digits --data_dir=/data/tfds
 
 imagenet2012 runs TFDS's own builder on ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar
-(from https://image-net.org, after registering) placed in --manual_dir.
+(from https://image-net.org, after registering) placed in --manual_dir; ade20k runs ours
+(shufflemamba_jax/data/ade20k.py) on ADEChallengeData2016.zip placed there.
 """
 
 from absl import app, flags
 
-_DATASET = flags.DEFINE_enum("dataset", "digits", ["digits", "imagenet2012"], "TFDS dataset to build.")
+_DATASET = flags.DEFINE_enum(
+  "dataset", "digits", ["digits", "imagenet2012", "digits_seg", "ade20k"], "TFDS dataset to build."
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir to write to (None: TFDS default).")
 _MANUAL_DIR = flags.DEFINE_string(
-  "manual_dir", None, "imagenet2012 only: folder with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar."
+  "manual_dir",
+  None,
+  "imagenet2012: folder with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar; ade20k: folder with "
+  "ADEChallengeData2016.zip.",
 )
 
 

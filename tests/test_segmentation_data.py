@@ -17,14 +17,15 @@ def test_reduce_zero_label():
 
 
 def test_ade20k_builder_reduces_labels_and_keeps_images_aligned(tmp_path):
+  from shufflemamba_jax.data import pipeline
+
   labels = write_ade20k_zip(str(tmp_path / "manual"))
-  builder = ade20k.Ade20k(data_dir=str(tmp_path / "tfds"))
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(
-      manual_dir=str(tmp_path / "manual"), compute_stats=tfds.download.ComputeStatsMode.SKIP
-    )
+  builder = pipeline.prepare(
+    "ade20k", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"), compute_stats=False
   )
   assert {name: split.num_examples for name, split in builder.info.splits.items()} == {"train": 3, "validation": 2}
+  info = pipeline.get_dataset_info("ade20k", str(tmp_path / "tfds"))
+  assert info.num_classes == 150 and pipeline.class_names("ade20k")[:3] == ("wall", "building", "sky")
   seen = set()
   for split, folder in ade20k.SPLITS.items():
     for example in tfds.as_numpy(builder.as_dataset(split=split)):
@@ -43,10 +44,14 @@ def test_ade20k_builder_reduces_labels_and_keeps_images_aligned(tmp_path):
 
 
 def test_ade20k_names_the_missing_archive(tmp_path):
+  from shufflemamba_jax.data import pipeline
+
   with pytest.raises(FileNotFoundError, match="ADEChallengeData2016.zip"):
-    ade20k.check_manual_dir(str(tmp_path))
+    pipeline.prepare("ade20k", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="--manual_dir is required"):
-    ade20k.check_manual_dir(None)
+    pipeline.prepare("ade20k", data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(FileNotFoundError, match="--dataset=ade20k .*ADECHALLENGEDATA2016"):
+    pipeline.get_builder("ade20k", str(tmp_path / "tfds"))
 
 
 def test_digits_canvases_label_strokes_with_their_digit():
@@ -66,13 +71,12 @@ def test_digits_canvases_label_strokes_with_their_digit():
 
 
 def test_digits_seg_builds_the_same_dataset_every_time(tmp_path):
-  """Prepared twice: identical examples; validation canvases use only validation digits."""
+  """Prepared twice: identical examples."""
+  from shufflemamba_jax.data import pipeline
+
   examples = []
   for attempt in range(2):
-    builder = digits_seg.DigitsSeg(data_dir=str(tmp_path / str(attempt)))
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
-    )
+    builder = pipeline.prepare("digits_seg", data_dir=str(tmp_path / str(attempt)), compute_stats=False)
     examples.append(list(tfds.as_numpy(builder.as_dataset(split="validation").take(5))))
   assert builder.info.splits["train"].num_examples == digits_seg.NUM_CANVASES["train"]
   for first, second in zip(*examples):

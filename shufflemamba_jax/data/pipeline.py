@@ -58,7 +58,11 @@ from shufflemamba_jax.models import checks
 
 _LOGGER = logging.getLogger(__name__)
 
-DATASETS = ("digits", "imagenet2012")
+DATASETS = ("digits", "imagenet2012", "digits_seg", "ade20k")
+# Datasets of label maps (semantic segmentation): label is an image, 255 = ignored.
+SEGMENTATION_DATASETS = ("digits_seg", "ade20k")
+# Built on first use: they need no download.
+EMBEDDED_DATASETS = ("digits", "digits_seg")
 
 
 def _hide_accelerators_from_tensorflow():
@@ -157,18 +161,27 @@ def _builder(dataset: str, data_dir: str | None):
   checks.one_of("config.dataset", dataset, DATASETS)
   if dataset == "digits":
     from shufflemamba_jax.data import digits  # noqa: F401  (registers the builder)
+  elif dataset == "digits_seg":
+    from shufflemamba_jax.data import digits_seg  # noqa: F401
+  elif dataset == "ade20k":
+    from shufflemamba_jax.data import ade20k  # noqa: F401
   return tfds.builder(dataset, data_dir=data_dir)
 
 
 def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = None, compute_stats: bool = True):
   """Builds `dataset` into `data_dir` with TFDS's own builder and returns the builder.
 
-  `digits` needs nothing; `imagenet2012` reads ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar
-  (from https://image-net.org, after registering) in `manual_dir`, checked first so that a
-  missing tar is named with where to put it.
+  `digits` and `digits_seg` need nothing; `imagenet2012` reads ILSVRC2012_img_train.tar and
+  ILSVRC2012_img_val.tar (from https://image-net.org, after registering) in `manual_dir`, and
+  `ade20k` ADEChallengeData2016.zip; both are checked first so that a missing archive is named
+  with where to put it.
   """
   if dataset == "imagenet2012":
     check_imagenet_manual_dir(manual_dir)  # Before TFDS, whose own error is less specific.
+  elif dataset == "ade20k":
+    from shufflemamba_jax.data import ade20k  # pylint: disable=g-import-not-at-top
+
+    ade20k.check_manual_dir(manual_dir)
   builder = _builder(dataset, data_dir)
   stats = tfds.download.ComputeStatsMode.AUTO if compute_stats else tfds.download.ComputeStatsMode.SKIP
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, compute_stats=stats))
@@ -178,18 +191,19 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
 def get_builder(dataset: str, data_dir: str | None = None):
   """Returns the prepared TFDS builder of `dataset` in `data_dir`.
 
-  `digits` is built on first use (it needs no download); `imagenet2012` must have been prepared
-  with `python -m shufflemamba_jax.prepare --dataset=imagenet2012 ...` first.
+  `digits` and `digits_seg` are built on first use (they need no download); `imagenet2012` and
+  `ade20k` must have been prepared with `python -m shufflemamba_jax.prepare --dataset=... ` first.
   """
   builder = _builder(dataset, data_dir)
   if builder.is_prepared():
     return builder
-  if dataset == "digits":
+  if dataset in EMBEDDED_DATASETS:
     return prepare(dataset, data_dir)
+  archives = "DIR_WITH_ADECHALLENGEDATA2016_ZIP" if dataset == "ade20k" else "DIR_WITH_ILSVRC2012_TARS"
   raise FileNotFoundError(
     f"TFDS dataset {dataset!r} is not prepared in data_dir={builder.data_dir_root!r}. Run: "
     f"python -m shufflemamba_jax.prepare --dataset={dataset} --data_dir={builder.data_dir_root}"
-    " --manual_dir=DIR_WITH_ILSVRC2012_TARS"
+    f" --manual_dir={archives}"
   )
 
 
@@ -208,7 +222,26 @@ class DatasetInfo:
 def get_dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
   """Number of classes and the splits of a prepared TFDS dataset."""
   builder = get_builder(dataset, data_dir)
-  return DatasetInfo(num_classes=builder.info.features["label"].num_classes, splits=builder.info.splits)
+  label = builder.info.features["label"]
+  # A label map's classes are its module's NUM_CLASSES; a class label knows its own.
+  num_classes = label.num_classes if hasattr(label, "num_classes") else _segmentation_module(dataset).NUM_CLASSES
+  return DatasetInfo(num_classes=num_classes, splits=builder.info.splits)
+
+
+def _segmentation_module(dataset: str):
+  checks.one_of("config.dataset", dataset, SEGMENTATION_DATASETS)
+  if dataset == "ade20k":
+    from shufflemamba_jax.data import ade20k  # pylint: disable=g-import-not-at-top
+
+    return ade20k
+  from shufflemamba_jax.data import digits_seg  # pylint: disable=g-import-not-at-top
+
+  return digits_seg
+
+
+def class_names(dataset: str) -> tuple[str, ...]:
+  """The class names of a segmentation dataset, in label order."""
+  return tuple(_segmentation_module(dataset).CLASS_NAMES)
 
 
 def _check_process(process_index: int, process_count: int) -> None:
