@@ -78,16 +78,19 @@ def get_config():
   config.aug.randaugment_magnitude = 9
   config.aug.randaugment_magnitude_std = 0.5
   config.aug.color_jitter = 0.3  # Brightness/contrast/saturation strength; 0 = off.
-  config.aug.random_erasing_prob = 0.25  # Random erasing (pixel mode) probability.
+  config.aug.random_erasing_prob = 0.25  # Random erasing (pixel mode) probability; on the device.
   config.aug.repeated_aug = 3  # Repeated augmentation count; 1 = off.
-  config.aug.mean = IMAGENET_MEAN  # Per-channel normalisation of [0, 1] pixels.
+  config.aug.mean = IMAGENET_MEAN  # Per-channel normalisation of [0, 1] pixels, on the device.
   config.aug.std = IMAGENET_STD
   config.aug.eval_crop_ratio = 0.875  # Evaluation: resize to size / ratio, then center crop.
   # Applied inside the jitted train step (shufflemamba_jax.training.mixup), timm semantics.
   config.aug.mixup_alpha = 0.8  # Beta(alpha, alpha) for mixup; 0 = no mixup.
   config.aug.cutmix_alpha = 1.0  # Beta(alpha, alpha) for cutmix; 0 = no cutmix.
-  config.aug.mixup_prob = 1.0  # Probability that a batch is mixed at all.
+  config.aug.mixup_prob = 1.0  # Probability that a group is mixed at all.
   config.aug.mixup_switch_prob = 0.5  # Probability of cutmix instead of mixup when both on.
+  # Consecutive samples mixed among themselves with one draw (128 = the reference per-GPU batch,
+  # 8 x 128 = 1024). Must divide the batch; a divisor of each device's share stays on it.
+  config.aug.mixup_group_size = 128
   config.aug.label_smoothing = 0.1  # Label smoothing of the (mixed) soft targets.
 
   # ---- Optimizer (shufflemamba_jax.training.optim) ----------------------------------------

@@ -57,6 +57,7 @@ def get_config(arg: str | None = None):
   config.aug.repeated_aug = 1
   config.aug.mixup_alpha = 0.0
   config.aug.cutmix_alpha = 0.0
+  config.aug.mixup_group_size = 4  # If mixup is turned on: each of 8 devices' share of the batch.
   config.aug.label_smoothing = 0.1
   config.aug.eval_crop_ratio = 1.0  # No center crop: keep the whole digit.
 

@@ -71,6 +71,7 @@ def get_config(arg: str | None = None):
     config.model.slws.max_prob = 0.5
     config.model.slws.schedule = "linear"
     config.model.slws.group_size = 256  # The reference per-GPU batch: same shuffle distribution.
+    config.aug.mixup_group_size = 256  # And the same mixup (8 GPUs x 256).
     config.ema_decay = 0.9999
   elif variant in ("vim_tiny", "vim_small"):
     # Vim (DeiT recipe): Ti batch 1024 peak 1e-3 wd 0.1 dp 0; S batch 512 peak 1e-3 wd 0.05 dp 0.05.
@@ -81,6 +82,7 @@ def get_config(arg: str | None = None):
     config.weight_decay = 0.1 if tiny else 0.05
     config.model.drop_path_rate = 0.0 if tiny else 0.05
     config.model.slws.max_prob = 0.0  # Plain Vim: no shuffle.
+    config.aug.mixup_group_size = config.batch_size // 8  # The reference per-GPU batch (8 GPUs).
     config.warmup_epochs = 5
     config.warmup_lr = 1e-6
     config.min_lr = 1e-5
@@ -97,6 +99,7 @@ def get_config(arg: str | None = None):
     config.ema_decay = 0.0
     if stage in (1, 2):
       config.batch_size = 1024
+      config.aug.mixup_group_size = 128  # 8 GPUs x 128.
       config.weight_decay = 0.05
       config.aug.label_smoothing = 0.0
       config.aug.repeated_aug = 3
@@ -112,6 +115,7 @@ def get_config(arg: str | None = None):
     else:
       # Stage 3: 20-epoch fine-tune at 224px from stage 2, batch 512 (8 x 64), lr 1e-5.
       config.batch_size = 512
+      config.aug.mixup_group_size = 64  # 8 GPUs x 64.
       config.num_epochs = 20
       config.lr = 1e-5
       config.lr_scale_batch = True  # 1e-5 * 512 / 512: the same either way.

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from shufflemamba_jax.data import device
 from shufflemamba_jax.models import ssm, variants, vim
 from shufflemamba_jax.training import mixup, optim, steps
 
@@ -60,9 +61,11 @@ _OPTIMIZER = optim.OptimizerSettings(
   grad_clip=3.0,
   ema_decay=0.9999,
 )
+# The recipe's mixup over the benchmark's whole (one-device) batch, and its random erasing.
 _MIXUP = mixup.MixupSettings(
-  mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1
+  mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1, mixup_group_size=1
 )
+_INPUT = device.DeviceTransform(random_erasing_prob=0.25)
 
 MARKDOWN_HEADER = (
   "| variant | px | batch | method | chunk | remat | dtype | P | compile s | temp GiB | arg GiB "
@@ -177,11 +180,19 @@ def build_step(settings: Settings, slws_prob: float | None = None) -> CompiledSt
     return steps.init_train_state(params, tx, ema_decay=_OPTIMIZER.ema_decay)
 
   step = steps.make_train_step(
-    graphdef, rest, tx, schedule, num_classes=NUM_CLASSES, seed=0, mixup_settings=_MIXUP, ema_decay=_OPTIMIZER.ema_decay
+    graphdef,
+    rest,
+    tx,
+    schedule,
+    num_classes=NUM_CLASSES,
+    seed=0,
+    mixup_settings=dataclasses.replace(_MIXUP, mixup_group_size=settings.batch_size),
+    input_transform=_INPUT,
+    ema_decay=_OPTIMIZER.ema_decay,
   )
   abstract_state = jax.eval_shape(init_state)
   abstract_batch = {
-    "image": jax.ShapeDtypeStruct((settings.batch_size, settings.img_size, settings.img_size, 3), jnp.float32),
+    "image": jax.ShapeDtypeStruct((settings.batch_size, settings.img_size, settings.img_size, 3), jnp.uint8),
     "label": jax.ShapeDtypeStruct((settings.batch_size,), jnp.int32),
   }
   start = time.perf_counter()
@@ -205,7 +216,7 @@ def _synthetic_batch(abstract_batch: dict, seed: int = 0) -> dict:
   image_key, label_key = jax.random.split(jax.random.key(seed))
   image = abstract_batch["image"]
   return {
-    "image": jax.random.normal(image_key, image.shape, image.dtype),
+    "image": jax.random.randint(image_key, image.shape, 0, 256).astype(image.dtype),
     "label": jax.random.randint(label_key, abstract_batch["label"].shape, 0, NUM_CLASSES, jnp.int32),
   }
 

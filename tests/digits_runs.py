@@ -44,7 +44,8 @@ def main_command(workdir, data_dir, overrides, *flags):
 
 def without_timings(records):
   """Metric records without the wall-clock fields, which differ from run to run."""
-  return [{k: v for k, v in record.items() if k not in ("images_per_s", "step_time_s")} for record in records]
+  timings = ("images_per_s", "step_time_s", "input_wait_fraction")
+  return [{k: v for k, v in record.items() if k not in timings} for record in records]
 
 
 def stop_with_sigterm_after_first_metrics(command, workdir, cwd, poll_s=0.05) -> str:

@@ -1,12 +1,15 @@
-"""DeiT augmentations in TF ops: every RandAugment op, crops, erasing, eval geometry."""
+"""DeiT augmentations: every RandAugment op, crops and eval geometry in TF ops on the host; normalization
+and random erasing in jnp on the device."""
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
-from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD, augment, pipeline  # pylint: disable=g-import-not-at-top
+from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD, augment, device, pipeline  # noqa: E402
 
 SEED = tf.constant([3, 7], tf.int64)
 FILL = (124, 116, 104)
@@ -100,23 +103,39 @@ def test_rand_augment_is_seeded_and_prob_zero_is_identity():
   np.testing.assert_array_equal(augment.rand_augment(image, SEED, prob=0.0).numpy(), image.numpy())
 
 
-def test_random_erasing_rectangle_area_and_ratio_within_bounds():
-  size = 32
-  image = tf.fill([size, size, 3], 5.0)  # Far from N(0, 1) noise, so erased pixels are visible.
+def test_random_erasing_on_the_device_erases_one_rectangle_of_noise_per_sample():
+  size, batch = 32, 40
+  images = jnp.full((batch, size, size, 3), 5.0)  # Far from N(0, 1) noise, so erased pixels are visible.
+  out = np.asarray(device.random_erasing(jax.random.key(11), images, prob=1.0))
   fractions = []
-  for s in range(40):
-    out = augment.random_erasing(image, tf.constant([s, 11], tf.int64), prob=1.0).numpy()
-    erased = np.any(out != 5.0, axis=-1)
+  for sample in out:
+    erased = np.any(sample != 5.0, axis=-1)
     rows, cols = np.nonzero(erased)
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
     assert erased.sum() == height * width, "erased region is not one rectangle"
-    assert np.all(out[erased].std() > 0.5)  # Per-pixel noise, not a constant.
+    assert sample[erased].std() > 0.5  # Per-pixel noise, not a constant.
     fractions.append(height * width / size**2)
     # Rounding h and w to pixels moves the area and ratio a little past the sampled bounds.
     assert 0.02 * 0.6 <= fractions[-1] <= (math.sqrt(1 / 3) + 1 / size) ** 2 * 1.05
     assert 0.3 / 1.6 <= height / width <= 3.3 * 1.6
   assert max(fractions) - min(fractions) > 0.1  # Areas really vary.
-  np.testing.assert_array_equal(augment.random_erasing(image, SEED, prob=0.0).numpy(), image.numpy())
+  np.testing.assert_array_equal(device.random_erasing(jax.random.key(0), images, prob=0.0), images)
+  # Sample i draws from fold_in(key, i): the first rows of a larger batch are erased alike.
+  more = device.random_erasing(jax.random.key(11), jnp.full((batch + 8, size, size, 3), 5.0), prob=1.0)
+  np.testing.assert_array_equal(np.asarray(more)[:batch], out)
+  half = np.mean([np.any(s != 5.0) for s in np.asarray(device.random_erasing(jax.random.key(1), images, 0.5))])
+  assert 0.2 <= half <= 0.8
+
+
+def test_device_transform_normalizes_uint8_and_erases_only_with_a_key():
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+  transform = device.DeviceTransform(random_erasing_prob=1.0)
+  expected = (pixels / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+  np.testing.assert_allclose(transform(pixels), expected, rtol=1e-5, atol=1e-6)
+  assert transform(pixels).dtype == jnp.float32
+  assert not np.allclose(transform(pixels, jax.random.key(0)), expected)
+  settings = augment.TrainAugmentation(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), random_erasing_prob=0.3)
+  assert settings.device_transform() == device.DeviceTransform((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 0.3)
 
 
 def test_inception_crop_window_bounds_and_jpeg_crop():
@@ -155,7 +174,7 @@ def test_eval_resize_and_center_crop_geometry():
   image[..., 1] = 200
   image[:, :40] = image[:, 120:] = image[:3] = image[77:] = (255, 0, 0)
   out = augment.eval_resize_and_center_crop(tf.constant(image), 56, 0.875).numpy()
-  assert out.shape == (56, 56, 3) and out.dtype == np.float32
+  assert out.shape == (56, 56, 3) and out.dtype == np.float32  # In [0, 255], before rounding.
   assert out[..., 0].max() < 20 and out[..., 1].min() > 180
   # A tall image: the width is the shorter side now.
   tall = augment.eval_resize_and_center_crop(tf.constant(np.transpose(image, (1, 0, 2))), 56).numpy()
@@ -165,26 +184,18 @@ def test_eval_resize_and_center_crop_geometry():
   np.testing.assert_allclose(same, image[:56, 50:106], atol=1e-3)
 
 
-def test_train_and_eval_transforms_shapes_ranges_and_determinism():
+def test_train_and_eval_transforms_shapes_types_and_determinism():
   rng = np.random.default_rng(3)
   image = tf.constant(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8))
-  settings = augment.TrainAugmentation(random_erasing_prob=0.0)
-  low = (0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-  high = (1 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+  settings = augment.TrainAugmentation()
   outs = [augment.augment_train_image(image, tf.constant([s, 1], tf.int64), settings, 24).numpy() for s in range(4)]
   for out in outs:
-    assert out.shape == (24, 24, 3) and out.dtype == np.float32
-    assert np.all(out >= low - 1e-5) and np.all(out <= high + 1e-5)
+    assert out.shape == (24, 24, 3) and out.dtype == np.uint8  # Normalized and erased on the device.
   assert len({o.tobytes() for o in outs}) == 4
   again = augment.augment_train_image(image, tf.constant([0, 1], tf.int64), settings, 24).numpy()
   np.testing.assert_array_equal(outs[0], again)
-  with_erasing = augment.augment_train_image(
-    image, SEED, augment.TrainAugmentation(random_erasing_prob=1.0), 24
-  ).numpy()
-  assert with_erasing.shape == (24, 24, 3) and np.all(np.isfinite(with_erasing))
-  evaluated = augment.normalize(augment.to_uint8(augment.eval_resize_and_center_crop(image, 24))).numpy()
-  assert evaluated.shape == (24, 24, 3)
-  assert np.all(evaluated >= low - 1e-5) and np.all(evaluated <= high + 1e-5)
+  evaluated, ok = pipeline.eval_image(tf.io.encode_png(image), tf.constant("image.png"), 24, 0.875)
+  assert evaluated.shape == (24, 24, 3) and evaluated.dtype == tf.uint8 and ok
 
 
 def test_color_jitter_runs_only_without_randaugment():

@@ -119,6 +119,7 @@ def test_unknown_field_is_rejected():
     ("aug.repeated_aug", 0, "config.aug.repeated_aug"),
     ("aug.eval_crop_ratio", 0.0, "config.aug.eval_crop_ratio"),
     ("aug.cutmix_alpha", -1.0, "config.aug.cutmix_alpha"),
+    ("aug.mixup_group_size", 0, "config.aug.mixup_group_size"),
     ("b2", 1.5, "config.b2"),
   ],
 )
@@ -131,6 +132,14 @@ def test_invalid_values_are_rejected_naming_the_field(field, value, words):
   node[name] = value
   with pytest.raises(ValueError, match=words.replace(".", r"\.")):
     trainer.Settings.from_config(config)
+
+
+def test_a_mixup_group_must_divide_the_batch_when_mixup_is_on():
+  config = _parse("--config.aug.mixup_alpha=0.8", "--config.aug.mixup_group_size=24")
+  with pytest.raises(ValueError, match=r"config\.aug\.mixup_group_size=24: must divide the global batch of 32"):
+    trainer.Settings.from_config(config)
+  config.aug.mixup_alpha = 0.0  # Off: nothing is mixed, the group size is never used.
+  trainer.Settings.from_config(config)
 
 
 def test_ranking_checkpoints_by_the_ema_needs_the_ema():

@@ -123,9 +123,11 @@ def test_gs_checkpoints_load_predict_evaluate_convert_and_initialize_training(gc
     Image.fromarray(pixels).save(file, format="PNG")
   model = smj.load_model(workdir)
   from shufflemamba_jax import predict
+  from shufflemamba_jax.data import device
 
-  image = predict.preprocess(f"{BUCKET_URL}/images/digit.png", 16, crop_ratio=1.0)
-  expected = int(np.argmax(model(image[None])[0]))
+  images, ok = next(predict.image_batches([f"{BUCKET_URL}/images/digit.png"], 16, crop_ratio=1.0))
+  assert ok.all()
+  expected = int(np.argmax(model(device.normalize(images))[0]))
   command = [sys.executable, "-m", "shufflemamba_jax.predict", f"--checkpoint={workdir}", "--json"]
   result = subprocess.run([*command, f"{BUCKET_URL}/images/digit.png"], cwd=tmp_path, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-4000:]

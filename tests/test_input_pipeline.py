@@ -68,7 +68,7 @@ def test_digits_builds_offline_with_a_fixed_split(digits_data_dir):
 def test_train_order_is_a_function_of_seed_and_epoch(digits_data_dir, recorded_stream):
   epoch0, epoch1 = recorded_stream[:STEPS_PER_EPOCH], recorded_stream[STEPS_PER_EPOCH:]
   for batch in recorded_stream:
-    assert batch["image"].shape == (BATCH, 8, 8, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (BATCH, 8, 8, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].dtype == np.int32 and batch["example_id"].dtype == np.int64
   assert {int(b["epoch"][0]) for b in epoch0} == {0} and {int(b["epoch"][0]) for b in epoch1} == {1}
   ids0, ids1 = _ids(epoch0), _ids(epoch1)
@@ -269,7 +269,7 @@ def test_eval_batches_are_padded_with_mask(digits_data_dir):
   mask = np.concatenate([b["mask"] for b in batches])
   ids, labels = _ids(batches), np.concatenate([b["label"] for b in batches])
   images = np.concatenate([b["image"] for b in batches])
-  assert images.shape == (6 * BATCH, 16, 16, 3) and mask.dtype == np.float32
+  assert images.shape == (6 * BATCH, 16, 16, 3) and images.dtype == np.uint8 and mask.dtype == np.float32
   assert mask.sum() == 360 and np.all(mask[:360] == 1) and np.all(mask[360:] == 0)
   assert np.all(ids[360:] == -1) and np.all(images[360:] == 0)
   np.testing.assert_array_equal(labels[:360], load_digits().target[ids[:360]])
@@ -314,8 +314,8 @@ def test_imagenet2012_builder_on_tiny_ilsvrc_tars(imagenet_data, caplog):
     pipeline.create_train_dataset(global_batch_size=4, dataset="imagenet2012", data_dir=data_dir, image_size=24), 6
   )
   for batch in stream:
-    assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.float32
-    assert np.all(np.isfinite(batch["image"])) and batch["label"].dtype == np.int32
+    assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].dtype == np.int32
     for example_id, label in zip(batch["example_id"], batch["label"]):
       name = names_by_id[int(example_id)]
       assert name != CORRUPT_TRAIN_IMAGE and names[label] == file_labels[name]

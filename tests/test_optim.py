@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import shufflemamba_jax as smj
+from shufflemamba_jax.data import device
 from shufflemamba_jax.training import config_files, mixup, optim, steps
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=4, num_classes=10)
@@ -19,7 +20,7 @@ RECIPE = optim.OptimizerSettings.from_config(
   config_files.get_config(str(pathlib.Path(__file__).parents[1] / "configs" / "imagenet.py"), "shufflemamba_base")
 )
 NO_MIXUP = mixup.MixupSettings(
-  mixup_alpha=0.0, cutmix_alpha=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1
+  mixup_alpha=0.0, cutmix_alpha=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1, mixup_group_size=1
 )
 
 
@@ -138,7 +139,8 @@ def sgd_steps():
   model = smj.create_model("shufflemamba_tiny", rngs=nnx.Rngs(0), slws_max_prob=0.0, scan_method="sequential", **TINY)
   graphdef, params, rest = steps.split_model(model)
   tx = optax.sgd(0.5)
-  batch = {"image": jax.random.normal(jax.random.key(1), (16, 16, 16, 3)), "label": jnp.arange(16) % 10}
+  pixels = jax.random.randint(jax.random.key(1), (16, 16, 16, 3), 0, 256).astype(jnp.uint8)
+  batch = {"image": pixels, "label": jnp.arange(16) % 10}
   results = {}
   for accum in (1, 4):
     step = steps.make_train_step(
@@ -176,6 +178,6 @@ def test_the_train_step_updates_the_ema_and_labels_like_the_recipe(sgd_steps):
   new_state, metrics = results[1]
   for ema, old, new in zip(*(jax.tree.leaves(tree) for tree in (new_state["ema"], params, new_state["params"]))):
     np.testing.assert_allclose(ema, 0.9 * old + 0.1 * new, rtol=1e-5, atol=1e-7)
-  log_probs = jax.nn.log_softmax(model(batch["image"]))
+  log_probs = jax.nn.log_softmax(model(device.normalize(batch["image"])))  # Normalized in the step.
   targets = jax.nn.one_hot(batch["label"], 10) * 0.9 + 0.01
   np.testing.assert_allclose(metrics["loss"], -jnp.mean(jnp.sum(targets * log_probs, axis=-1)), rtol=1e-5)

@@ -68,6 +68,23 @@ def test_global_batch_is_sharded_over_data_and_fsdp():
   assert len(batch["image"].addressable_shards) == 8
 
 
+def test_prefetch_keeps_two_global_batches_in_flight():
+  mesh = sharding.create_mesh(8, 1)
+  read = []
+
+  def local_batches():
+    for index in range(5):
+      read.append(index)
+      yield {"image": np.full((8, 2, 2, 3), index, np.uint8), "label": np.arange(8, dtype=np.int32)}
+
+  stream = sharding.prefetch_to_mesh(local_batches(), mesh)
+  first = next(stream)
+  assert read == [0, 1, 2]  # The one handed out and two more already sent to the devices.
+  rest = list(stream)
+  assert [int(batch["image"][0, 0, 0, 0]) for batch in [first, *rest]] == [0, 1, 2, 3, 4]
+  assert first["image"].dtype == np.uint8 and first["image"].sharding == sharding.batch_sharding(mesh)
+
+
 @pytest.mark.parametrize("shape", [(8, 1), (2, 4), (1, 8)])
 def test_model_output_does_not_depend_on_the_mesh(shape):
   model = smj.create_model("shufflemamba_tiny", rngs=nnx.Rngs(0), slws_max_prob=0.5, slws_group_size=2, **TINY)

@@ -40,8 +40,9 @@ def test_metrics_file_has_the_required_keys(trained_workdir):
   eval_records = [r for r in records if "eval_top1" in r]
   assert [r["step"] for r in train_records] == [2, 4]
   for record in train_records:
-    for key in ("loss", "train_top1", "lr", "grad_norm", "images_per_s", "step_time_s"):
+    for key in ("loss", "train_top1", "lr", "grad_norm", "images_per_s", "step_time_s", "input_wait_fraction"):
       assert key in record, key
+    assert 0.0 <= record["input_wait_fraction"] <= 1.0
   assert [r["step"] for r in eval_records] == [4]
   assert 0.0 <= eval_records[0]["eval_top1"] <= eval_records[0]["eval_top5"] <= 1.0
   assert os.listdir(os.path.join(trained_workdir, "tensorboard"))

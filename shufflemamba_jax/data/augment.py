@@ -2,8 +2,9 @@
 
 Training (DeiT / timm `create_transform`): inception crop (area 0.08-1, ratio 3/4-4/3) decoded
 straight from the JPEG, bicubic resize, horizontal flip, RandAugment ('rand-m9-mstd0.5': 2 ops per
-image, each applied with probability 0.5, magnitude ~ N(9, 0.5) clipped to [0, 10]), normalization
-with the ImageNet mean/std and random erasing (prob 0.25, per-pixel normal noise) after it.
+image, each applied with probability 0.5, magnitude ~ N(9, 0.5) clipped to [0, 10]). Normalization
+with the ImageNet mean/std and random erasing (prob 0.25, per-pixel normal noise) after it run on
+the device, inside the jitted train step (`data.device`), so batches cross to it as uint8.
 Color jitter 0.3 is part of the config but, as in timm and therefore DeiT, it only runs when
 RandAugment is off (timm drops it whenever an auto-augment policy is set).
 Evaluation: bicubic resize of the shorter side to floor(size / crop_ratio), center crop.
@@ -11,7 +12,7 @@ Evaluation: bicubic resize of the shorter side to floor(size / crop_ratio), cent
 Every random choice uses `tf.random.stateless_*` ops on a seed of shape (2,), so an example's
 augmentation is a pure function of (bytes, seed): the input pipeline derives the seed from
 (run seed, epoch, position) and a resumed run reproduces the same images.
-Images are uint8 (height, width, 3) until normalization, float32 after it.
+Images are uint8 (height, width, 3) throughout.
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ import math
 
 import tensorflow as tf
 
-from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD
+from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD, device
 from shufflemamba_jax.models import checks
 
 MAX_MAGNITUDE = 10.0  # timm's _LEVEL_DENOM: magnitudes live on a 0..10 scale.
@@ -27,7 +28,10 @@ MAX_MAGNITUDE = 10.0  # timm's _LEVEL_DENOM: magnitudes live on a 0..10 scale.
 
 @dataclasses.dataclass(frozen=True)
 class TrainAugmentation:
-  """The DeiT training augmentation settings (config `aug.*`), with DeiT's defaults."""
+  """The DeiT training augmentation settings (config `aug.*`), with DeiT's defaults.
+
+  `mean`, `std` and `random_erasing_prob` are applied on the device (`data.device.DeviceTransform`).
+  """
 
   inception_crop: bool = True
   crop_area_min: float = 0.08
@@ -63,6 +67,10 @@ class TrainAugmentation:
         raise checks.SettingError(field(name), getattr(self, name), "must be 3 numbers, one per RGB channel")
     if min(self.std) <= 0:
       raise checks.SettingError(field("std"), self.std, "must be positive")
+
+  def device_transform(self) -> device.DeviceTransform:
+    """The part of this augmentation that runs on the device: normalization and random erasing."""
+    return device.DeviceTransform(self.mean, self.std, self.random_erasing_prob)
 
   @property
   def fill_color(self) -> tuple[int, int, int]:
@@ -138,13 +146,6 @@ def eval_resize_and_center_crop(image: tf.Tensor, image_size: int, crop_ratio: f
 
 def random_flip(image: tf.Tensor, seed) -> tf.Tensor:
   return tf.image.stateless_random_flip_left_right(image, seed)
-
-
-def normalize(image: tf.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tf.Tensor:
-  """(x / 255 - mean) / std, float32."""
-  mean = tf.constant(mean, tf.float32)
-  std = tf.constant(std, tf.float32)
-  return (tf.cast(image, tf.float32) / 255.0 - mean) / std
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,50 +392,19 @@ def color_jitter(image, seed, strength=0.3):
   return image
 
 
-def random_erasing(image, seed, prob=0.25, area_range=(0.02, 1 / 3), ratio_range=(0.3, 3.3), max_attempts=10):
-  """timm RandomErasing(mode='pixel', max_count=1) on a normalized float32 (H, W, C) image.
-
-  With probability `prob`, one rectangle of area fraction U(area_range) and log-uniform aspect
-  ratio in `ratio_range` is filled with N(0, 1) noise per pixel and channel; the first of
-  `max_attempts` candidates that fits is used, none if none fits.
-  """
-  apply_seed, area_seed, ratio_seed, top_seed, left_seed, noise_seed = tf.unstack(
-    tf.random.experimental.stateless_split(seed, 6)
-  )
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  area = tf.cast(height * width, tf.float32)
-  target = tf.random.stateless_uniform([max_attempts], area_seed, *area_range) * area
-  log_ratio = tf.random.stateless_uniform(
-    [max_attempts], ratio_seed, math.log(ratio_range[0]), math.log(ratio_range[1])
-  )
-  aspect = tf.exp(log_ratio)
-  erase_h = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
-  erase_w = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
-  fits = (erase_h < height) & (erase_w < width)
-  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-  erase_h, erase_w = erase_h[first], erase_w[first]
-  top = tf.random.stateless_uniform([], top_seed, 0, tf.maximum(height - erase_h, 0) + 1, tf.int32)
-  left = tf.random.stateless_uniform([], left_seed, 0, tf.maximum(width - erase_w, 0) + 1, tf.int32)
-  rows = tf.range(height)[:, None, None]
-  cols = tf.range(width)[None, :, None]
-  inside = (rows >= top) & (rows < top + erase_h) & (cols >= left) & (cols < left + erase_w)
-  erase = tf.reduce_any(fits) & (tf.random.stateless_uniform([], apply_seed) < prob)
-  noise = tf.random.stateless_normal(tf.shape(image), noise_seed, dtype=image.dtype)
-  return tf.where(inside & erase, noise, image)
-
-
 # ---------------------------------------------------------------------------------------------
 # Full transforms.
 # ---------------------------------------------------------------------------------------------
 
 
 def augment_train_image(image, seed, settings: TrainAugmentation, image_size: int):
-  """Resize, flip, RandAugment (or color jitter), normalize, random erasing.
+  """Resize, flip, RandAugment (or color jitter): the host part of the training transform.
 
   image: uint8 (h, w, 3), the (cropped) decoded image.
-  Returns float32 (image_size, image_size, 3), normalized with settings.mean / settings.std.
+  Returns uint8 (image_size, image_size, 3); normalization and random erasing follow on the
+  device (`data.device.DeviceTransform`).
   """
-  flip_seed, randaugment_seed, jitter_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+  flip_seed, randaugment_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   image = to_uint8(resize_bicubic(image, (image_size, image_size)))
   image.set_shape([image_size, image_size, 3])
   if settings.hflip:
@@ -451,7 +421,4 @@ def augment_train_image(image, seed, settings: TrainAugmentation, image_size: in
     )
   elif settings.color_jitter > 0:
     image = color_jitter(image, jitter_seed, settings.color_jitter)
-  image = normalize(image, settings.mean, settings.std)
-  if settings.random_erasing_prob > 0:
-    image = random_erasing(image, erase_seed, settings.random_erasing_prob)
   return image

@@ -327,6 +327,16 @@ def _full_window(shape):
   return tf.stack([0, 0, shape[0], shape[1]])
 
 
+def eval_image(image_bytes, file_name, image_size: int, crop_ratio: float):
+  """The evaluation transform of one encoded image, shared by evaluation and `predict`.
+
+  Decodes without failing on corrupt bytes, resizes the shorter side to floor(size / crop_ratio)
+  and center-crops. Returns (uint8 (image_size, image_size, 3), bool ok).
+  """
+  image, ok = safe_decode_crop(image_bytes, file_name, _full_window)
+  return augment.to_uint8(augment.eval_resize_and_center_crop(image, image_size, crop_ratio)), ok
+
+
 # ---------------------------------------------------------------------------------------------
 # Training stream.
 # ---------------------------------------------------------------------------------------------
@@ -446,8 +456,9 @@ def create_train_dataset(
       over `config`.
 
   Returns:
-    tf.data.Dataset of dicts: image float32 (local_batch, S, S, 3) normalized, label int32
-    (local_batch,), example_id int64 (local_batch,), epoch int64 (local_batch,).
+    tf.data.Dataset of dicts: image uint8 (local_batch, S, S, 3), label int32 (local_batch,),
+    example_id int64 (local_batch,), epoch int64 (local_batch,). Normalization and random
+    erasing follow on the device (`settings(...)["augmentation"].device_transform()`).
   """
   values = settings(config, **overrides)
   local_batch = _local_batch_size(global_batch_size, process_count)
@@ -621,9 +632,9 @@ def create_eval_dataset(
   decode) has mask 0.
 
   Returns:
-    tf.data.Dataset of dicts: image float32 (local_batch, S, S, 3) normalized (S = image_size
-    or config.image_size), label int32, mask float32 (1 real, 0 padding), example_id int64
-    (-1 for padding), each (local_batch,).
+    tf.data.Dataset of dicts: image uint8 (local_batch, S, S, 3) (S = image_size or
+    config.image_size; normalized on the device), label int32, mask float32 (1 real, 0 padding),
+    example_id int64 (-1 for padding), each (local_batch,).
   """
   values = settings(config, **overrides)
   split = split or values["eval_split"]
@@ -635,13 +646,11 @@ def create_eval_dataset(
   process_split = _process_split(split, process_index, process_count)
   local_examples = builder.info.splits[process_split].num_examples
   crop_ratio = values["eval_crop_ratio"]
-  mean, std = values["augmentation"].mean, values["augmentation"].std
 
   def preprocess(example):
-    image, ok = safe_decode_crop(example["image"], example["file_name"], _full_window)
-    image = augment.eval_resize_and_center_crop(image, image_size, crop_ratio)
+    image, ok = eval_image(example["image"], example["file_name"], image_size, crop_ratio)
     return {
-      "image": augment.normalize(augment.to_uint8(image), mean, std),
+      "image": image,
       "label": tf.cast(example["label"], tf.int32),
       "mask": tf.cast(ok, tf.float32),
       "example_id": _example_id(example),
@@ -656,7 +665,7 @@ def create_eval_dataset(
   dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   padding = tf.data.Dataset.from_tensors(
     {
-      "image": tf.zeros([image_size, image_size, 3], tf.float32),
+      "image": tf.zeros([image_size, image_size, 3], tf.uint8),
       "label": tf.constant(0, tf.int32),
       "mask": tf.constant(0.0, tf.float32),
       "example_id": tf.constant(-1, tf.int64),

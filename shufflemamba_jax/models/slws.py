@@ -51,7 +51,9 @@ def sample_token_permutations(key: jax.Array, batch_size: int, length: int, prob
     return jnp.where(fire, perm, jnp.arange(length, dtype=jnp.int32))
 
   group_orders = jax.vmap(one_group)(jnp.arange(num_groups))
-  return jnp.repeat(group_orders, group_size, axis=0, total_repeat_length=num_groups * group_size)[:batch_size]
+  # A broadcast, not jnp.repeat: its cumsum-based indexing made XLA gather the rows across devices.
+  rows = jnp.broadcast_to(group_orders[:, None], (num_groups, group_size, length))
+  return rows.reshape(num_groups * group_size, length)[:batch_size]
 
 
 def permute_tokens(x: jax.Array, order: jax.Array) -> jax.Array:
@@ -61,11 +63,11 @@ def permute_tokens(x: jax.Array, order: jax.Array) -> jax.Array:
 
 
 def inverse_permutation(order: jax.Array) -> jax.Array:
-  """Returns the (batch, length) order that undoes `order` under `permute_tokens`."""
-  batch, length = order.shape
-  rows = jnp.arange(batch)[:, None]
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=order.dtype), order.shape)
-  return jnp.zeros_like(order).at[rows, order].set(positions, unique_indices=True)
+  """Returns the (batch, length) order that undoes `order` under `permute_tokens`.
+
+  A sort along the token axis, row by row: unlike a scatter, XLA keeps it on each row's device.
+  """
+  return jnp.argsort(order, axis=1).astype(order.dtype)
 
 
 def restore_tokens(x: jax.Array, order: jax.Array) -> jax.Array:

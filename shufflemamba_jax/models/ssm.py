@@ -42,9 +42,20 @@ def _scan_associative(u, delta, A, B, C, reverse):
   return jnp.einsum("blen,bln->ble", h, C)
 
 
+def _per_sample(A, batch):
+  """A broadcast to (batch, channels, state) before a loop that uses it.
+
+  Its gradient then accumulates per sample inside the loop and is summed over the batch once,
+  after it: with A itself, the sum over the (sharded) batch, an all-reduce across devices, would
+  run in every iteration.
+  """
+  return jnp.broadcast_to(A, (batch,) + A.shape)
+
+
 def _scan_sequential(u, delta, A, B, C, reverse):
   batch, _, channels = u.shape
   state = A.shape[-1]
+  A = _per_sample(A, batch)
 
   def step(h, inputs):
     u_l, delta_l, B_l, C_l = inputs
@@ -73,6 +84,8 @@ def _scan_chunked(u, delta, A, B, C, reverse, chunk_size):
   def to_chunks(x):  # (batch, L, ...) -> (num_chunks, batch, chunk, ...)
     x = x.reshape(batch, num_chunks, chunk_size, *x.shape[2:])
     return jnp.swapaxes(x, 0, 1)
+
+  A = _per_sample(A, batch)[:, None]  # (batch, 1, channels, state): broadcasts over the chunk.
 
   @jax.checkpoint
   def chunk(h, inputs):

@@ -335,7 +335,9 @@ class VisionMamba(nnx.Module):
     config = self.config
     num_patches = features.shape[1] - config.num_extra_tokens
     extra_positions = tokens.extra_token_indices(num_patches, config.token_layout, config.num_registers)
-    extras = jnp.take(features, extra_positions, axis=1)  # (batch, n_extra, D)
+    # Pinned to the batch axes: otherwise XLA may lay the gather's gradient out along the width
+    # (to meet the FSDP-sharded head) and move the batch between devices to get there.
+    extras = sharding.constrain_batch(jnp.take(features, extra_positions, axis=1))  # (batch, n_extra, D)
     if config.has_neck:
       extras = self.norm_neck(self.neck(extras).reshape(extras.shape[0], -1).astype(jnp.float32))
     else:

@@ -8,7 +8,9 @@ from pure data parallelism to FSDP is therefore one config line (`mesh.fsdp`).
 
 from __future__ import annotations
 
+import collections
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -106,9 +108,36 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   }
 
 
-def constrain_batch(x: jax.Array) -> jax.Array:
-  """Pins an activation's leading (batch) axis to the batch mesh axes when a mesh is active."""
+def prefetch_to_mesh(local_batches: Iterator[dict[str, np.ndarray]], mesh: Mesh, size: int = 2):
+  """Yields `global_batch(b, mesh)` of each local batch, keeping `size` more already sent.
+
+  Host-to-device copies are asynchronous, so the next batches cross while the current step runs
+  (flax's `prefetch_to_device`, big_vision's `start_global`).
+  """
+  queue = collections.deque()
+  for batch in local_batches:
+    queue.append(global_batch(batch, mesh))
+    if len(queue) > size:
+      yield queue.popleft()
+  yield from queue
+
+
+def _constrain(tree, spec: P):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-    return x
-  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+    return tree
+  return jax.lax.with_sharding_constraint(tree, spec)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins an activation's leading (batch) axis to the batch mesh axes when a mesh is active."""
+  return _constrain(x, P(BATCH_AXES))
+
+
+def replicate(tree: Any) -> Any:
+  """Pins small arrays (random draws, per-group settings) to every device when a mesh is active.
+
+  Each device then computes them whole, instead of sharding the work and synchronizing on it
+  (a while loop over sharded draws all-reduces its condition on every iteration).
+  """
+  return _constrain(tree, P())

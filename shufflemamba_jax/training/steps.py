@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from shufflemamba_jax.data import device
 from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import mixup
 
@@ -48,6 +49,7 @@ def make_train_step(
   num_classes: int,
   seed: int,
   mixup_settings: mixup.MixupSettings,
+  input_transform: device.DeviceTransform = device.IMAGENET,
   grad_accum_steps: int = 1,
   ema_decay: float = 0.0,
   donate: bool = True,
@@ -56,8 +58,9 @@ def make_train_step(
 ):
   """Returns `train_step(state, batch) -> (state, metrics)`, one jitted pure function.
 
-  batch: {"image": (batch, H, W, 3) float32, "label": (batch,) int32} (global batch on the
-  leading axis). One call is one optimizer update: with `grad_accum_steps` > 1 the batch is
+  batch: {"image": (batch, H, W, 3) uint8, "label": (batch,) int32} (global batch on the
+  leading axis), normalized and randomly erased by `input_transform` on the device, then mixed
+  (`mixup_settings`). One call is one optimizer update: with `grad_accum_steps` > 1 the batch is
   mixed as a whole, split into that many equal micro-batches and their gradients averaged
   in a scan, which equals one big-batch step for a deterministic model. Micro-batch m uses
   fold_in(model key, m). metrics: float32 scalars loss, train_top1 (against the unmixed
@@ -73,11 +76,10 @@ def make_train_step(
 
   def train_step(state, batch):
     step = state["step"]
-    mix_key, model_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), step))
+    mix_key, model_key, erase_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), step), 3)
     labels = batch["label"]
-    images, targets, _ = mixup.mix_batch(
-      mix_key, batch["image"], labels, num_classes=num_classes, settings=mixup_settings
-    )
+    images = input_transform(batch["image"], erase_key)
+    images, targets, _ = mixup.mix_batch(mix_key, images, labels, num_classes=num_classes, settings=mixup_settings)
     params = state["params"]
 
     if grad_accum_steps == 1:
@@ -132,16 +134,17 @@ def make_train_step(
   )
 
 
-def make_eval_step(graphdef, rest):
+def make_eval_step(graphdef, rest, input_transform: device.DeviceTransform = device.IMAGENET):
   """Returns jitted `eval_step(params, batch) -> sums` for a padded, masked eval batch.
 
-  batch: {"image": (batch, H, W, 3) float32, "label": (batch,) int32, "mask": (batch,) float32}.
+  batch: {"image": (batch, H, W, 3) uint8, "label": (batch,) int32, "mask": (batch,) float32};
+  the images are normalized by `input_transform` on the device.
   sums: float32 scalars top1, top5 (correct counts), loss (cross-entropy sum), count; padding
   examples (mask 0) count for nothing.
   """
 
   def eval_step(params, batch):
-    logits = nnx.merge(graphdef, params, rest)(batch["image"], train=False)
+    logits = nnx.merge(graphdef, params, rest)(input_transform(batch["image"]), train=False)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
     _, top_k = jax.lax.top_k(logits, min(5, logits.shape[-1]))
     top1 = (top_k[:, 0] == labels).astype(jnp.float32)
@@ -165,8 +168,8 @@ def run_evaluation(eval_step, params, batches, mesh) -> dict:
   """
   totals = {"top1": 0.0, "top5": 0.0, "loss": 0.0, "count": 0.0}
   pending = []
-  for batch in batches:
-    batch = sharding.global_batch({name: batch[name] for name in ("image", "label", "mask")}, mesh)
+  fields = ("image", "label", "mask")
+  for batch in sharding.prefetch_to_mesh(({name: b[name] for name in fields} for b in batches), mesh):
     with jax.set_mesh(mesh):  # Activation sharding constraints refer to this mesh.
       pending.append(eval_step(params, batch))
   for sums in jax.device_get(pending):

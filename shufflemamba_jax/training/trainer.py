@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from shufflemamba_jax.data import pipeline
+from shufflemamba_jax.data import device, pipeline
 from shufflemamba_jax.models import checks, variants, vim
 from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import metrics as metrics_lib
@@ -64,6 +64,7 @@ class Settings:
   model: vim.VisionMambaConfig  # For the variant's number of classes until the data is known.
   optimizer: optim.OptimizerSettings
   mixup: mixup.MixupSettings
+  input_transform: device.DeviceTransform  # Normalization and random erasing, on the device.
 
   @classmethod
   def from_config(cls, config) -> Settings:
@@ -82,11 +83,15 @@ class Settings:
     checkpoint_lib.check_keep_policy(config.keep_checkpoints, config.keep_best_checkpoints, config.best_metric)
     if config.keep_best_checkpoints and config.best_metric.startswith("ema_") and not config.ema_decay:
       raise checks.SettingError("config.best_metric", config.best_metric, "needs the EMA (config.ema_decay > 0)")
-    pipeline.num_data_shards(pipeline.settings(config), config.batch_size, jax.process_count())
+    data_settings = pipeline.settings(config)
+    pipeline.num_data_shards(data_settings, config.batch_size, jax.process_count())
+    mixup_settings = mixup.MixupSettings.from_config(config)
+    mixup_settings.check_batch(config.batch_size)
     return cls(
       model=model_config_from(config),
       optimizer=optim.OptimizerSettings.from_config(config),
-      mixup=mixup.MixupSettings.from_config(config),
+      mixup=mixup_settings,
+      input_transform=data_settings["augmentation"].device_transform(),
     )
 
 
@@ -126,7 +131,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last eval.
 
   Writes WORKDIR/metrics.jsonl (train records every log_every_steps: loss, train_top1, lr,
-  grad_norm, images_per_s, step_time_s, epoch; eval records: eval_top1, eval_top5, eval_loss and
+  grad_norm, images_per_s, step_time_s, input_wait_fraction (of the wall time spent waiting for
+  the next batch), epoch; eval records: eval_top1, eval_top5, eval_loss and
   ema_eval_* when EMA is on), TensorBoard events and WORKDIR/checkpoints/.
   """
   settings = Settings.from_config(config)
@@ -147,6 +153,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
   sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
   sharding.check_batch_divisible(config.eval_batch_size, mesh, "config.eval_batch_size")
+  settings.mixup.check_batch(config.batch_size, mesh.size)
 
   # ---- Model, optimizer and train state ----------------------------------------------------
   model_config = dataclasses.replace(settings.model, num_classes=info.num_classes)
@@ -220,16 +227,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     num_classes=info.num_classes,
     seed=config.seed,
     mixup_settings=settings.mixup,
+    input_transform=settings.input_transform,
     grad_accum_steps=config.grad_accum_steps,
     ema_decay=ema_decay,
     state_shardings=state_shardings,
     batch_sharding=batch_sharding,
   )
-  eval_step = steps.make_eval_step(graphdef, rest)
+  eval_step = steps.make_eval_step(graphdef, rest, settings.input_transform)
   process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-  train_batches = pipeline.create_train_dataset(
+  train_stream = pipeline.create_train_dataset(
     config, global_batch_size=config.batch_size, start_step=start_step, **process
   ).as_numpy_iterator()
+  # Uint8 images and labels only, two global batches in flight ahead of the step.
+  train_batches = sharding.prefetch_to_mesh(({"image": b["image"], "label": b["label"]} for b in train_stream), mesh)
   eval_dataset = pipeline.create_eval_dataset(config, global_batch_size=config.eval_batch_size, **process)
   writer = metrics_lib.MetricWriter(workdir)
   config_json = json.loads(config.to_json_best_effort())
@@ -265,12 +275,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       logging.info("tqdm is not installed: no progress bar.")
   last_eval: dict = {}
   pending_metrics = []
-  window_start, window_steps = time.perf_counter(), 0
+  window_start, window_steps, input_wait = time.perf_counter(), 0, 0.0
   watcher = preemption.PreemptionWatcher()
   try:
     for step in range(start_step, total_steps):
+      wait_start = time.perf_counter()
       batch = next(train_batches)
-      batch = sharding.global_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+      input_wait += time.perf_counter() - wait_start
       with jax.set_mesh(mesh):  # Activation sharding constraints refer to this mesh.
         state, step_metrics = train_step(state, batch)
       pending_metrics.append(step_metrics)
@@ -289,6 +300,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           lr=float(fetched[-1]["lr"]),
           step_time_s=elapsed / window_steps,
           images_per_s=config.batch_size * window_steps / elapsed,
+          input_wait_fraction=min(input_wait / elapsed, 1.0),
           epoch=done / epoch_steps,
         )
         record = writer.write(done, record)
@@ -297,7 +309,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         else:
           logging.info("step %d/%d: %s", done, total_steps, record)
         pending_metrics = []
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, input_wait = time.perf_counter(), 0, 0.0
 
       evaluated = done % config.eval_every_steps == 0 or is_last
       if evaluated:
@@ -309,7 +321,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if saved:
         save(done, metrics=last_eval if evaluated else None)
       if evaluated or saved:
-        window_start = time.perf_counter()  # Keep evaluation and saving out of the speed.
+        window_start, input_wait = time.perf_counter(), 0.0  # Keep evaluation and saving out of the speed.
       if not is_last and watcher.should_stop(done):
         if not saved:
           save(done)
@@ -369,7 +381,8 @@ def evaluate(config, path: str, split: str | None = None, image_size: int | None
     process_count=jax.process_count(),
   )
   record = {"split": split, "image_size": int(image_size)}
-  record.update(_evaluation_record(steps.make_eval_step(graphdef, rest), trees, eval_dataset, mesh))
+  eval_step = steps.make_eval_step(graphdef, rest, settings.input_transform)
+  record.update(_evaluation_record(eval_step, trees, eval_dataset, mesh))
   workdir = saved.directory.parent
   if saved.directory.name == checkpoint_lib.CHECKPOINT_DIR and (workdir / metrics_lib.METRICS_FILE).exists():
     record = metrics_lib.MetricWriter(workdir, tensorboard=False).write(saved.step, record)
