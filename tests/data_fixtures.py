@@ -7,6 +7,7 @@ session, when a test first asks for it.
 import contextlib
 import socket
 
+import numpy as np
 import pytest
 
 # One training JPEG with a valid start and garbage after: the pipeline must skip it, naming it.
@@ -58,11 +59,12 @@ def write_ade20k_zip(manual_dir: str, seed: int = 0) -> dict[str, np.ndarray]:
   import zipfile  # pylint: disable=g-import-not-at-top
 
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(seed)
-  os.makedirs(manual_dir, exist_ok=True)
+  epath.Path(manual_dir).mkdir(parents=True, exist_ok=True)
   labels = {}
-  with zipfile.ZipFile(os.path.join(manual_dir, "ADEChallengeData2016.zip"), "w") as archive:
+  with (epath.Path(manual_dir) / "ADEChallengeData2016.zip").open("wb") as file, zipfile.ZipFile(file, "w") as archive:
     for folder, prefix, count in (("training", "ADE_train", 3), ("validation", "ADE_val", 2)):
       for k in range(1, count + 1):
         stem = f"{prefix}_{k:08d}"
@@ -79,3 +81,14 @@ def write_ade20k_zip(manual_dir: str, seed: int = 0) -> dict[str, np.ndarray]:
         )
         labels[f"{folder}/{stem}"] = label
   return labels
+
+
+@pytest.fixture(scope="session")
+def digits_seg_data_dir(tmp_path_factory):
+  """A TFDS data_dir with `digits_seg` prepared (offline)."""
+  from shufflemamba_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp("digits_seg")
+  with _no_network():
+    pipeline.prepare("digits_seg", data_dir=str(root), compute_stats=False)
+  return str(root)

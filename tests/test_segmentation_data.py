@@ -70,6 +70,7 @@ def test_digits_canvases_label_strokes_with_their_digit():
     assert (image[..., 0][label == digits_seg.BACKGROUND] < stroke_gray).all()
 
 
+@pytest.mark.slow  # Two builds of 2,400 canvases.
 def test_digits_seg_builds_the_same_dataset_every_time(tmp_path):
   """Prepared twice: identical examples."""
   from shufflemamba_jax.data import pipeline
@@ -83,3 +84,37 @@ def test_digits_seg_builds_the_same_dataset_every_time(tmp_path):
     np.testing.assert_array_equal(first["image"], second["image"])
     np.testing.assert_array_equal(first["label"], second["label"])
     assert set(np.unique(first["label"])) <= set(range(digits_seg.NUM_CLASSES))
+
+
+SEG_AUG = dict(scale=(128, 64), crop_size=48, eval_scale=(64, 64), eval_canvas=(64, 64))
+
+
+def test_segmentation_train_stream_is_uint8_crops_and_resumes_exactly(digits_seg_data_dir):
+  from shufflemamba_jax.data import pipeline
+
+  kwargs = dict(dataset="digits_seg", data_dir=digits_seg_data_dir, shuffle_buffer=256, seg_aug=SEG_AUG)
+  stream = pipeline.create_train_dataset(global_batch_size=4, **kwargs).take(3)
+  batches = list(stream.as_numpy_iterator())
+  for batch in batches:
+    assert batch["image"].shape == (4, 48, 48, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (4, 48, 48) and batch["label"].dtype == np.uint8
+    assert set(np.unique(batch["label"])) <= set(range(digits_seg.NUM_CLASSES)) | {255}
+  resumed = next(pipeline.create_train_dataset(global_batch_size=4, start_step=2, **kwargs).as_numpy_iterator())
+  for name in ("image", "label", "example_id"):
+    np.testing.assert_array_equal(resumed[name], batches[2][name])
+
+
+def test_segmentation_eval_stream_pads_with_ignored_examples(digits_seg_data_dir):
+  from shufflemamba_jax.data import pipeline
+
+  dataset = pipeline.create_eval_dataset(
+    dataset="digits_seg", data_dir=digits_seg_data_dir, global_batch_size=48, seg_aug=SEG_AUG
+  )
+  batches = list(dataset.as_numpy_iterator())
+  assert len(batches) == 9  # ceil(400 / 48)
+  masks = np.concatenate([b["mask"] for b in batches])
+  assert masks.sum() == 400 and not masks[400:].any()
+  last = batches[-1]
+  assert last["image"].shape == (48, 64, 64, 3) and last["label"].shape == (48, 64, 64)
+  assert (last["label"][last["mask"] == 0] == 255).all()
+  assert (last["label"][last["mask"] == 1] != 255).any()

@@ -53,7 +53,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from shufflemamba_jax.data import augment
+from shufflemamba_jax.data import augment, segment_augment
 from shufflemamba_jax.models import checks
 
 _LOGGER = logging.getLogger(__name__)
@@ -99,20 +99,31 @@ def settings(config=None, **overrides) -> dict[str, Any]:
   """The pipeline's settings: defaults < `config` < keyword `overrides`, checked.
 
   config: an ml_collections config with configs/default.py's field names, or None.
-  overrides: any setting by its config name (without `aug.`), or `records_per_chunk` (records
-    per chunk of the shuffle plan; tests shrink it).
+  overrides: any setting by its config name (without `aug.`), `records_per_chunk` (records
+    per chunk of the shuffle plan; tests shrink it), or `seg_aug` (a dict of
+    segment_augment.SegmentationAugmentation fields, over `config.seg_aug`).
   A bad value raises a SettingError naming the config field. The result also holds the checked
-  `augmentation` (augment.TrainAugmentation).
+  `augmentation` (augment.TrainAugmentation) and `segmentation_augmentation`
+  (segment_augment.SegmentationAugmentation, read by the segmentation datasets).
   """
-  values = {**_FIELDS, **_AUG_FIELDS, "records_per_chunk": 256}
+  values = {**_FIELDS, **_AUG_FIELDS, "records_per_chunk": 256, "seg_aug": {}}
   unknown = sorted(set(overrides) - set(values))
   if unknown:  # Like any unknown keyword argument.
     raise TypeError(f"Unknown input pipeline setting(s) {unknown}; known: {sorted(values)}")
   if config is not None:
     values.update({name: config[name] for name in _FIELDS if name in config})
     values.update({name: config.aug[name] for name in _AUG_FIELDS if "aug" in config and name in config.aug})
+  seg_aug = dict(config.seg_aug) if config is not None and "seg_aug" in config else {}
+  seg_aug.update(overrides.pop("seg_aug", {}))
   values.update(overrides)
   checks.one_of("config.dataset", values["dataset"], DATASETS)
+  unknown = sorted(set(seg_aug) - {f.name for f in dataclasses.fields(segment_augment.SegmentationAugmentation)})
+  if unknown:
+    raise checks.SettingError(f"config.seg_aug.{unknown[0]}", seg_aug[unknown[0]], "is not a setting")
+  values["seg_aug"] = seg_aug
+  values["segmentation_augmentation"] = segment_augment.SegmentationAugmentation(
+    **{name: tuple(value) if isinstance(value, (list, tuple)) else value for name, value in seg_aug.items()}
+  )
   for name in ("image_size", "shuffle_buffer"):
     checks.integer(f"config.{name}", values[name])
   for name in ("data_shards", "seed"):
@@ -459,6 +470,9 @@ def create_train_dataset(
     tf.data.Dataset of dicts: image uint8 (local_batch, S, S, 3), label int32 (local_batch,),
     example_id int64 (local_batch,), epoch int64 (local_batch,). Normalization and random
     erasing follow on the device (`settings(...)["augmentation"].device_transform()`).
+    Segmentation datasets (SEGMENTATION_DATASETS) go through `segment_augment` with
+    `config.seg_aug` instead: image uint8 (local_batch, C, C, 3) and label uint8
+    (local_batch, C, C) (255 = ignored), C = seg_aug.crop_size.
   """
   values = settings(config, **overrides)
   local_batch = _local_batch_size(global_batch_size, process_count)
@@ -586,6 +600,36 @@ def create_train_dataset(
       "decoded": used < 2,
     }
 
+  seg_aug = values["segmentation_augmentation"]
+  pair_decoders = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
+
+  def decode_and_augment_pair(element):
+    """Segmentation: the (image, label map) pair through segment_augment; a corrupt image is
+    replaced by the backup's pair, as for classification."""
+    primary = features.deserialize_example(element["record"], decoders=pair_decoders)
+    backup = features.deserialize_example(element["backup"], decoders=pair_decoders)
+    example_seed = _fold(tf.constant([seed, 0], tf.int64), element["epoch"], element["shard"], element["position"])
+
+    def decode_backup():
+      image, ok = safe_decode_crop(backup["image"], backup["file_name"], _full_window)
+      return image, tf.where(ok, 1, 2)
+
+    image, ok = safe_decode_crop(primary["image"], primary["file_name"], _full_window)
+    image, used = tf.cond(ok, lambda: (image, tf.constant(0)), decode_backup)
+    use_backup = tf.equal(used, 1)
+    label_png = tf.cond(use_backup, lambda: backup["label"], lambda: primary["label"])
+    label = tf.io.decode_png(label_png, channels=1)[..., 0]
+    image, label = segment_augment.augment_train_pair(image, label, example_seed, seg_aug)
+    return {
+      "image": image,
+      "label": label,
+      "example_id": tf.where(use_backup, _example_id(backup), _example_id(primary)),
+      "epoch": element["epoch"],
+      "decoded": used < 2,
+    }
+
+  if values["dataset"] in SEGMENTATION_DATASETS:
+    decode_and_augment = decode_and_augment_pair  # noqa: F811  (one stream, another example)
   streams = [shard_stream(shard) for shard in local_shards]
   if len(streams) == 1:
     dataset = streams[0]
@@ -634,7 +678,9 @@ def create_eval_dataset(
   Returns:
     tf.data.Dataset of dicts: image uint8 (local_batch, S, S, 3) (S = image_size or
     config.image_size; normalized on the device), label int32, mask float32 (1 real, 0 padding),
-    example_id int64 (-1 for padding), each (local_batch,).
+    example_id int64 (-1 for padding), each (local_batch,). Segmentation datasets: image uint8
+    (local_batch, H, W, 3) and label uint8 (local_batch, H, W) (255 = ignored and padding),
+    (H, W) = seg_aug.eval_canvas (see `segment_augment.eval_pair`).
   """
   values = settings(config, **overrides)
   split = split or values["eval_split"]
@@ -656,20 +702,33 @@ def create_eval_dataset(
       "example_id": _example_id(example),
     }
 
+  decoders = {"image": tfds.decode.SkipDecoding()}
+  padding_example = {
+    "image": tf.zeros([image_size, image_size, 3], tf.uint8),
+    "label": tf.constant(0, tf.int32),
+    "mask": tf.constant(0.0, tf.float32),
+    "example_id": tf.constant(-1, tf.int64),
+  }
+  if values["dataset"] in SEGMENTATION_DATASETS:
+    seg_aug = values["segmentation_augmentation"]
+    decoders["label"] = tfds.decode.SkipDecoding()
+    canvas = tuple(seg_aug.eval_canvas)
+
+    def preprocess(example):  # noqa: F811  (label maps instead of class labels)
+      image, ok = safe_decode_crop(example["image"], example["file_name"], _full_window)
+      label = tf.io.decode_png(example["label"], channels=1)[..., 0]
+      # A corrupt image (mask 0) stands in as black at its label's size.
+      image = tf.cond(ok, lambda: image, lambda: tf.zeros(tf.concat([tf.shape(label), [3]], 0), tf.uint8))
+      image, label = segment_augment.eval_pair(image, label, seg_aug)
+      return {"image": image, "label": label, "mask": tf.cast(ok, tf.float32), "example_id": _example_id(example)}
+
+    padding_example.update(
+      image=tf.zeros([*canvas, 3], tf.uint8), label=tf.fill(canvas, tf.constant(segment_augment.IGNORE_INDEX, tf.uint8))
+    )
   dataset = builder.as_dataset(
-    split=process_split,
-    shuffle_files=False,
-    decoders={"image": tfds.decode.SkipDecoding()},
-    read_config=tfds.ReadConfig(interleave_cycle_length=1),
+    split=process_split, shuffle_files=False, decoders=decoders, read_config=tfds.ReadConfig(interleave_cycle_length=1)
   )
   dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  padding = tf.data.Dataset.from_tensors(
-    {
-      "image": tf.zeros([image_size, image_size, 3], tf.uint8),
-      "label": tf.constant(0, tf.int32),
-      "mask": tf.constant(0.0, tf.float32),
-      "example_id": tf.constant(-1, tf.int64),
-    }
-  ).repeat(num_batches * local_batch - local_examples)
+  padding = tf.data.Dataset.from_tensors(padding_example).repeat(num_batches * local_batch - local_examples)
   dataset = dataset.concatenate(padding).batch(local_batch, drop_remainder=True)
   return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)

@@ -7,7 +7,7 @@ RandomCrop); horizontal flip with probability 0.5; photometric distortion (brigh
 contrast, saturation and hue, each with probability 0.5, contrast before or after the other
 two); padding to the crop size with the mean color and label 255 (the mean color becomes 0
 once normalized, as mmseg pads after normalizing). Evaluation: resize to the scale keeping the
-ratio, labels untouched (they are compared at their own resolution).
+ratio (labels nearest) and padding to a fixed canvas, so that batches have one shape.
 
 Every random choice uses `tf.random.stateless_*` ops on a seed of shape (2,), so an example is
 a pure function of (image, label, seed). Images are uint8 (height, width, 3) throughout and
@@ -42,15 +42,21 @@ class SegmentationAugmentation:
   saturation_range: tuple[float, float] = (0.5, 1.5)
   hue_delta: float = 18.0  # OpenCV hue units: 180 is the full circle.
   fill_color: tuple[int, int, int] = tuple(round(255 * m) for m in IMAGENET_MEAN)
+  # Evaluation: resize to fit eval_scale (long, short) keeping the ratio, then pad to the fixed
+  # (height, width) eval_canvas (an image that does not fit is resized down to fit it).
+  eval_scale: tuple[int, int] = (2048, 512)
+  eval_canvas: tuple[int, int] = (512, 2048)
 
   def __post_init__(self):
     def field(name):
       return f"config.seg_aug.{name}"
 
-    if len(self.scale) != 2:
-      raise checks.SettingError(field("scale"), self.scale, "must be (long side, short side)")
-    for side in self.scale:
-      checks.integer(field("scale"), side)
+    for name in ("scale", "eval_scale", "eval_canvas"):
+      value = getattr(self, name)
+      if len(value) != 2:
+        raise checks.SettingError(field(name), value, "must be two sizes")
+      for side in value:
+        checks.integer(field(name), side)
     checks.integer(field("crop_size"), self.crop_size)
     for name in ("ratio_range", "contrast_range", "saturation_range"):
       low, high = getattr(self, name)
@@ -155,16 +161,36 @@ def photometric_distortion(image, seed, settings: SegmentationAugmentation):
   return tf.cast(tf.round(image), tf.uint8)
 
 
-def pad_to(image, label, size: int, fill_color):
-  """Pads at the bottom and right to size x size: the image with `fill_color`, the label with 255."""
+def pad_to(image, label, size, fill_color):
+  """Pads at the bottom and right to `size` (an int for a square, or (height, width)): the image
+  with `fill_color`, the label with 255."""
+  height, width = (size, size) if isinstance(size, int) else size
   shape = tf.shape(label)
-  paddings = [[0, size - shape[0]], [0, size - shape[1]]]
+  paddings = [[0, height - shape[0]], [0, width - shape[1]]]
   channels = [tf.pad(image[..., c], paddings, constant_values=int(fill_color[c])) for c in range(3)]
   label = tf.pad(label, paddings, constant_values=IGNORE_INDEX)
   image = tf.stack(channels, axis=-1)
-  image.set_shape([size, size, 3])
-  label.set_shape([size, size])
+  image.set_shape([height, width, 3])
+  label.set_shape([height, width])
   return image, label
+
+
+def eval_pair(image, label, settings: SegmentationAugmentation):
+  """Evaluation transform of one example: resized to fit `eval_scale` (keep ratio; image
+  bilinear, label nearest), down further if needed to fit `eval_canvas`, and padded to it.
+
+  Metrics are then computed at this resolution (mmseg resizes the logits back to the original
+  label size instead; batches of one fixed shape need one size). Returns (uint8 (H, W, 3),
+  uint8 (H, W)), (H, W) = eval_canvas.
+  """
+  shape = tf.shape(label)
+  height, width = rescale_size(shape[0], shape[1], settings.eval_scale)
+  canvas_h, canvas_w = settings.eval_canvas
+  factor = tf.minimum(1.0, tf.minimum(canvas_h / tf.cast(height, tf.float32), canvas_w / tf.cast(width, tf.float32)))
+  height = tf.minimum(tf.cast(tf.cast(height, tf.float32) * factor + 0.5, tf.int32), canvas_h)
+  width = tf.minimum(tf.cast(tf.cast(width, tf.float32) * factor + 0.5, tf.int32), canvas_w)
+  image, label = resize_pair(image, label, (height, width))
+  return pad_to(image, label, settings.eval_canvas, settings.fill_color)
 
 
 def augment_train_pair(image, label, seed, settings: SegmentationAugmentation):
