@@ -5,7 +5,9 @@ The train state is a plain dict pytree (checkpointed as is):
   params: nested dict of float arrays (the nnx.Param values);  opt_state: optax state;
   ema: like params, or None when ema_decay is 0;
   nonfinite_step: int32, the first step whose loss was NaN/Inf, -1 if none (checked at log
-    points, so a bad step is named exactly without a host sync on every step).
+    points, so a bad step is named exactly without a host sync on every step);
+  model_state (segmentation only): nested dict of the model's other state, the BatchNorm
+    running statistics, updated by every training step.
 The training key of step s is fold_in(key(seed), s): a function of the config, not state.
 """
 
@@ -19,8 +21,9 @@ import optax
 from flax import nnx
 
 from shufflemamba_jax.data import device
+from shufflemamba_jax.models import upernet
 from shufflemamba_jax.parallel import sharding
-from shufflemamba_jax.training import mixup
+from shufflemamba_jax.training import mixup, segmentation
 
 
 def split_model(model: nnx.Module):
@@ -182,3 +185,123 @@ def run_evaluation(eval_step, params, batches, mesh) -> dict:
     "loss": totals["loss"] / count,
     "count": totals["count"],
   }
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic segmentation: the same state, plus the BatchNorm statistics.
+# ---------------------------------------------------------------------------------------------
+
+
+def init_segmentation_state(params, model_state, tx: optax.GradientTransformation, *, ema_decay: float) -> dict:
+  """The train state of a segmenter at step 0: `init_train_state` plus its `model_state`."""
+  return {**init_train_state(params, tx, ema_decay=ema_decay), "model_state": model_state}
+
+
+def make_segmentation_train_step(
+  graphdef,
+  tx: optax.GradientTransformation,
+  schedule: Callable,
+  *,
+  seed: int,
+  aux_weight: float = 0.4,
+  input_transform: device.DeviceTransform = device.IMAGENET,
+  ema_decay: float = 0.0,
+  donate: bool = True,
+  state_shardings=None,
+  batch_sharding=None,
+):
+  """Returns `train_step(state, batch) -> (state, metrics)` for a segmenter, one jitted function.
+
+  batch: {"image": (batch, H, W, 3) uint8, "label": (batch, H, W) integers, 255 ignored}
+  (global batch on the leading axis), normalized by `input_transform` on the device. BatchNorm
+  uses the statistics of the whole global batch, and its running averages go to
+  state["model_state"]. metrics: float32 scalars loss (decode + aux_weight x aux), decode_loss,
+  aux_loss, train_pixel_acc (decode head, non-ignored pixels), grad_norm, lr.
+  """
+  grad_fn = jax.value_and_grad(segmentation.train_loss, argnums=1, has_aux=True)
+
+  def train_step(state, batch):
+    step = state["step"]
+    model_key = jax.random.fold_in(jax.random.key(seed), step)
+    images = input_transform(batch["image"])
+    labels = batch["label"].astype(jnp.int32)
+    params = state["params"]
+    (loss, (parts, model_state, logits)), grads = grad_fn(
+      graphdef, params, state["model_state"], images, labels, model_key, aux_weight=aux_weight
+    )
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    ema = state["ema"]
+    if ema is not None:
+      ema = optax.incremental_update(new_params, ema, step_size=1.0 - ema_decay)
+    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~jnp.isfinite(loss), step, state["nonfinite_step"])
+    new_state = dict(
+      state,
+      step=step + 1,
+      params=new_params,
+      model_state=nnx.to_pure_dict(model_state),
+      opt_state=opt_state,
+      ema=ema,
+      nonfinite_step=nonfinite_step,
+    )
+    predictions = jnp.argmax(upernet.resize_bilinear(logits, labels.shape[1:3]), axis=-1)
+    valid = labels != segmentation.IGNORE_INDEX
+    metrics = {
+      "loss": loss,
+      **parts,
+      "train_pixel_acc": jnp.sum((predictions == labels) & valid) / jnp.maximum(jnp.sum(valid), 1),
+      "grad_norm": optax.tree.norm(grads),
+      "lr": schedule(step),
+    }
+    return new_state, metrics
+
+  donate_argnums = (0,) if donate else ()
+  if state_shardings is None:
+    return jax.jit(train_step, donate_argnums=donate_argnums)
+  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(
+    train_step,
+    in_shardings=(state_shardings, batch_sharding),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=donate_argnums,
+  )
+
+
+def make_segmentation_eval_step(
+  graphdef,
+  num_classes: int,
+  *,
+  crop_size: tuple[int, int] | None = None,
+  stride: tuple[int, int] | None = None,
+  input_transform: device.DeviceTransform = device.IMAGENET,
+):
+  """Returns jitted `eval_step(params, model_state, batch) -> areas` for a padded, masked batch.
+
+  batch: {"image": (batch, H, W, 3) uint8, "label": (batch, H, W) integers (255 ignored),
+  "mask": (batch,) float32}. Logits come from sliding windows of `crop_size` every `stride`, or
+  from the whole image when crop_size is None. areas: `segmentation.intersect_and_union` of the
+  global batch, (num_classes,) int32 each.
+  """
+
+  def eval_step(params, model_state, batch):
+    model = nnx.merge(graphdef, params, model_state)
+    logits = segmentation.predict_logits(model, input_transform(batch["image"]), crop_size=crop_size, stride=stride)
+    predictions = jnp.argmax(logits, axis=-1)
+    return segmentation.intersect_and_union(predictions, batch["label"], num_classes, mask=batch["mask"])
+
+  return jax.jit(eval_step)
+
+
+def run_segmentation_evaluation(eval_step, params, model_state, batches, mesh, class_names=None) -> dict:
+  """`segmentation.segmentation_metrics` (mIoU, mAcc, aAcc, per-class IoU and accuracy) of the
+  model over finite eval `batches`: every process passes its local batches, the areas are global
+  and summed over the whole split before dividing."""
+  totals = None
+  fields = ("image", "label", "mask")
+  for batch in sharding.prefetch_to_mesh(({name: b[name] for name in fields} for b in batches), mesh):
+    with jax.set_mesh(mesh):
+      areas = eval_step(params, model_state, batch)
+    if totals is None:
+      totals = segmentation.AreaTotals(areas["area_label"].shape[0])
+    totals.add(areas)
+  return segmentation.segmentation_metrics(totals.totals, class_names)
