@@ -628,8 +628,7 @@ def create_train_dataset(
       "decoded": used < 2,
     }
 
-  if values["dataset"] in SEGMENTATION_DATASETS:
-    decode_and_augment = decode_and_augment_pair  # noqa: F811  (one stream, another example)
+  example_fn = decode_and_augment_pair if values["dataset"] in SEGMENTATION_DATASETS else decode_and_augment
   streams = [shard_stream(shard) for shard in local_shards]
   if len(streams) == 1:
     dataset = streams[0]
@@ -638,7 +637,7 @@ def create_train_dataset(
     pattern = np.repeat(np.arange(len(streams), dtype=np.int64), shard_batch)
     choices = tf.data.Dataset.from_tensor_slices(pattern).repeat()
     dataset = tf.data.Dataset.choose_from_datasets(streams, choices)
-  dataset = dataset.map(decode_and_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  dataset = dataset.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   # Both the image and its substitute failing is vanishingly rare; the example is then dropped
   # (and the rest of this process's stream shifts by one).
   dataset = dataset.filter(lambda example: example["decoded"])
@@ -714,7 +713,7 @@ def create_eval_dataset(
     decoders["label"] = tfds.decode.SkipDecoding()
     canvas = tuple(seg_aug.eval_canvas)
 
-    def preprocess(example):  # noqa: F811  (label maps instead of class labels)
+    def preprocess_pair(example):
       image, ok = safe_decode_crop(example["image"], example["file_name"], _full_window)
       label = tf.io.decode_png(example["label"], channels=1)[..., 0]
       # A corrupt image (mask 0) stands in as black at its label's size.
@@ -725,6 +724,7 @@ def create_eval_dataset(
     padding_example.update(
       image=tf.zeros([*canvas, 3], tf.uint8), label=tf.fill(canvas, tf.constant(segment_augment.IGNORE_INDEX, tf.uint8))
     )
+    preprocess = preprocess_pair  # Label maps instead of class labels.
   dataset = builder.as_dataset(
     split=process_split, shuffle_files=False, decoders=decoders, read_config=tfds.ReadConfig(interleave_cycle_length=1)
   )
