@@ -109,7 +109,19 @@ def _unpack(refs, flags):
   return out, refs
 
 
-def _tpu_forward_kernel(*refs, chunk, reverse, softplus, has_d, has_z, has_bias):
+def _rows_valid(k, *, chunk, num_chunks, length, chunk_reversed, shape):
+  """Which rows of the (chunk, channels) block at grid step k lie before the end of the sequence."""
+  c = num_chunks - 1 - k if chunk_reversed else k
+  return c * chunk + jax.lax.broadcasted_iota(jnp.int32, shape, 0) < length
+
+
+def _load_rows(ref, valid):
+  """The block as float32, rows past the end zeroed (they hold whatever the padded block read)."""
+  x = ref[...].astype(jnp.float32)
+  return x if valid is None else jnp.where(valid, x, 0.0)
+
+
+def _tpu_forward_kernel(*refs, chunk, num_chunks, length, reverse, softplus, has_d, has_z, has_bias):
   inputs, refs = _unpack(
     refs,
     [("u", True), ("delta", True), ("z", has_z), ("at", True), ("bias", has_bias), ("d", has_d), ("bt", True)]
@@ -122,9 +134,14 @@ def _tpu_forward_kernel(*refs, chunk, reverse, softplus, has_d, has_z, has_bias)
     h_scr[...] = jnp.zeros_like(h_scr)
 
   start_ref[...] = h_scr[...]
-  u = inputs["u"][...].astype(jnp.float32)
+  valid = None
+  if length % chunk:  # zero u and delta past the end: those steps then leave a zero state zero
+    valid = _rows_valid(
+      pl.program_id(2), chunk=chunk, num_chunks=num_chunks, length=length, chunk_reversed=reverse, shape=d_scr.shape
+    )
+  u = _load_rows(inputs["u"], valid)
   bias = None if inputs["bias"] is None else inputs["bias"][...]
-  d, _ = _delta(inputs["delta"][...].astype(jnp.float32), bias, softplus)
+  d, _ = _delta(_load_rows(inputs["delta"], valid), bias, softplus)
   d_scr[...] = d
   x_scr[...] = d * u
   at, bt, ct = inputs["at"][...], inputs["bt"][...], inputs["ct"][...]
@@ -144,7 +161,7 @@ def _tpu_forward_kernel(*refs, chunk, reverse, softplus, has_d, has_z, has_bias)
   y_ref[...] = y.astype(y_ref.dtype)
 
 
-def _tpu_backward_kernel(*refs, chunk, reverse, softplus, has_d, has_z, has_bias):
+def _tpu_backward_kernel(*refs, chunk, num_chunks, length, reverse, softplus, has_d, has_z, has_bias):
   inputs, refs = _unpack(
     refs,
     [("u", True), ("delta", True), ("z", has_z), ("dout", True), ("at", True), ("bias", has_bias), ("d", has_d)]
@@ -164,12 +181,17 @@ def _tpu_backward_kernel(*refs, chunk, reverse, softplus, has_d, has_z, has_bias
       if grads[name] is not None:
         grads[name][...] = jnp.zeros_like(grads[name])
 
-  u = inputs["u"][...].astype(jnp.float32)
+  valid = None
+  if length % chunk:  # rows past the end: zero inputs and cotangents contribute exactly nothing
+    valid = _rows_valid(
+      pl.program_id(2), chunk=chunk, num_chunks=num_chunks, length=length, chunk_reversed=not reverse, shape=d_scr.shape
+    )
+  u = _load_rows(inputs["u"], valid)
   bias = None if inputs["bias"] is None else inputs["bias"][...]
-  d, dsoftplus = _delta(inputs["delta"][...].astype(jnp.float32), bias, softplus)
-  dout = inputs["dout"][...].astype(jnp.float32)
+  d, dsoftplus = _delta(_load_rows(inputs["delta"], valid), bias, softplus)
+  dout = _load_rows(inputs["dout"], valid)
   if has_z:
-    silu, dsilu = _silu_and_grad(inputs["z"][...].astype(jnp.float32))
+    silu, dsilu = _silu_and_grad(_load_rows(inputs["z"], valid))
     dy = dout * silu
   else:
     dy = dout
@@ -239,16 +261,17 @@ def _tpu_backward_kernel(*refs, chunk, reverse, softplus, has_d, has_z, has_bias
   grads["delta"][...] = ddelta.astype(grads["delta"].dtype)
 
 
-def _tpu_layout(u, delta, z, A, B, C, D, delta_bias, chunk, pad_state):
-  """Pads to the TPU tiling: channels to TPU_CHANNEL_TILE, length to the chunk; B and C as (state, chunk)."""
+def _tpu_layout(u, delta, z, A, B, C, D, delta_bias, chunk):
+  """Pads channels to TPU_CHANNEL_TILE (no copy for the models' widths, all multiples of 128) and lays out
+  B and C as (batch, num_chunks, state, chunk), padded with zeros. The length of u, delta and z is not
+  padded: the last chunk's block runs past the end, and the kernels zero the rows beyond it."""
   batch, length, channels = u.shape
   num_chunks = -(-length // chunk)
   lp, ep = num_chunks * chunk, _round_up(channels, TPU_CHANNEL_TILE)
-  state = A.shape[1]
-  sp = _next_pow2(state) if pad_state else state
+  state = sp = A.shape[1]
 
   def seq(x):
-    return None if x is None else jnp.pad(x, ((0, 0), (0, lp - length), (0, ep - channels)))
+    return None if x is None else jnp.pad(x, ((0, 0), (0, 0), (0, ep - channels)))
 
   def vec(x):
     return None if x is None else jnp.pad(x, (0, ep - channels)).reshape(1, ep)
@@ -287,9 +310,9 @@ def _tpu_params(interpret):
 
 def _tpu_forward(u, delta, z, A, B, C, D, delta_bias, *, chunk, reverse, softplus, interpret):
   batch, length, channels = u.shape
-  x = _tpu_layout(u, delta, z, A, B, C, D, delta_bias, chunk, pad_state=False)
-  lp, ep = x["u"].shape[1:]
-  num_chunks, state = lp // chunk, A.shape[1]
+  x = _tpu_layout(u, delta, z, A, B, C, D, delta_bias, chunk)
+  ep = x["u"].shape[2]
+  num_chunks, state = x["bt"].shape[1], A.shape[1]
   specs = _tpu_specs(batch, num_chunks, state, ep, chunk, reverse)
   names = [("u", "seq"), ("delta", "seq"), ("z", "seq"), ("at", "at"), ("bias", "vec"), ("d", "vec")]
   names += [("bt", "bc"), ("ct", "bc")]
@@ -297,6 +320,8 @@ def _tpu_forward(u, delta, z, A, B, C, D, delta_bias, *, chunk, reverse, softplu
   kernel = functools.partial(
     _tpu_forward_kernel,
     chunk=chunk,
+    num_chunks=num_chunks,
+    length=length,
     reverse=reverse,
     softplus=softplus,
     has_d=D is not None,
@@ -309,7 +334,7 @@ def _tpu_forward(u, delta, z, A, B, C, D, delta_bias, *, chunk, reverse, softplu
     in_specs=[s for _, s in args],
     out_specs=[specs["seq"], specs["start"]],
     out_shape=[
-      jax.ShapeDtypeStruct((batch, lp, ep), u.dtype),
+      jax.ShapeDtypeStruct((batch, length, ep), u.dtype),
       jax.ShapeDtypeStruct((batch, num_chunks, state, ep), jnp.float32),
     ],
     scratch_shapes=[pltpu.VMEM((state, TPU_CHANNEL_TILE), jnp.float32)]
@@ -322,10 +347,11 @@ def _tpu_forward(u, delta, z, A, B, C, D, delta_bias, *, chunk, reverse, softplu
 
 def _tpu_backward(u, delta, z, A, B, C, D, delta_bias, start, dout, *, chunk, reverse, softplus, interpret):
   batch, length, channels = u.shape
-  x = _tpu_layout(u, delta, z, A, B, C, D, delta_bias, chunk, pad_state=False)
-  lp, ep = x["u"].shape[1:]
-  num_chunks, state, tiles = lp // chunk, A.shape[1], ep // TPU_CHANNEL_TILE
-  x["dout"] = jnp.pad(dout, ((0, 0), (0, lp - length), (0, ep - channels)))
+  x = _tpu_layout(u, delta, z, A, B, C, D, delta_bias, chunk)
+  ep = x["u"].shape[2]
+  num_chunks, state, tiles = x["bt"].shape[1], A.shape[1], ep // TPU_CHANNEL_TILE
+  lp = num_chunks * chunk
+  x["dout"] = jnp.pad(dout, ((0, 0), (0, 0), (0, ep - channels)))
   x["start"] = jnp.pad(start, ((0, 0), (0, 0), (0, 0), (0, ep - channels)))
   # The backward kernel visits the chunks in the opposite order of the forward one.
   specs = _tpu_specs(batch, num_chunks, state, ep, chunk, not reverse)
@@ -333,9 +359,9 @@ def _tpu_backward(u, delta, z, A, B, C, D, delta_bias, start, dout, *, chunk, re
   names += [("d", "vec"), ("bt", "bc"), ("ct", "bc"), ("start", "start")]
   args = [(x[n], specs[s]) for n, s in names if x[n] is not None]
   outs = [
-    ("u", specs["seq"], (batch, lp, ep), u.dtype),
-    ("delta", specs["seq"], (batch, lp, ep), delta.dtype),
-    ("z", specs["seq"], (batch, lp, ep), None if z is None else z.dtype),
+    ("u", specs["seq"], (batch, length, ep), u.dtype),
+    ("delta", specs["seq"], (batch, length, ep), delta.dtype),
+    ("z", specs["seq"], (batch, length, ep), None if z is None else z.dtype),
     ("bt", specs["dbc"], (batch, tiles, num_chunks, state, chunk), jnp.float32),
     ("ct", specs["dbc"], (batch, tiles, num_chunks, state, chunk), jnp.float32),
     ("at", specs["acc_at"], (batch, state, ep), jnp.float32),
@@ -347,6 +373,8 @@ def _tpu_backward(u, delta, z, A, B, C, D, delta_bias, start, dout, *, chunk, re
   kernel = functools.partial(
     _tpu_backward_kernel,
     chunk=chunk,
+    num_chunks=num_chunks,
+    length=length,
     reverse=reverse,
     softplus=softplus,
     has_d=D is not None,
