@@ -6,14 +6,19 @@ is the state at the start of each chunk, (batch, num_chunks, state, channels), w
 kernel uses to recompute the states of one chunk at a time while it carries the adjoint state on chip.
 
 Three lowerings of the same math, picked by the platform being lowered for (`jax.lax.platform_dependent`):
-- tpu: Mosaic; grid (batch, channel tiles, chunks) with the chunk axis sequential ("arbitrary") and the
-  carry in VMEM scratch. Channels are padded to a multiple of 128 and the length to a multiple of the chunk.
-- cuda: Triton; grid (batch, channel tiles), each program loops over the chunks with the carry in
-  registers. Triton wants power-of-two arrays, so the length and the state are padded to powers of two.
+- tpu: Mosaic; grid (batch, channel tiles of 128, chunks) with the chunk axis sequential ("arbitrary")
+  and the carry in VMEM scratch. Blocks are (chunk, 128) with chunk a multiple of 16, which respects the
+  (8, 128) float32 and (16, 128) bfloat16 tilings; the last chunk's block may run past the end of the
+  sequence, and the kernels zero those rows.
+- cuda: Triton; grid (batch, channel tiles of 64), each program loops over the chunks with the carry in
+  registers and reads one position at a time. Triton wants power-of-two values, so the state is padded
+  to a power of two (16 already is). The backward kernel keeps one chunk of recomputed states in a
+  global-memory workspace, (batch, channel tiles, chunk, state, 64), which lives only during the kernel.
 - cpu (and anything else): the TPU kernels in Pallas interpret mode, slow but exact.
 
 The state is laid out (state, channels) so that channels fill the 128 lanes of a TPU vector register.
-Padding is neutral: padded positions and channels have u = B = 0 (and A = 0), so the state they carry is
+Channels are padded to a whole tile (no copy for the models' widths, all multiples of 128). Padding is
+neutral: padded positions, channels and states have u = B = 0 (and A = 0), so the state they carry is
 exactly zero and they add nothing to any gradient.
 """
 
@@ -417,7 +422,7 @@ def _tpu_backward(u, delta, z, A, B, C, D, delta_bias, start, dout, *, chunk, re
 # GPU (Triton) kernels: one program per (batch, channel tile), looping over the chunks in order.
 
 
-def _gpu_forward_kernel(*refs, chunk, num_chunks, reverse, softplus, has_d, has_z, has_bias):
+def _gpu_forward_kernel(*refs, chunk, num_chunks, length, reverse, softplus, has_d, has_z, has_bias):
   inputs, refs = _unpack(
     refs,
     [("u", True), ("delta", True), ("z", has_z), ("at", True), ("bias", has_bias), ("d", has_d), ("bt", True)]
@@ -433,9 +438,10 @@ def _gpu_forward_kernel(*refs, chunk, num_chunks, reverse, softplus, has_d, has_
   def chunk_body(k, h):
     c = num_chunks - 1 - k if reverse else k
     start_ref[c] = h
+    n = jnp.minimum(chunk, length - c * chunk)  # the last chunk may be partial
 
     def step(i, h):
-      t = c * chunk + (chunk - 1 - i if reverse else i)
+      t = c * chunk + (n - 1 - i if reverse else i)
       u = row("u", t)
       d, _ = _delta(row("delta", t), bias, softplus)
       h, y = _forward_step(h, at, d, d * u, inputs["bt"][:, pl.ds(t, 1)], inputs["ct"][:, pl.ds(t, 1)])
@@ -446,12 +452,12 @@ def _gpu_forward_kernel(*refs, chunk, num_chunks, reverse, softplus, has_d, has_
       y_ref[pl.ds(t, 1), :] = y.astype(y_ref.dtype)
       return h
 
-    return jax.lax.fori_loop(0, chunk, step, h)
+    return jax.lax.fori_loop(0, n, step, h)
 
   jax.lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros(at.shape, jnp.float32))
 
 
-def _gpu_backward_kernel(*refs, chunk, num_chunks, reverse, softplus, has_d, has_z, has_bias, interpret):
+def _gpu_backward_kernel(*refs, chunk, num_chunks, length, reverse, softplus, has_d, has_z, has_bias, interpret):
   inputs, refs = _unpack(
     refs,
     [("u", True), ("delta", True), ("z", has_z), ("dout", True), ("at", True), ("bias", has_bias), ("d", has_d)]
@@ -474,25 +480,26 @@ def _gpu_backward_kernel(*refs, chunk, num_chunks, reverse, softplus, has_d, has
     g, dat, dd_acc, dbias_acc = carry
     c = k if reverse else num_chunks - 1 - k
     start = inputs["start"][c]
+    n = jnp.minimum(chunk, length - c * chunk)  # the last chunk may be partial
 
     def recompute(i, h):
-      j = chunk - 1 - i if reverse else i
+      j = n - 1 - i if reverse else i
       t = c * chunk + j
       d, _ = _delta(row("delta", t), bias, softplus)
       h, _ = _forward_step(h, at, d, d * row("u", t), inputs["bt"][:, pl.ds(t, 1)], inputs["ct"][:, pl.ds(t, 1)])
       hs_ref[j] = h
       return h
 
-    jax.lax.fori_loop(0, chunk, recompute, start)
+    jax.lax.fori_loop(0, n, recompute, start)
     if not interpret:  # the states written above are read back by other threads
       pltriton.debug_barrier()
 
     def backward(i, carry):
       g, dat, dd_acc, dbias_acc = carry
-      j = i if reverse else chunk - 1 - i
+      j = i if reverse else n - 1 - i
       t = c * chunk + j
       j_prev = j + 1 if reverse else j - 1
-      first = j_prev == (chunk if reverse else -1)
+      first = j_prev == (n if reverse else -1)
       h_prev = jnp.where(first, start, hs_ref[jnp.clip(j_prev, 0, chunk - 1)])
       h = hs_ref[j]
       u = row("u", t)
@@ -520,7 +527,7 @@ def _gpu_backward_kernel(*refs, chunk, num_chunks, reverse, softplus, has_d, has
       grads["ct"][:, pl.ds(t, 1)] = dc
       return g, dat + dat_t, dd_acc, dbias_acc + dd
 
-    carry = jax.lax.fori_loop(0, chunk, backward, (g, dat, dd_acc, dbias_acc))
+    carry = jax.lax.fori_loop(0, n, backward, (g, dat, dd_acc, dbias_acc))
     if not interpret:  # the next chunk overwrites the workspace
       pltriton.debug_barrier()
     return carry
@@ -537,20 +544,21 @@ def _gpu_backward_kernel(*refs, chunk, num_chunks, reverse, softplus, has_d, has
 
 
 def _gpu_layout(u, delta, z, A, B, C, D, delta_bias, chunk):
-  """Pads to powers of two: the length (a whole number of chunks), the state, channels to GPU_CHANNEL_TILE."""
+  """Pads the state to a power of two and channels to GPU_CHANNEL_TILE (no copy at the models' sizes); B and C
+  as (batch, state, length). The length is not padded: the kernels visit only the real positions, one at a time."""
   batch, length, channels = u.shape
-  lp, ep = _next_pow2(_round_up(length, chunk)), _round_up(channels, GPU_CHANNEL_TILE)
+  ep = _round_up(channels, GPU_CHANNEL_TILE)
   state = A.shape[1]
   sp = _next_pow2(state)
 
   def seq(x):
-    return None if x is None else jnp.pad(x, ((0, 0), (0, lp - length), (0, ep - channels)))
+    return None if x is None else jnp.pad(x, ((0, 0), (0, 0), (0, ep - channels)))
 
   def vec(x):
     return None if x is None else jnp.pad(x, (0, ep - channels)).reshape(1, ep)
 
   def transposed(x):  # (batch, L, N) -> (batch, N, L)
-    return jnp.pad(x, ((0, 0), (0, lp - length), (0, sp - state))).transpose(0, 2, 1)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, sp - state))).transpose(0, 2, 1)
 
   at = jnp.pad(A.T, ((0, sp - state), (0, ep - channels)))
   return dict(
@@ -558,15 +566,15 @@ def _gpu_layout(u, delta, z, A, B, C, D, delta_bias, chunk):
   )
 
 
-def _gpu_specs(lp, sp, num_chunks):
+def _gpu_specs(length, sp, num_chunks):
   tile = GPU_CHANNEL_TILE
   return dict(
-    seq=pl.BlockSpec((None, lp, tile), lambda b, e: (b, 0, e)),
+    seq=pl.BlockSpec((None, length, tile), lambda b, e: (b, 0, e)),
     at=pl.BlockSpec((sp, tile), lambda b, e: (0, e)),
     vec=pl.BlockSpec((1, tile), lambda b, e: (0, e)),
-    bc=pl.BlockSpec((None, sp, lp), lambda b, e: (b, 0, 0)),
+    bc=pl.BlockSpec((None, sp, length), lambda b, e: (b, 0, 0)),
     start=pl.BlockSpec((None, num_chunks, sp, tile), lambda b, e: (b, 0, 0, e)),
-    dbc=pl.BlockSpec((None, None, sp, lp), lambda b, e: (b, e, 0, 0)),
+    dbc=pl.BlockSpec((None, None, sp, length), lambda b, e: (b, e, 0, 0)),
     acc_at=pl.BlockSpec((None, sp, tile), lambda b, e: (b, 0, e)),
     acc_vec=pl.BlockSpec((None, 1, tile), lambda b, e: (b, 0, e)),
   )
@@ -579,9 +587,9 @@ def _gpu_params(interpret):
 def _gpu_forward(u, delta, z, A, B, C, D, delta_bias, *, chunk, reverse, softplus, interpret):
   batch, length, channels = u.shape
   x = _gpu_layout(u, delta, z, A, B, C, D, delta_bias, chunk)
-  lp, ep = x["u"].shape[1:]
-  sp, num_chunks = x["at"].shape[0], lp // chunk
-  specs = _gpu_specs(lp, sp, num_chunks)
+  ep = x["u"].shape[2]
+  sp, num_chunks = x["at"].shape[0], -(-length // chunk)
+  specs = _gpu_specs(length, sp, num_chunks)
   names = [("u", "seq"), ("delta", "seq"), ("z", "seq"), ("at", "at"), ("bias", "vec"), ("d", "vec")]
   names += [("bt", "bc"), ("ct", "bc")]
   args = [(x[n], specs[s]) for n, s in names if x[n] is not None]
@@ -589,6 +597,7 @@ def _gpu_forward(u, delta, z, A, B, C, D, delta_bias, *, chunk, reverse, softplu
     _gpu_forward_kernel,
     chunk=chunk,
     num_chunks=num_chunks,
+    length=length,
     reverse=reverse,
     softplus=softplus,
     has_d=D is not None,
@@ -601,35 +610,32 @@ def _gpu_forward(u, delta, z, A, B, C, D, delta_bias, *, chunk, reverse, softplu
     in_specs=[s for _, s in args],
     out_specs=[specs["seq"], specs["start"]],
     out_shape=[
-      jax.ShapeDtypeStruct((batch, lp, ep), u.dtype),
+      jax.ShapeDtypeStruct((batch, length, ep), u.dtype),
       jax.ShapeDtypeStruct((batch, num_chunks, sp, ep), jnp.float32),
     ],
     name="selective_scan_forward",
     **_gpu_params(interpret),
   )(*[a for a, _ in args])
-  # Only the chunks that hold real positions: the same (batch, chunks, state, channels) as on TPU.
-  real_chunks = -(-length // chunk)
-  return y[:, :length, :channels], start[:, :real_chunks, : A.shape[1], :channels]
+  return y[:, :, :channels], start[:, :, : A.shape[1], :channels]
 
 
 def _gpu_backward(u, delta, z, A, B, C, D, delta_bias, start, dout, *, chunk, reverse, softplus, interpret):
   batch, length, channels = u.shape
   x = _gpu_layout(u, delta, z, A, B, C, D, delta_bias, chunk)
-  lp, ep = x["u"].shape[1:]
-  sp, num_chunks, state, tiles = x["at"].shape[0], lp // chunk, A.shape[1], ep // GPU_CHANNEL_TILE
-  x["dout"] = jnp.pad(dout, ((0, 0), (0, lp - length), (0, ep - channels)))
-  # Chunks of padding start from the zero state (forward) or hand it on (reverse): zeros either way.
-  x["start"] = jnp.pad(start, ((0, 0), (0, num_chunks - start.shape[1]), (0, sp - state), (0, ep - channels)))
-  specs = _gpu_specs(lp, sp, num_chunks)
+  ep = x["u"].shape[2]
+  sp, num_chunks, state, tiles = x["at"].shape[0], start.shape[1], A.shape[1], ep // GPU_CHANNEL_TILE
+  x["dout"] = jnp.pad(dout, ((0, 0), (0, 0), (0, ep - channels)))
+  x["start"] = jnp.pad(start, ((0, 0), (0, 0), (0, sp - state), (0, ep - channels)))
+  specs = _gpu_specs(length, sp, num_chunks)
   names = [("u", "seq"), ("delta", "seq"), ("z", "seq"), ("dout", "seq"), ("at", "at"), ("bias", "vec")]
   names += [("d", "vec"), ("bt", "bc"), ("ct", "bc"), ("start", "start")]
   args = [(x[n], specs[s]) for n, s in names if x[n] is not None]
   outs = [
-    ("u", specs["seq"], (batch, lp, ep), u.dtype),
-    ("delta", specs["seq"], (batch, lp, ep), delta.dtype),
-    ("z", specs["seq"], (batch, lp, ep), None if z is None else z.dtype),
-    ("bt", specs["dbc"], (batch, tiles, sp, lp), jnp.float32),
-    ("ct", specs["dbc"], (batch, tiles, sp, lp), jnp.float32),
+    ("u", specs["seq"], (batch, length, ep), u.dtype),
+    ("delta", specs["seq"], (batch, length, ep), delta.dtype),
+    ("z", specs["seq"], (batch, length, ep), None if z is None else z.dtype),
+    ("bt", specs["dbc"], (batch, tiles, sp, length), jnp.float32),
+    ("ct", specs["dbc"], (batch, tiles, sp, length), jnp.float32),
     ("at", specs["acc_at"], (batch, sp, ep), jnp.float32),
     ("d", specs["acc_vec"], (batch, 1, ep), jnp.float32),
     ("bias", specs["acc_vec"], (batch, 1, ep), jnp.float32),
@@ -648,6 +654,7 @@ def _gpu_backward(u, delta, z, A, B, C, D, delta_bias, start, dout, *, chunk, re
     _gpu_backward_kernel,
     chunk=chunk,
     num_chunks=num_chunks,
+    length=length,
     reverse=reverse,
     softplus=softplus,
     has_d=D is not None,
