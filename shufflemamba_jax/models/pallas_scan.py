@@ -25,12 +25,16 @@ exactly zero and they add nothing to any gradient.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
+from jax.sharding import PartitionSpec as P
+
+from shufflemamba_jax.parallel import sharding
 
 TPU_CHANNEL_TILE = 128  # the lane width of a TPU vector register
 GPU_CHANNEL_TILE = 64  # with state 16: 1024 carry elements, 8 per thread of 4 warps
@@ -753,17 +757,21 @@ def pallas_selective_scan(
   if backend not in (None, "tpu", "gpu"):
     raise ValueError(f"backend must be None, 'tpu' or 'gpu'; got {backend!r}")
   f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
-  return _scan(
-    u,
-    delta,
-    z,
-    f32(A),
-    f32(B),
-    f32(C),
-    f32(D),
-    f32(delta_bias),
-    kernel_chunk(chunk_size),
-    reverse,
-    bool(delta_softplus),
-    backend,
-  )
+  args = dict(u=u, delta=delta, z=z, A=f32(A), B=f32(B), C=f32(C), D=f32(D), delta_bias=f32(delta_bias))
+  settings = (kernel_chunk(chunk_size), reverse, bool(delta_softplus), backend)
+
+  def run(**present):
+    x = {name: present.get(name) for name in args}
+    return _scan(x["u"], x["delta"], x["z"], x["A"], x["B"], x["C"], x["D"], x["delta_bias"], *settings)
+
+  present = {name: x for name, x in args.items() if x is not None}
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = sharding.BATCH_AXES
+  if mesh.empty or not set(axes) <= set(mesh.axis_names) or u.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return run(**present)
+  # XLA cannot partition a kernel's custom call: it would gather the whole batch onto every device.
+  # Each device scans its own part of the batch instead (check_vma off: pallas_call's outputs carry no
+  # varying-axes types; the gradients of A, D and delta_bias are summed over the devices all the same).
+  batch_args = {"u", "delta", "z", "B", "C"}
+  specs = {name: P(axes) if name in batch_args else P() for name in present}
+  return jax.shard_map(lambda kw: run(**kw), in_specs=(specs,), out_specs=P(axes), check_vma=False)(present)
