@@ -1,9 +1,11 @@
-"""The selective scan as fused Pallas kernels: the (channels, state) carry never leaves the chip.
+"""The selective scan as fused Pallas kernels: the (state, channels) carry never leaves the chip.
 
 The XLA scan methods write (batch, length, channels, state) tensors to HBM in the forward and the
 backward pass. These kernels read u, delta, z, B and C once and write y once; the only other output
 is the state at the start of each chunk, (batch, num_chunks, state, channels), which the backward
 kernel uses to recompute the states of one chunk at a time while it carries the adjoint state on chip.
+The backward kernel writes du, d delta and dz, dB and dC per channel tile, and dA, dD and d delta_bias
+summed over the chunks on chip per (batch, channel tile); XLA sums those partials over tiles and batch.
 
 Three lowerings of the same math, picked by the platform being lowered for (`jax.lax.platform_dependent`):
 - tpu: Mosaic; grid (batch, channel tiles of 128, chunks) with the chunk axis sequential ("arbitrary")
