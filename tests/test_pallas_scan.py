@@ -19,7 +19,7 @@ from shufflemamba_jax.parallel import sharding
 BACKENDS = [None, "gpu"]
 
 
-def pallas_call(inputs, *, options, backend, reverse=False, chunk_size=16):
+def run_pallas(inputs, *, options, backend, reverse=False, chunk_size=16):
   """Like test_ssm.call, through pallas_selective_scan with a chosen backend."""
   use_d, use_z, use_bias, softplus = options
   kwargs = dict(
@@ -81,7 +81,7 @@ def test_every_option_combination_matches_float64_reference(backend, reverse):
   inputs = random_inputs(1, batch=1, length=19, channels=3, state=2)
   option_sets = ALL_OPTIONS if backend is None else [ALL_OPTIONS[0], ALL_OPTIONS[-1]]
   for options in option_sets:
-    args, kwargs, out = pallas_call(inputs, options=options, backend=backend, reverse=reverse)
+    args, kwargs, out = run_pallas(inputs, options=options, backend=backend, reverse=reverse)
     expected = reference_scan(*args, **kwargs, reverse=reverse)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(), err_msg=str(options))
 
@@ -94,7 +94,7 @@ def test_odd_lengths_and_channels(backend, length):
   # 197 positions end in a partial chunk, 208 in a whole one; state 5 pads to 8 on GPU.
   inputs = random_inputs(2, batch=1, length=length, channels=130, state=5)
   for reverse in (False, True):
-    args, kwargs, out = pallas_call(inputs, options=ALL_OPTIONS[-1], backend=backend, reverse=reverse)
+    args, kwargs, out = run_pallas(inputs, options=ALL_OPTIONS[-1], backend=backend, reverse=reverse)
     expected = reference_scan(*args, **kwargs, reverse=reverse)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(), err_msg=str(reverse))
 
@@ -127,7 +127,7 @@ def test_gradients_without_options_match_the_associative_method(backend):
 def test_bfloat16_within_upstream_tolerance(backend):
   inputs = random_inputs(5, length=37)
   bf16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in inputs.items()}
-  args, kwargs, out = pallas_call(bf16, options=ALL_OPTIONS[-1], backend=backend)
+  args, kwargs, out = run_pallas(bf16, options=ALL_OPTIONS[-1], backend=backend)
   assert out.dtype == jnp.bfloat16
   f32 = {k: v if v is None or isinstance(v, bool) else np.asarray(v, np.float32) for k, v in kwargs.items()}
   expected = reference_scan(*[np.asarray(a, np.float32) for a in args], **f32)
