@@ -148,3 +148,7 @@ def test_ranking_checkpoints_by_the_ema_needs_the_ema():
     trainer.Settings.from_config(config)
   config.keep_best_checkpoints = 0  # Nothing is ranked: the metric is never used.
   trainer.Settings.from_config(config)
+
+
+def test_the_pallas_scan_is_a_model_setting():
+  assert trainer.Settings.from_config(_parse("--config.model.scan_method=pallas")).model.scan_method == "pallas"

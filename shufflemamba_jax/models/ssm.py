@@ -1,9 +1,10 @@
-"""The selective state-space scan (Mamba's S6 core), channels-last, in three equivalent forms.
+"""The selective state-space scan (Mamba's S6 core), channels-last, in four equivalent forms.
 
-All three methods compute the same recurrence as `selective_scan_ref` of state-spaces/mamba:
+All four methods compute the same recurrence as `selective_scan_ref` of state-spaces/mamba:
 the associative form has the most parallelism, the sequential form never materializes the
 (batch, length, channels, state) tensors, and the chunked form bounds that memory to one chunk
-while keeping most of the parallelism. Arithmetic is float32 whatever the input dtype.
+while keeping most of the parallelism. The pallas form (pallas_scan.py) is a fused kernel that
+keeps the state on chip in both passes. Arithmetic is float32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from shufflemamba_jax.models import checks
+from shufflemamba_jax.models import checks, pallas_scan
 
-SCAN_METHODS = ("associative", "sequential", "chunked")
+SCAN_METHODS = ("associative", "sequential", "chunked", "pallas")
 # The default on every backend: chunks of 16 keep the ShuffleMamba-B training step at batch 256
 # within 32 GiB (BENCHMARKS.md). The sequential scan is faster on CPU for short sequences.
 DEFAULT_SCAN_METHOD = "chunked"
@@ -131,8 +132,9 @@ def selective_scan(
     delta_softplus: apply softplus to delta (+ bias).
     reverse: run the recurrence from the last position to the first (the backward direction of
       a bidirectional mixer, without flipping copies).
-    method: "associative", "sequential" or "chunked" (see the module docstring).
-    chunk_size: chunk length of the chunked method; the length need not divide by it.
+    method: "associative", "sequential", "chunked" or "pallas" (see the module docstring).
+    chunk_size: chunk length of the chunked method; the length need not divide by it. The pallas
+      kernels round it up to a power of two of at least 16 (`pallas_scan.kernel_chunk`).
 
   Returns:
     (batch, length, channels) in u's dtype.
@@ -143,6 +145,11 @@ def selective_scan(
     raise ValueError(f"u and delta must both be (batch, length, channels); got {u.shape}, {delta.shape}")
   if A.shape[0] != u.shape[-1] or B.shape != C.shape or B.shape[:2] != u.shape[:2] or B.shape[2] != A.shape[1]:
     raise ValueError(f"inconsistent shapes: u {u.shape}, A {A.shape}, B {B.shape}, C {C.shape}")
+
+  if method == "pallas":  # the kernels fuse the casts, delta_bias, softplus, D and the gate
+    return pallas_scan.pallas_selective_scan(
+      u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=reverse, chunk_size=chunk_size
+    )
 
   out_dtype = u.dtype
   f32 = functools.partial(jnp.asarray, dtype=jnp.float32)

@@ -63,11 +63,11 @@ def make_train_step(
 
   batch: {"image": (batch, H, W, 3) uint8, "label": (batch,) int32} (global batch on the
   leading axis), normalized and randomly erased by `input_transform` on the device, then mixed
-  (`mixup_settings`). One call is one optimizer update: with `grad_accum_steps` > 1 the batch is
-  mixed as a whole, split into that many equal micro-batches and their gradients averaged
-  in a scan, which equals one big-batch step for a deterministic model. Micro-batch m uses
-  fold_in(model key, m). metrics: float32 scalars loss, train_top1 (against the unmixed
-  labels), grad_norm, lr.
+  (`mixup_settings`). One call is one optimizer update: with `grad_accum_steps` = A > 1 the
+  batch is mixed as a whole, split into A equal micro-batches (every A-th sample, so each takes
+  its share of every device's samples) and their gradients averaged in a scan, which equals one
+  big-batch step for a deterministic model. Micro-batch m uses fold_in(model key, m).
+  metrics: float32 scalars loss, train_top1 (against the unmixed labels), grad_norm, lr.
   """
 
   def loss_fn(params, images, targets, key):
@@ -89,9 +89,13 @@ def make_train_step(
       (loss, logits), grads = grad_fn(params, images, targets, model_key)
     else:
       batch_size = images.shape[0]
-      micro_batches = [
-        x.reshape((grad_accum_steps, batch_size // grad_accum_steps) + x.shape[1:]) for x in (images, targets)
-      ]
+
+      def to_micro_batches(x):
+        # Micro-batch m takes rows m, m + A, m + 2A, ... (A = grad_accum_steps): an equal share of
+        # every device's rows, so no micro-batch has to move between devices.
+        return jnp.swapaxes(x.reshape((batch_size // grad_accum_steps, grad_accum_steps) + x.shape[1:]), 0, 1)
+
+      micro_batches = [to_micro_batches(x) for x in (images, targets)]
 
       def accumulate(carry, xs):
         grad_sum, loss_sum = carry
@@ -105,7 +109,7 @@ def make_train_step(
       )
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
       loss = loss_sum / grad_accum_steps
-      logits = logits.reshape((batch_size,) + logits.shape[2:])
+      logits = jnp.swapaxes(logits, 0, 1).reshape((batch_size,) + logits.shape[2:])
 
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
