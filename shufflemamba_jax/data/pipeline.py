@@ -575,8 +575,6 @@ def create_train_dataset(
     area_range = ratio_range = None
 
   def decode_and_augment(element):
-    primary = features.deserialize_example(element["record"], decoders=decoders)
-    backup = features.deserialize_example(element["backup"], decoders=decoders)
     example_seed = _fold(tf.constant([seed, 0], tf.int64), element["epoch"], element["shard"], element["position"])
     crop_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(example_seed, 2))
 
@@ -585,17 +583,23 @@ def create_train_dataset(
         return _full_window(shape)
       return augment.random_crop_window(shape, crop_seed, area_range, ratio_range)
 
-    def decode_backup():
-      image, ok = safe_decode_crop(backup["image"], backup["file_name"], window_fn)
-      return image, tf.where(ok, 1, 2)
+    def decode(record):
+      example = features.deserialize_example(record, decoders=decoders)
+      image, ok = safe_decode_crop(example["image"], example["file_name"], window_fn)
+      return image, ok, tf.cast(example["label"], tf.int32), _example_id(example)
 
-    image, ok = safe_decode_crop(primary["image"], primary["file_name"], window_fn)
-    image, used = tf.cond(ok, lambda: (image, tf.constant(0)), decode_backup)
-    use_backup = tf.equal(used, 1)
+    image, ok, label, example_id = decode(element["record"])
+
+    def from_backup():
+      # Parsed only here, when the primary failed: parsing every backup costs a record per image.
+      backup_image, backup_ok, backup_label, backup_id = decode(element["backup"])
+      return backup_image, tf.where(backup_ok, 1, 2), backup_label, backup_id
+
+    image, used, label, example_id = tf.cond(ok, lambda: (image, tf.constant(0), label, example_id), from_backup)
     return {
       "image": augment.augment_train_image(image, augment_seed, aug, image_size),
-      "label": tf.cast(tf.where(use_backup, backup["label"], primary["label"]), tf.int32),
-      "example_id": tf.where(use_backup, _example_id(backup), _example_id(primary)),
+      "label": label,
+      "example_id": example_id,
       "epoch": element["epoch"],
       "decoded": used < 2,
     }
