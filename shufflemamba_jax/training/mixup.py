@@ -32,7 +32,7 @@ class MixupSettings:
 
   mixup_alpha: float  # Beta(alpha, alpha) for mixup; 0 = no mixup.
   cutmix_alpha: float  # Beta(alpha, alpha) for cutmix; 0 = no cutmix.
-  mixup_prob: float  # Probability that a batch is mixed at all.
+  mixup_prob: float  # Probability that a group is mixed at all.
   mixup_switch_prob: float  # Probability of cutmix instead of mixup when both are on.
   label_smoothing: float
   mixup_group_size: int  # Consecutive samples that share one draw and are mixed among themselves.
