@@ -2,7 +2,13 @@
 
   python -m shufflemamba_jax.main --config=configs/digits_seg.py --workdir=/tmp/digits_seg
 
-Measured: not yet.
+Measured (2026-11-25 14:31 UTC, seed 0, the 2-core CPU machine shared with another job; with
+--config.data_dir=/tmp/tfds_seg, the set already built there): validation mIoU 9.9% (mAcc 17.4%,
+aAcc 89.7%) after 600 steps, 4 min 33 s wall time (`/usr/bin/time`, start-up and two
+evaluations included; about 0.27 s per step). The goal of issue 14, 75% mIoU in 5 minutes, is NOT
+met: the model predicts background almost everywhere (train pixel accuracy stays near the
+background share, ~83%, while the loss plateaus near 0.45 with small gradients, also when one
+batch is trained on alone at lr 1e-3 or 5e-3). The cause is not found yet (EXPERIMENTS.md).
 
 The digits_seg set (2000 train / 400 validation 64x64 canvases of 1-3 of scikit-learn's 8x8
 digits upscaled to 24x24, 11 classes: 0-9 and background; built on first use, no download)
@@ -25,13 +31,13 @@ def get_config(arg: str | None = None):
   config.shuffle_buffer = 2000  # The whole train split.
   config.seed = 0
 
-  config.batch_size = 32
+  config.batch_size = 16
   config.eval_batch_size = 400  # The whole validation split in one batch.
-  config.total_steps = 400
+  config.total_steps = 600
   config.num_epochs = 0  # total_steps decides.
   config.log_every_steps = 50
-  config.eval_every_steps = 200
-  config.checkpoint_every_steps = 200
+  config.eval_every_steps = 300
+  config.checkpoint_every_steps = 300
   config.keep_checkpoints = 2
 
   config.model.variant = "shufflemamba_tiny"
@@ -45,8 +51,8 @@ def get_config(arg: str | None = None):
   config.model.drop_path_rate = 0.0
   config.model.slws.max_prob = 0.0  # SLWS off, as in the segmentation recipe.
 
-  config.seg.channels = 32
-  config.seg.aux_channels = 16
+  config.seg.channels = 64
+  config.seg.aux_channels = 32
   config.seg.warmup_steps = 50
   config.seg.warmup_factor = 0.01
   config.seg.eval_crop = (32, 32)
@@ -60,7 +66,7 @@ def get_config(arg: str | None = None):
   config.seg_aug.eval_scale = (64, 64)
   config.seg_aug.eval_canvas = (64, 64)
 
-  config.lr = 2e-3
+  config.lr = 1e-3
   config.weight_decay = 0.01
   config.grad_clip = 1.0
   return config
