@@ -1,6 +1,7 @@
-"""Command line: classifies image files with a trained or converted model.
+"""Command line: classifies image files with a trained or converted model, or segments them.
 
   python -m shufflemamba_jax.predict --checkpoint=WORKDIR [--step=N|best] [--no-ema] cat.jpg dog.png FOLDER/
+  python -m shufflemamba_jax.predict --checkpoint=SEG_WORKDIR --output-dir=OUT scene.jpg FOLDER/
 
 `--checkpoint` is a training workdir (or its checkpoints/ folder, or one step folder) or a
 directory written by `shufflemamba_jax.convert`. Images (files, or every image in a folder) are
@@ -8,6 +9,12 @@ preprocessed by the evaluation transform itself (`pipeline.eval_image`: bicubic 
 run's crop ratio, center crop) and normalized on the device, as in evaluation, so a served model
 sees exactly the pixels it was scored on. They go through the model in batches of one shape:
 one compilation per image size.
+
+A segmentation checkpoint (a UperNet) writes OUT/<image name>.png instead: the predicted label
+map at the image's own size, colour-coded (`training.segmentation.colorize`, one VOC palette
+colour per class). Images go through evaluation's transform (`segment_augment.eval_pair`: resize
+to the run's seg_aug.eval_scale, pad to its eval_canvas), then the run's sliding windows (or the
+whole image), and the logits of the resized image are resized back (bilinear) before the argmax.
 """
 
 from __future__ import annotations
@@ -99,6 +106,74 @@ class Predictor:
     return np.asarray(top_probs), np.asarray(top_indices)
 
 
+class Segmenter:
+  """Label maps of a UperNet for single uint8 images, as evaluation computes them: one compilation
+  for the padded evaluation canvas, and one small one per original image size."""
+
+  def __init__(self, model, transform: device.DeviceTransform, crop_size=None, stride=None):
+    from shufflemamba_jax.training import segmentation  # pylint: disable=g-import-not-at-top
+
+    self.graphdef, self.state = nnx.split(model)
+
+    def logits(state, image):
+      model = nnx.merge(self.graphdef, state)
+      return segmentation.predict_logits(model, transform(image[None]), crop_size=crop_size, stride=stride)[0]
+
+    def labels(logits, size):
+      from shufflemamba_jax.models import upernet  # pylint: disable=g-import-not-at-top
+
+      return jax.numpy.argmax(upernet.resize_bilinear(logits[None], size)[0], axis=-1)
+
+    self.logits = jax.jit(logits)
+    self.labels = jax.jit(labels, static_argnums=1)
+
+  def __call__(self, canvas: np.ndarray, resized: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """canvas: uint8 (H, W, 3) padded evaluation input whose top-left `resized` (height, width) is
+    the image; returns int32 (size) class indices at the original `size` (height, width)."""
+    logits = self.logits(self.state, canvas)[: resized[0], : resized[1]]
+    return np.asarray(self.labels(logits, tuple(size)))
+
+
+def _segment_images(saved, paths: list[str], output_dir: str) -> int:
+  """Writes OUTPUT_DIR/<name>.png, the colour-coded label map of each image; returns the exit code."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only for reading images)
+
+  from shufflemamba_jax.data import segment_augment  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.training import segmentation  # pylint: disable=g-import-not-at-top
+
+  run_config = saved.run_config
+  seg_aug = {k: tuple(v) if isinstance(v, list) else v for k, v in run_config.get("seg_aug", {}).items()}
+  settings = segment_augment.SegmentationAugmentation(**seg_aug)
+  seg = run_config.get("seg", {})
+  windows = [tuple(seg[name]) if seg.get(name) else None for name in ("eval_crop", "eval_stride")]
+  aug = run_config.get("aug", {})
+  transform = device.DeviceTransform(tuple(aug.get("mean", IMAGENET_MEAN)), tuple(aug.get("std", IMAGENET_STD)))
+  model = saved.model()
+  segmenter = Segmenter(model, transform, *windows)
+  num_classes = model.config.num_classes
+  output = epath.Path(output_dir)
+  output.mkdir(parents=True, exist_ok=True)
+  unreadable = []
+  for path in paths:
+    try:
+      image = tf.io.decode_image(epath.Path(path).read_bytes(), channels=3, expand_animations=False)
+    except tf.errors.InvalidArgumentError:
+      unreadable.append(path)
+      continue
+    size = tuple(int(side) for side in image.shape[:2])
+    # A blank label map marks where the resized image lies on the padded canvas.
+    canvas, mask = segment_augment.eval_pair(image, tf.zeros(size, tf.uint8), settings)
+    mask = mask.numpy() != segment_augment.IGNORE_INDEX
+    resized = (int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum()))
+    labels = segmenter(canvas.numpy(), resized, size)
+    target = output / (epath.Path(path).stem + ".png")
+    target.write_bytes(tf.io.encode_png(segmentation.colorize(labels, num_classes)).numpy())
+    print(f"{path} -> {target}")
+  for path in unreadable:
+    print(f"error: cannot read image {path}", file=sys.stderr)
+  return 1 if unreadable else 0
+
+
 def class_names(dataset: str | None, num_classes: int) -> list[str]:
   """Human-readable class names of a tfds dataset when TFDS knows them, else the indices."""
   if dataset:
@@ -124,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
   parser.add_argument("--top-k", type=int, default=5)
   parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+  parser.add_argument("--output-dir", default=None, help="segmentation checkpoints: folder of the label-map PNGs")
   parser.add_argument("images", nargs="+", help="image files, or folders of them")
   args = parser.parse_args(argv)
   if args.batch_size < 1 or args.top_k < 1:
@@ -133,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
   try:
     paths = image_paths(args.images)
     saved = weights.read_weights(args.checkpoint, args.step, ema=not args.no_ema)
+    if saved.is_segmenter:
+      if not args.output_dir:
+        raise ValueError(f"{args.checkpoint} is a segmenter: --output-dir names where its label maps go")
+      return _segment_images(saved, paths, args.output_dir)
     model, run_config = saved.model(), saved.run_config
   except (FileNotFoundError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)

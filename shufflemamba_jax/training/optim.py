@@ -85,15 +85,18 @@ def weight_decay_mask(params: Any):
   return traverse_util.path_aware_map(lambda path, leaf: decays(path, jnp.ndim(leaf)), params)
 
 
-def create_optimizer(settings: OptimizerSettings, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """AdamW (decoupled decay, masked by `weight_decay_mask`) after optional global-norm clipping."""
+def create_optimizer(
+  settings: OptimizerSettings, schedule: optax.Schedule, *, mask=weight_decay_mask
+) -> optax.GradientTransformation:
+  """AdamW (decoupled decay, masked by `mask`: `weight_decay_mask`, or a segmenter's
+  `segmentation_weight_decay_mask`) after optional global-norm clipping."""
   adamw = optax.adamw(
     learning_rate=schedule,
     b1=settings.b1,
     b2=settings.b2,
     eps=settings.eps,
     weight_decay=settings.weight_decay,
-    mask=weight_decay_mask,
+    mask=mask,
   )
   if not settings.grad_clip:
     return adamw

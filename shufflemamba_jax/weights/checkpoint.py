@@ -2,8 +2,9 @@
 
 WORKDIR/checkpoints/<step>/ is an Orbax `CheckpointManager` step with the items
   state   a pytree (StandardSave): "params", and in training runs "ema" (or None), "opt_state",
-          "step" and "nonfinite_step";
-  model   JSON, every VisionMambaConfig field: rebuilds the model the parameters belong to;
+          "step" and "nonfinite_step"; a segmenter's also "model_state" (BatchNorm statistics);
+  model   JSON, every VisionMambaConfig field (a segmenter: every UperNetConfig field, the
+          backbone's nested): rebuilds the model the parameters belong to;
   config  JSON, the training config (training runs only);
   meta    JSON, {"process_count": P} (training runs only).
 `convert` writes a workdir with one step, 0, holding `state` ({"params"}) and `model`, so every
@@ -27,14 +28,16 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from shufflemamba_jax.models import checks, vim
+from shufflemamba_jax.models import checks, upernet, vim
 from shufflemamba_jax.weights import params as params_lib
 
 CHECKPOINT_DIR = "checkpoints"
 _JSON_ITEMS = ("model", "config", "meta")
 _READ_ONLY = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
 # Evaluation metrics that can rank checkpoints (higher is better).
-BEST_METRICS = ("eval_top1", "eval_top5", "ema_eval_top1", "ema_eval_top5")
+CLASSIFICATION_METRICS = ("eval_top1", "eval_top5", "ema_eval_top1", "ema_eval_top5")
+SEGMENTATION_METRICS = ("eval_miou", "eval_macc", "eval_aacc", "ema_eval_miou", "ema_eval_macc", "ema_eval_aacc")
+BEST_METRICS = CLASSIFICATION_METRICS + SEGMENTATION_METRICS
 
 
 def _absolute(path) -> epath.Path:
@@ -169,7 +172,7 @@ class Checkpointer:
     step: int,
     state: Any,
     *,
-    model: vim.VisionMambaConfig,
+    model: vim.VisionMambaConfig | upernet.UperNetConfig,
     config: dict | None = None,
     meta: dict | None = None,
     metrics: dict | None = None,
@@ -270,13 +273,30 @@ class SavedWeights:
   step: int
   params: dict
   ema: dict | None
-  model_config: vim.VisionMambaConfig
+  model_config: vim.VisionMambaConfig | upernet.UperNetConfig
   run_config: dict  # The training config ({} for converted weights).
+  model_state: dict | None = None  # A segmenter's BatchNorm statistics (nested dict), else None.
 
-  def model(self) -> vim.VisionMamba:
-    """The model holding the EMA parameters when they were read, else the parameters."""
+  @property
+  def is_segmenter(self) -> bool:
+    return isinstance(self.model_config, upernet.UperNetConfig)
+
+  def model(self) -> vim.VisionMamba | upernet.UperNet:
+    """The model holding the EMA parameters when they were read, else the parameters (and a
+    segmenter's BatchNorm statistics)."""
     params = self.ema if self.ema is not None else self.params
-    return params_lib.model_with_params(self.model_config, params, source=f"{self.directory}/{self.step}")
+    source = f"{self.directory}/{self.step}"
+    if self.is_segmenter:
+      return params_lib.segmenter_with_state(self.model_config, params, self.model_state, source=source)
+    return params_lib.model_with_params(self.model_config, params, source=source)
+
+
+def model_config_from_json(model: dict) -> vim.VisionMambaConfig | upernet.UperNetConfig:
+  """The model config saved as a checkpoint's `model` item: a segmenter's when it has a backbone."""
+  if "backbone" not in model:
+    return vim.VisionMambaConfig(**model)
+  fields = {name: tuple(value) if isinstance(value, list) else value for name, value in model.items()}
+  return upernet.UperNetConfig(**dict(fields, backbone=vim.VisionMambaConfig(**model["backbone"])))
 
 
 def read_weights(path: str, step: int | str | None = None, *, ema: bool = True) -> SavedWeights:
@@ -286,7 +306,7 @@ def read_weights(path: str, step: int | str | None = None, *, ema: bool = True) 
   directory, folder_step = resolve(path)
   with Checkpointer(directory, read_only=True) as checkpointer:
     step = checkpointer.step(step if step is not None else folder_step)
-    parts = checkpointer.restore_parts(("params", "ema") if ema else ("params",), step)
+    parts = checkpointer.restore_parts(("params", "ema", "model_state") if ema else ("params", "model_state"), step)
     model = checkpointer.read_json("model", step)
     if model is None:
       raise FileNotFoundError(
@@ -298,8 +318,9 @@ def read_weights(path: str, step: int | str | None = None, *, ema: bool = True) 
       step,
       parts["params"],
       parts.get("ema"),
-      vim.VisionMambaConfig(**model),
+      model_config_from_json(model),
       checkpointer.read_json("config", step) or {},
+      parts.get("model_state"),
     )
 
 

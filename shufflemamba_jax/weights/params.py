@@ -41,8 +41,11 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
   return traverse_util.unflatten_dict(dict(flat), sep=".")
 
 
-def abstract_model(config: vim.VisionMambaConfig) -> vim.VisionMamba:
-  """The model of `config` with jax.ShapeDtypeStruct parameters; nothing is computed."""
+def abstract_model(config: vim.VisionMambaConfig | upernet.UperNetConfig) -> vim.VisionMamba | upernet.UperNet:
+  """The model of `config` (a classifier, or a segmenter for a UperNetConfig) with
+  jax.ShapeDtypeStruct parameters and state; nothing is computed."""
+  if isinstance(config, upernet.UperNetConfig):
+    return nnx.eval_shape(lambda: upernet.UperNet(config, rngs=nnx.Rngs(0)))
   return nnx.eval_shape(lambda: vim.VisionMamba(config, rngs=nnx.Rngs(0)))
 
 
@@ -218,4 +221,20 @@ def model_with_params(
   values = fill(nnx.to_pure_dict(state), params, source=source, describe=describe)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, values))
   nnx.update(model, state)
+  return model
+
+
+def segmenter_with_state(
+  config: upernet.UperNetConfig, params: Mapping, model_state: Mapping | None, *, source: str = "the parameters"
+) -> upernet.UperNet:
+  """A UperNet of `config` holding `params` and `model_state` (its BatchNorm statistics; nested
+  dicts), each filled strictly by `fill`, without a random initialization."""
+  model = abstract_model(config)
+  if model_state is None:
+    raise ValueError(f"{source} has no model_state (BatchNorm statistics): it is not a segmenter's checkpoint.")
+  for selector, values in ((nnx.Param, params), (nnx.Not(nnx.Param), model_state)):
+    state = nnx.state(model, selector)
+    filled = fill(nnx.to_pure_dict(state), flatten(values), source=source)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, filled))
+    nnx.update(model, state)
   return model

@@ -1,0 +1,63 @@
+"""Shared defaults of the semantic segmentation configs (UperNet on a Vim / ShuffleMamba backbone).
+
+Not a runnable experiment by itself: `configs/ade20k.py` and `configs/digits_seg.py` start from
+`get_config()` here. It is configs/default.py (run, model, optimizer and mesh fields keep their
+meaning there) plus two blocks, `seg` (the segmenter and its schedule) and `seg_aug` (the
+label-map augmentation), with the values of the reference recipe
+(`upernet_shufflemamba_8xb2-160k_ade20k-512x512_*`). What segmentation does not use of
+default.py: the classification augmentation (`aug.*` other than mean and std; mixup, cutmix and
+random erasing must be 0), warmup_epochs, warmup_lr, min_lr and grad_accum_steps (must be 1).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from shufflemamba_jax.training import config_files
+
+
+def get_config():
+  """Returns the locked ConfigDict: default.py's fields plus `seg` and `seg_aug`."""
+  config = config_files.get_config(config_files.sibling(__file__, "default.py"))
+  config.unlock()
+  config.dataset = "ade20k"
+  config.image_size = 512  # The backbone's grid: must equal seg_aug.crop_size.
+  config.best_metric = "eval_miou"  # "eval_miou" | "eval_macc" | "eval_aacc" | "ema_eval_*".
+  config.lr_scale_batch = False  # The learning rate is the peak itself.
+  config.aug.mixup_alpha = 0.0
+  config.aug.cutmix_alpha = 0.0
+  config.aug.random_erasing_prob = 0.0
+
+  # ---- Segmenter and schedule (shufflemamba_jax.models.upernet, training.trainer) ------------
+  config.seg = ml_collections.ConfigDict()
+  # Blocks whose token streams feed the pyramid; None = the last of each quarter of the depth
+  # ([5, 11, 17, 23] for depth 24).
+  config.seg.out_indices = config_dict.placeholder(tuple)
+  config.seg.channels = 512  # UperNet decode head width.
+  config.seg.pool_scales = (1, 2, 3, 6)  # Pyramid pooling bins on the coarsest level.
+  config.seg.dropout = 0.1  # Channel dropout before the classifiers.
+  config.seg.aux_channels = 256  # FCN auxiliary head width.
+  config.seg.aux_level = 3  # Pyramid level the auxiliary head reads (0 = finest).
+  config.seg.aux_weight = 0.4  # Loss weight of the auxiliary head.
+  # Learning rate: linear from warmup_factor x lr over warmup_steps, then poly(power) to 0 at the
+  # last step (mmseg's LinearLR + PolyLR).
+  config.seg.warmup_steps = 1500
+  config.seg.warmup_factor = 1e-6
+  config.seg.poly_power = 1.0
+  # Evaluation: sliding windows of eval_crop (height, width) every eval_stride; None = whole image.
+  config.seg.eval_crop = (512, 512)
+  config.seg.eval_stride = (341, 341)
+
+  # ---- Label-map augmentation (shufflemamba_jax.data.segment_augment) ------------------------
+  config.seg_aug = ml_collections.ConfigDict()
+  config.seg_aug.scale = (2048, 512)  # (long, short) side before the random ratio.
+  config.seg_aug.ratio_range = (0.5, 2.0)
+  config.seg_aug.crop_size = 512  # Training crop (square); padded with label 255 if smaller.
+  config.seg_aug.cat_max_ratio = 0.75  # Largest share of one class in a crop (10 tries).
+  config.seg_aug.hflip_prob = 0.5
+  config.seg_aug.photometric = True  # Brightness, contrast, saturation and hue distortion.
+  # Evaluation: resize to fit eval_scale keeping the ratio, then pad to the fixed eval_canvas
+  # (height, width) so that batches have one shape (padding is ignored).
+  config.seg_aug.eval_scale = (2048, 512)
+  config.seg_aug.eval_canvas = (512, 2048)
+  config.lock()
+  return config

@@ -1,0 +1,80 @@
+"""Segmentation configs: every ADE20K variant and the embedded default build their Settings, and
+bad segmentation values raise a SettingError naming the config field."""
+
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from shufflemamba_jax.models import SettingError, upernet
+from shufflemamba_jax.training import trainer
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+ADE20K_VARIANTS = ("shufflemamba_base", "shufflemamba_reg_large", "shufflemamba_middle", "shufflemamba_large")
+
+
+def _parse(config, *args):
+  """Parses a command line like main's (locked config) with fresh flags; returns the config."""
+  argv = ["prog", f"--config={os.path.join(CONFIGS, config)}", *args]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=flag_values, lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize("variant", ADE20K_VARIANTS)
+def test_ade20k_variant_builds_the_reference_recipe(variant):
+  config = _parse(f"ade20k.py:{variant}")
+  settings = trainer.Settings.from_config(config)
+  segmenter = settings.segmentation.segmenter
+  assert segmenter.backbone.img_size == 512 and segmenter.backbone.slws_max_prob == 0.0
+  assert segmenter.resolved_out_indices == upernet.default_out_indices(segmenter.backbone.depth)
+  assert (segmenter.channels, segmenter.aux_channels, segmenter.pool_scales) == (512, 256, (1, 2, 3, 6))
+  assert settings.optimizer.lr == (3e-5 if "large" in variant else 6e-5)
+  assert (settings.optimizer.b1, settings.optimizer.b2, settings.optimizer.weight_decay) == (0.9, 0.999, 0.01)
+  assert not settings.optimizer.lr_scale_batch
+  assert config.batch_size == 16 and config.total_steps == 160_000 and config.model.drop_path_rate == 0.2
+  seg = settings.segmentation
+  assert (seg.warmup_steps, seg.warmup_factor, seg.poly_power, seg.aux_weight) == (1500, 1e-6, 1.0, 0.4)
+  assert (seg.eval_crop, seg.eval_stride) == ((512, 512), (341, 341))
+  schedule = seg.schedule(settings.optimizer, batch_size=config.batch_size, total_steps=config.total_steps)
+  assert float(schedule(0)) == pytest.approx(settings.optimizer.lr * 1e-6)
+  assert float(schedule(1500)) == pytest.approx(settings.optimizer.lr)
+  assert float(schedule(160_000)) == 0.0
+  assert config.best_metric == "eval_miou"
+
+
+def test_digits_seg_config_builds():
+  settings = trainer.Settings.from_config(_parse("digits_seg.py"))
+  assert settings.segmentation.segmenter.backbone.patch_size == 4
+
+
+@pytest.mark.parametrize(
+  "field, value, words",
+  [
+    ("seg.channels", 0, "config.seg.channels"),
+    ("seg.out_indices", (0, 1, 2, 9), "config.seg.out_indices"),
+    ("seg.aux_level", 4, "config.seg.aux_level"),
+    ("seg.warmup_factor", 2.0, "config.seg.warmup_factor"),
+    ("seg.eval_crop", (30, 30), "config.seg.eval_crop"),
+    ("model.patch_size", 2, "config.model.patch_size"),  # The simple pyramid needs multiples of 4.
+    ("image_size", 64, "config.image_size"),  # Not the training crop (32).
+    ("aug.mixup_alpha", 0.8, "config.aug.mixup_alpha"),
+    ("grad_accum_steps", 2, "config.grad_accum_steps"),
+    ("best_metric", "eval_top1", "config.best_metric"),
+    ("seg_aug.crop_size", 0, "config.seg_aug.crop_size"),
+  ],
+)
+def test_bad_segmentation_values_name_their_field(field, value, words):
+  config = _parse("digits_seg.py")
+  node, _, name = field.rpartition(".")
+  (config[node] if node else config)[name] = value
+  with pytest.raises(SettingError, match=words.replace(".", r"\.")):
+    trainer.Settings.from_config(config)
+
+
+def test_classification_rejects_segmentation_metrics():
+  config = _parse("digits.py", "--config.best_metric=eval_miou")
+  with pytest.raises(SettingError, match=r"config\.best_metric"):
+    trainer.Settings.from_config(config)

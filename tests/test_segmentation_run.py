@@ -1,0 +1,123 @@
+"""End to end segmentation on the embedded digits_seg set through the classification trainer:
+`python -m shufflemamba_jax.main --config=configs/digits_seg.py` runs, checkpoints (params,
+optimizer state and BatchNorm statistics) when stopped, resumes exactly where an uninterrupted
+run ends, and evaluate mode reports mIoU, mAcc, aAcc and per-class IoU; warm start
+fills the backbone from a classifier."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from shufflemamba_jax.data import digits_seg
+from shufflemamba_jax.models import SettingError, upernet, variants
+from shufflemamba_jax.training import config_files, trainer
+from shufflemamba_jax.training import metrics as metrics_lib
+from shufflemamba_jax.weights import checkpoint as checkpoint_lib
+from shufflemamba_jax.weights import params as params_lib
+
+from digits_runs import ROOT, stop_with_sigterm_after_first_metrics, without_timings
+
+pytest.importorskip("tensorflow_datasets")
+
+CONFIG = os.path.join(ROOT, "configs", "digits_seg.py")
+# Six steps, each logged; no evaluation or checkpoint before the end (a SIGTERM saves one).
+RUN = {
+  "total_steps": 6,
+  "log_every_steps": 1,
+  "eval_every_steps": 100,
+  "checkpoint_every_steps": 100,
+  "async_checkpointing": False,
+  "mesh.data": 1,
+  "seg.warmup_steps": 2,
+}
+# In-process runs evaluate whole 64x64 images: one compilation less than sliding windows.
+WHOLE_IMAGE = {"seg.eval_crop": None, "seg.eval_stride": None}
+
+
+def seg_config(data_dir, **overrides):
+  """configs/digits_seg.py with RUN and `overrides` (dotted names) applied."""
+  config = config_files.get_config(CONFIG)
+  config.data_dir = data_dir
+  for name, value in {**RUN, **overrides}.items():
+    *parents, leaf = name.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.slow  # A command-line run, two in-process runs and an evaluation: 85-112 s on the shared 2 cores.
+def test_command_line_run_stopped_then_resumed_exactly(digits_seg_data_dir, tmp_path):
+  """`main --config=configs/digits_seg.py` stopped by SIGTERM saves (params, optimizer state and
+  BatchNorm statistics); the same run resumed ends bit for bit where an uninterrupted run ends
+  (one CPU device; tests/test_segmentation_train.py compares meshes); evaluate mode reports
+  per-class IoU."""
+  workdir = str(tmp_path / "preempted")
+  command = [sys.executable, "-m", "shufflemamba_jax.main", f"--config={CONFIG}", f"--workdir={workdir}"]
+  command += [f"--config.data_dir={digits_seg_data_dir}"] + [f"--config.{k}={v}" for k, v in RUN.items()]
+  stop_with_sigterm_after_first_metrics(command, workdir, ROOT)
+  with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(workdir), read_only=True) as checkpointer:
+    stopped_at = checkpointer.latest_step()
+    assert "model_state" in checkpointer.restore_parts(("model_state",))
+  assert 1 <= stopped_at < 6
+
+  trainer.train_and_evaluate(seg_config(digits_seg_data_dir, **WHOLE_IMAGE), workdir)  # The same run again.
+  uninterrupted = str(tmp_path / "uninterrupted")
+  trainer.train_and_evaluate(seg_config(digits_seg_data_dir, **WHOLE_IMAGE), uninterrupted)
+
+  def records(path):
+    return without_timings(metrics_lib.read_metrics(path))
+
+  train = [r for r in records(workdir) if "loss" in r]
+  assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+  for key in ("decode_loss", "aux_loss", "train_pixel_acc", "lr", "grad_norm"):
+    assert key in train[0], key
+  assert records(workdir) == records(uninterrupted)  # Every loss, lr, grad norm and the evaluation.
+  (evaluation,) = [r for r in records(workdir) if "eval_miou" in r]
+  assert evaluation["step"] == 6
+  assert all(0.0 <= evaluation[f"eval_{name}"] <= 1.0 for name in ("miou", "macc", "aacc"))
+
+  def final_state(path):
+    with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(path), read_only=True) as checkpointer:
+      assert checkpointer.latest_step() == 6
+      return checkpointer.restore_parts(("step", "params", "model_state"))
+
+  jax.tree.map(np.testing.assert_array_equal, final_state(workdir), final_state(uninterrupted))
+
+  # Evaluate mode: per-class IoU, and the scalars appended to the run's metrics.
+  record = trainer.evaluate(seg_config(digits_seg_data_dir, **WHOLE_IMAGE), workdir)
+  assert record["step"] == 6 and record["split"] == "validation"
+  assert record["eval_miou"] == pytest.approx(evaluation["eval_miou"])
+  assert set(record["eval_iou"]) == set(digits_seg.CLASS_NAMES)
+  assert metrics_lib.read_metrics(workdir)[-1] == {k: v for k, v in record.items() if k != "eval_iou"}
+  with pytest.raises(SettingError, match="eval_image_size"):
+    trainer.evaluate(seg_config(digits_seg_data_dir), workdir, image_size=64)
+
+
+def test_init_from_a_classifier_fills_the_backbone(tmp_path, digits_seg_data_dir):
+  """config.init_from a classification checkpoint at another resolution (16 px): the backbone
+  takes its weights (position table resized to the 8x8 grid), the pyramid and heads stay fresh."""
+  settings = trainer.Settings.from_config(seg_config(digits_seg_data_dir))
+  segmenter_config = settings.model_config(digits_seg.NUM_CLASSES)
+  backbone = segmenter_config.backbone
+  sizes = {name: getattr(backbone, name) for name in ("patch_size", "embed_dim", "depth", "d_state")}
+  classifier = variants.create_model("shufflemamba_tiny", rngs=nnx.Rngs(1), num_classes=10, img_size=16, **sizes)
+  classifier_params = jax.tree.map(np.asarray, params_lib.param_tree(classifier))
+  with checkpoint_lib.Checkpointer(str(tmp_path / "classifier" / "checkpoints"), async_save=False) as checkpointer:
+    checkpointer.save(0, {"params": classifier_params}, model=classifier.config, force=True)
+  fresh = params_lib.param_tree(upernet.create_segmenter(segmenter_config, rngs=nnx.Rngs(0)))
+  filled = trainer._warm_start(str(tmp_path / "classifier"), fresh, segmenter_config)
+  np.testing.assert_array_equal(filled["backbone"]["patch_embed"]["kernel"], classifier_params["patch_embed"]["kernel"])
+  assert (
+    filled["backbone"]["pos_embed"].shape
+    == fresh["backbone"]["pos_embed"].shape
+    != (classifier_params["pos_embed"].shape)
+  )
+  np.testing.assert_array_equal(
+    filled["decode_head"]["classifier"]["kernel"], fresh["decode_head"]["classifier"]["kernel"]
+  )
