@@ -43,6 +43,24 @@ def init_train_state(params, tx: optax.GradientTransformation, *, ema_decay: flo
   }
 
 
+def _jit_train_step(train_step, donate: bool, state_shardings, batch_sharding):
+  """jax.jit of `train_step(state, batch) -> (state, metrics)`, the state donated when `donate`.
+
+  With explicit shardings the state keeps its FSDP layout step after step and the metrics are
+  replicated.
+  """
+  donate_argnums = (0,) if donate else ()
+  if state_shardings is None:
+    return jax.jit(train_step, donate_argnums=donate_argnums)
+  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(
+    train_step,
+    in_shardings=(state_shardings, batch_sharding),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=donate_argnums,
+  )
+
+
 def make_train_step(
   graphdef,
   rest,
@@ -128,17 +146,7 @@ def make_train_step(
     }
     return new_state, metrics
 
-  donate_argnums = (0,) if donate else ()
-  if state_shardings is None:
-    return jax.jit(train_step, donate_argnums=donate_argnums)
-  # Explicit shardings: the state keeps its FSDP layout step after step, metrics are replicated.
-  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(
-    train_step,
-    in_shardings=(state_shardings, batch_sharding),
-    out_shardings=(state_shardings, replicated),
-    donate_argnums=donate_argnums,
-  )
+  return _jit_train_step(train_step, donate, state_shardings, batch_sharding)
 
 
 def make_eval_step(graphdef, rest, input_transform: device.DeviceTransform = device.IMAGENET):
@@ -259,16 +267,7 @@ def make_segmentation_train_step(
     }
     return new_state, metrics
 
-  donate_argnums = (0,) if donate else ()
-  if state_shardings is None:
-    return jax.jit(train_step, donate_argnums=donate_argnums)
-  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(
-    train_step,
-    in_shardings=(state_shardings, batch_sharding),
-    out_shardings=(state_shardings, replicated),
-    donate_argnums=donate_argnums,
-  )
+  return _jit_train_step(train_step, donate, state_shardings, batch_sharding)
 
 
 def make_segmentation_eval_step(
