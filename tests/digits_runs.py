@@ -24,9 +24,14 @@ SHORT = {
 
 def digits_config(data_dir, **overrides):
   """The digits config with SHORT and `overrides` (dotted names) applied."""
-  config = config_files.get_config(DIGITS_CONFIG)
+  return config_with(DIGITS_CONFIG, data_dir, {**SHORT, **overrides})
+
+
+def config_with(path, data_dir, overrides):
+  """The config file at `path` reading `data_dir`, with `overrides` (dotted names) applied."""
+  config = config_files.get_config(path)
   config.data_dir = data_dir
-  for name, value in {**SHORT, **overrides}.items():
+  for name, value in overrides.items():
     *parents, leaf = name.split(".")
     node = config
     for parent in parents:

@@ -14,12 +14,12 @@ from flax import nnx
 
 from shufflemamba_jax.data import digits_seg
 from shufflemamba_jax.models import SettingError, upernet, variants
-from shufflemamba_jax.training import config_files, trainer
 from shufflemamba_jax.training import metrics as metrics_lib
+from shufflemamba_jax.training import trainer
 from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 from shufflemamba_jax.weights import params as params_lib
 
-from digits_runs import ROOT, stop_with_sigterm_after_first_metrics, without_timings
+from digits_runs import ROOT, config_with, stop_with_sigterm_after_first_metrics, without_timings
 
 pytest.importorskip("tensorflow_datasets")
 
@@ -40,15 +40,7 @@ WHOLE_IMAGE = {"seg.eval_crop": None, "seg.eval_stride": None}
 
 def seg_config(data_dir, **overrides):
   """configs/digits_seg.py with RUN and `overrides` (dotted names) applied."""
-  config = config_files.get_config(CONFIG)
-  config.data_dir = data_dir
-  for name, value in {**RUN, **overrides}.items():
-    *parents, leaf = name.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return config_with(CONFIG, data_dir, {**RUN, **overrides})
 
 
 @pytest.mark.slow  # A command-line run, two in-process runs and an evaluation: 85-112 s on the shared 2 cores.

@@ -43,6 +43,18 @@ def init_train_state(params, tx: optax.GradientTransformation, *, ema_decay: flo
   }
 
 
+def _apply_gradients(state, grads, loss, tx: optax.GradientTransformation, ema_decay: float):
+  """One optimizer update of `state` (both tasks' train state): (params, opt_state, EMA, the
+  first non-finite step), the EMA left None when it is off."""
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  new_params = optax.apply_updates(state["params"], updates)
+  ema = state["ema"]
+  if ema is not None:
+    ema = optax.incremental_update(new_params, ema, step_size=1.0 - ema_decay)
+  bad = (state["nonfinite_step"] < 0) & ~jnp.isfinite(loss)
+  return new_params, opt_state, ema, jnp.where(bad, state["step"], state["nonfinite_step"])
+
+
 def _jit_train_step(train_step, donate: bool, state_shardings, batch_sharding):
   """jax.jit of `train_step(state, batch) -> (state, metrics)`, the state donated when `donate`.
 
@@ -129,12 +141,7 @@ def make_train_step(
       loss = loss_sum / grad_accum_steps
       logits = jnp.swapaxes(logits, 0, 1).reshape((batch_size,) + logits.shape[2:])
 
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    ema = state["ema"]
-    if ema is not None:
-      ema = optax.incremental_update(new_params, ema, step_size=1.0 - ema_decay)
-    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~jnp.isfinite(loss), step, state["nonfinite_step"])
+    new_params, opt_state, ema, nonfinite_step = _apply_gradients(state, grads, loss, tx, ema_decay)
     new_state = dict(
       state, step=step + 1, params=new_params, opt_state=opt_state, ema=ema, nonfinite_step=nonfinite_step
     )
@@ -241,12 +248,7 @@ def make_segmentation_train_step(
     (loss, (parts, model_state, logits)), grads = grad_fn(
       graphdef, params, state["model_state"], images, labels, model_key, aux_weight=aux_weight
     )
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    ema = state["ema"]
-    if ema is not None:
-      ema = optax.incremental_update(new_params, ema, step_size=1.0 - ema_decay)
-    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~jnp.isfinite(loss), step, state["nonfinite_step"])
+    new_params, opt_state, ema, nonfinite_step = _apply_gradients(state, grads, loss, tx, ema_decay)
     new_state = dict(
       state,
       step=step + 1,
