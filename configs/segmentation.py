@@ -6,7 +6,8 @@ meaning there) plus two blocks, `seg` (the segmenter and its schedule) and `seg_
 label-map augmentation), with the values of the reference recipe
 (`upernet_shufflemamba_8xb2-160k_ade20k-512x512_*`). What segmentation does not use of
 default.py: the classification augmentation (`aug.*` other than mean and std; mixup, cutmix and
-random erasing must be 0), warmup_epochs, warmup_lr, min_lr and grad_accum_steps (must be 1).
+random erasing must be 0, repeated_aug 1), warmup_epochs, warmup_lr, min_lr and grad_accum_steps
+(must be 1).
 """
 
 import ml_collections
@@ -26,6 +27,7 @@ def get_config():
   config.aug.mixup_alpha = 0.0
   config.aug.cutmix_alpha = 0.0
   config.aug.random_erasing_prob = 0.0
+  config.aug.repeated_aug = 1  # default.py's 3 (DeiT) would repeat each example 3 times in a batch.
 
   # ---- Segmenter and schedule (shufflemamba_jax.models.upernet, training.trainer) ------------
   config.seg = ml_collections.ConfigDict()
@@ -38,6 +40,9 @@ def get_config():
   config.seg.aux_channels = 256  # FCN auxiliary head width.
   config.seg.aux_level = 3  # Pyramid level the auxiliary head reads (0 = finest).
   config.seg.aux_weight = 0.4  # Loss weight of the auxiliary head.
+  # Per-class loss weights of both heads (mmseg's CrossEntropyLoss class_weight), one per class;
+  # None = all 1, as in the ADE20K recipe.
+  config.seg.class_weight = config_dict.placeholder(tuple)
   # Learning rate: linear from warmup_factor x lr over warmup_steps, then poly(power) to 0 at the
   # last step (mmseg's LinearLR + PolyLR).
   config.seg.warmup_steps = 1500

@@ -34,7 +34,15 @@ def test_ade20k_variant_builds_the_reference_recipe(variant):
   assert settings.optimizer.lr == (3e-5 if "large" in variant else 6e-5)
   assert (settings.optimizer.b1, settings.optimizer.b2, settings.optimizer.weight_decay) == (0.9, 0.999, 0.01)
   assert not settings.optimizer.lr_scale_batch
-  assert config.batch_size == 16 and config.total_steps == 160_000 and config.model.drop_path_rate == 0.2
+  assert config.batch_size == 16 and config.total_steps == 160_000
+  drop_path, grad_clip = {
+    "shufflemamba_base": (0.2, None),
+    "shufflemamba_middle": (0.3, None),
+    "shufflemamba_large": (0.2, 3.0),
+    "shufflemamba_reg_large": (0.3, 5.0),
+  }[variant]
+  assert segmenter.backbone.drop_path_rate == drop_path and settings.optimizer.grad_clip == grad_clip
+  assert config.aug.repeated_aug == 1  # Every example of a batch is a different image.
   seg = settings.segmentation
   assert (seg.warmup_steps, seg.warmup_factor, seg.poly_power, seg.aux_weight) == (1500, 1e-6, 1.0, 0.4)
   assert (seg.eval_crop, seg.eval_stride) == ((512, 512), (341, 341))
@@ -48,6 +56,18 @@ def test_ade20k_variant_builds_the_reference_recipe(variant):
 def test_digits_seg_config_builds():
   settings = trainer.Settings.from_config(_parse("digits_seg.py"))
   assert settings.segmentation.segmenter.backbone.patch_size == 4
+  assert settings.segmentation.class_weight == (1.0,) * 10 + (0.1,)  # Background (10) weighs less.
+  settings.segmentation.check_classes(11, "digits_seg")
+
+
+def test_class_weight_is_one_weight_per_class():
+  """None (the ADE20K recipe) weighs every class 1; a count that is not the dataset's number of
+  classes is a SettingError naming the field, the count and the dataset."""
+  assert trainer.Settings.from_config(_parse("ade20k.py:shufflemamba_base")).segmentation.class_weight is None
+  settings = trainer.Settings.from_config(_parse("digits_seg.py", "--config.seg.class_weight=(1.0,2.0)"))
+  assert settings.segmentation.class_weight == (1.0, 2.0)
+  with pytest.raises(SettingError, match=r"config\.seg\.class_weight.*each of the 11 classes of digits_seg"):
+    settings.segmentation.check_classes(11, "digits_seg")
 
 
 @pytest.mark.parametrize(
@@ -62,8 +82,11 @@ def test_digits_seg_config_builds():
     ("image_size", 64, "config.image_size"),  # Not the training crop (32).
     ("aug.mixup_alpha", 0.8, "config.aug.mixup_alpha"),
     ("grad_accum_steps", 2, "config.grad_accum_steps"),
+    ("aug.repeated_aug", 3, "config.aug.repeated_aug"),
     ("best_metric", "eval_top1", "config.best_metric"),
     ("seg_aug.crop_size", 0, "config.seg_aug.crop_size"),
+    ("seg.class_weight", (1.0, -0.5), "config.seg.class_weight"),
+    ("seg.class_weight", (), "config.seg.class_weight"),
   ],
 )
 def test_bad_segmentation_values_name_their_field(field, value, words):

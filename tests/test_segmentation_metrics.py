@@ -94,6 +94,34 @@ def test_cross_entropy_ignores_the_ignore_index(avg_non_ignore):
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("avg_non_ignore", [False, True])
+def test_cross_entropy_weighs_each_pixel_by_its_class(avg_non_ignore):
+  """mmseg's class_weight: each counted pixel's loss times its label's weight, divided by the
+  pixel count (not by the summed weights); a wrong number of weights is an error."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 5, 6, NUM_CLASSES)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, (2, 5, 6))
+  labels[0, 0] = segmentation.IGNORE_INDEX
+  weights = rng.uniform(0.1, 2.0, NUM_CLASSES)
+  loss = segmentation.cross_entropy(
+    jnp.asarray(logits), jnp.asarray(labels), avg_non_ignore=avg_non_ignore, class_weight=tuple(weights)
+  )
+  keep = labels != segmentation.IGNORE_INDEX
+  shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  safe = np.where(keep, labels, 0)
+  picked = np.take_along_axis(log_probs, safe[..., None], -1)[..., 0] * weights[safe]
+  expected = -picked[keep].sum() / (keep.sum() if avg_non_ignore else keep.size)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  unweighted = segmentation.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), avg_non_ignore=avg_non_ignore)
+  ones = segmentation.cross_entropy(
+    jnp.asarray(logits), jnp.asarray(labels), avg_non_ignore=avg_non_ignore, class_weight=(1.0,) * NUM_CLASSES
+  )
+  np.testing.assert_allclose(float(ones), float(unweighted), rtol=1e-6)
+  with pytest.raises(ValueError, match=f"2 weights for {NUM_CLASSES} classes"):
+    segmentation.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), class_weight=(1.0, 2.0))
+
+
 def test_cross_entropy_resizes_the_logits_to_the_labels():
   """Logits at 1/4 resolution are upsampled: a constant logit map gives the same loss at any size."""
   logits = jnp.broadcast_to(jnp.arange(NUM_CLASSES, dtype=jnp.float32), (1, 2, 3, NUM_CLASSES))

@@ -23,7 +23,12 @@ AREAS = ("area_intersect", "area_union", "area_pred_label", "area_label")
 
 
 def cross_entropy(
-  logits: jax.Array, labels: jax.Array, *, ignore_index: int = IGNORE_INDEX, avg_non_ignore: bool = False
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  ignore_index: int = IGNORE_INDEX,
+  avg_non_ignore: bool = False,
+  class_weight: Sequence[float] | None = None,
 ) -> jax.Array:
   """Per-pixel softmax cross-entropy, the logits first resized (bilinear) to the labels' size.
 
@@ -33,6 +38,9 @@ def cross_entropy(
       add nothing.
     avg_non_ignore: False divides by every pixel (mmseg's CrossEntropyLoss default, which the
       reference recipe uses); True by the counted pixels only.
+    class_weight: (num_classes,) weights, each pixel's loss multiplied by its label's weight
+      before the division (mmseg's `class_weight`, which divides by the pixel count, not by the
+      summed weights); None weighs every class 1.
 
   Returns:
     A float32 scalar.
@@ -43,6 +51,10 @@ def cross_entropy(
   safe_labels = jnp.where(valid, labels, 0)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   picked = jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+  if class_weight is not None:
+    if len(class_weight) != num_classes:
+      raise ValueError(f"class_weight has {len(class_weight)} weights for {num_classes} classes")
+    picked = picked * jnp.asarray(class_weight, jnp.float32)[safe_labels]
   total = -jnp.sum(jnp.where(valid, picked, 0.0))
   count = jnp.sum(valid) if avg_non_ignore else valid.size
   return total / jnp.maximum(count, 1)
@@ -61,13 +73,22 @@ def segmentation_loss(
 
 
 def train_loss(
-  graphdef, params, rest, images: jax.Array, labels: jax.Array, key: jax.Array, *, aux_weight: float = 0.4
+  graphdef,
+  params,
+  rest,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  aux_weight: float = 0.4,
+  class_weight: Sequence[float] | None = None,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], object, jax.Array]]:
   """The training loss of a segmenter given as (graphdef, params, rest), for `jax.value_and_grad`.
 
   images: (batch, H, W, 3) normalized floats; labels: (batch, H, W) integers (255 ignored).
   BatchNorm runs on the batch's own statistics, which under `jit` with a sharded batch are
-  those of the whole global batch, and updates its running averages.
+  those of the whole global batch, and updates its running averages. `class_weight` weighs both
+  heads' losses (see `cross_entropy`).
 
   Returns (loss, ({"decode_loss", "aux_loss"}, the new non-parameter state (running
   statistics), decode logits)).
@@ -75,7 +96,7 @@ def train_loss(
   # A copy: the model's variables must be created inside this trace to be updated in it.
   model = nnx.merge(graphdef, params, rest, copy=True)
   logits, aux_logits = model.forward(images, train=True, key=key)
-  loss, parts = segmentation_loss(logits, aux_logits, labels, aux_weight=aux_weight)
+  loss, parts = segmentation_loss(logits, aux_logits, labels, aux_weight=aux_weight, class_weight=class_weight)
   return loss, (parts, nnx.state(model, nnx.Not(nnx.Param)), logits)
 
 

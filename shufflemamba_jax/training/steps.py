@@ -223,6 +223,7 @@ def make_segmentation_train_step(
   *,
   seed: int,
   aux_weight: float = 0.4,
+  class_weight: tuple[float, ...] | None = None,
   input_transform: device.DeviceTransform = device.IMAGENET,
   ema_decay: float = 0.0,
   donate: bool = True,
@@ -234,7 +235,8 @@ def make_segmentation_train_step(
   batch: {"image": (batch, H, W, 3) uint8, "label": (batch, H, W) integers, 255 ignored}
   (global batch on the leading axis), normalized by `input_transform` on the device. BatchNorm
   uses the statistics of the whole global batch, and its running averages go to
-  state["model_state"]. metrics: float32 scalars loss (decode + aux_weight x aux), decode_loss,
+  state["model_state"]. `class_weight` (one weight per class, or None) weighs each pixel's loss by
+  its label (`segmentation.cross_entropy`). metrics: float32 scalars loss (decode + aux_weight x aux), decode_loss,
   aux_loss, train_pixel_acc (decode head, non-ignored pixels), grad_norm, lr.
   """
   grad_fn = jax.value_and_grad(segmentation.train_loss, argnums=1, has_aux=True)
@@ -246,7 +248,14 @@ def make_segmentation_train_step(
     labels = batch["label"].astype(jnp.int32)
     params = state["params"]
     (loss, (parts, model_state, logits)), grads = grad_fn(
-      graphdef, params, state["model_state"], images, labels, model_key, aux_weight=aux_weight
+      graphdef,
+      params,
+      state["model_state"],
+      images,
+      labels,
+      model_key,
+      aux_weight=aux_weight,
+      class_weight=class_weight,
     )
     new_params, opt_state, ema, nonfinite_step = _apply_gradients(state, grads, loss, tx, ema_decay)
     new_state = dict(

@@ -73,6 +73,7 @@ class SegmentationSettings:
 
   segmenter: upernet.UperNetConfig  # For the variant's number of classes until the data is known.
   aux_weight: float
+  class_weight: tuple[float, ...] | None  # One loss weight per class; None = all 1.
   warmup_steps: int
   warmup_factor: float
   poly_power: float
@@ -95,6 +96,11 @@ class SegmentationSettings:
       prefix = "config.seg" if error.setting in _SEGMENTER_FIELDS else "config.model"
       raise checks.SettingError(f"{prefix}.{error.setting}", error.value, error.requirement) from None
     checks.number("config.seg.aux_weight", seg.aux_weight)
+    class_weight = seg.get("class_weight")
+    if class_weight is not None:
+      if isinstance(class_weight, (str, bytes)) or not hasattr(class_weight, "__len__") or not class_weight:
+        raise checks.SettingError("config.seg.class_weight", class_weight, "must be one weight per class, or None")
+      class_weight = tuple(checks.number("config.seg.class_weight", weight) for weight in class_weight)
     checks.integer("config.seg.warmup_steps", seg.warmup_steps, minimum=0)
     checks.number("config.seg.warmup_factor", seg.warmup_factor, 0.0, 1.0)
     checks.number("config.seg.poly_power", seg.poly_power)
@@ -117,11 +123,21 @@ class SegmentationSettings:
     return cls(
       segmenter=segmenter,
       aux_weight=float(seg.aux_weight),
+      class_weight=class_weight,
       warmup_steps=int(seg.warmup_steps),
       warmup_factor=float(seg.warmup_factor),
       poly_power=float(seg.poly_power),
       **windows,
     )
+
+  def check_classes(self, num_classes: int, dataset: str) -> None:
+    """Raises a SettingError if class_weight does not give one weight to each of the dataset's classes."""
+    if self.class_weight is not None and len(self.class_weight) != num_classes:
+      raise checks.SettingError(
+        "config.seg.class_weight",
+        self.class_weight,
+        f"must give one weight to each of the {num_classes} classes of {dataset}",
+      )
 
   def schedule(self, optimizer: optim.OptimizerSettings, *, batch_size: int, total_steps: int) -> optax.Schedule:
     """mmseg's linear warmup from warmup_factor x peak, then poly decay to 0 at total_steps."""
@@ -183,6 +199,9 @@ class Settings:
           raise checks.SettingError(f"config.aug.{name}", config.aug[name], "must be 0 for segmentation")
       if config.grad_accum_steps != 1:
         raise checks.SettingError("config.grad_accum_steps", config.grad_accum_steps, "must be 1 for segmentation")
+      if config.aug.repeated_aug != 1:
+        # The stream would put r copies of each example in a batch: 1/r of the data per step.
+        raise checks.SettingError("config.aug.repeated_aug", config.aug.repeated_aug, "must be 1 for segmentation")
     data_settings = pipeline.settings(config)
     pipeline.num_data_shards(data_settings, config.batch_size, jax.process_count())
     mixup_settings = mixup.MixupSettings.from_config(config)
@@ -317,6 +336,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model_config = settings.model_config(info.num_classes)
   segmenting = settings.segmentation is not None
   if segmenting:
+    settings.segmentation.check_classes(info.num_classes, config.dataset)
     schedule = settings.segmentation.schedule(settings.optimizer, batch_size=config.batch_size, total_steps=total_steps)
     tx = optim.create_optimizer(settings.optimizer, schedule, mask=optim.segmentation_weight_decay_mask)
   else:
@@ -393,6 +413,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       schedule,
       seed=config.seed,
       aux_weight=settings.segmentation.aux_weight,
+      class_weight=settings.segmentation.class_weight,
       input_transform=settings.input_transform,
       ema_decay=ema_decay,
       state_shardings=state_shardings,
