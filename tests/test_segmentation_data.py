@@ -70,6 +70,22 @@ def test_digits_canvases_label_strokes_with_their_digit():
     assert (image[..., 0][label == digits_seg.BACKGROUND] < stroke_gray).all()
 
 
+def test_digits_are_placed_together_without_overlap():
+  """Every drawn digit gets a spot (none crowded out by where the first landed), inside the
+  canvas and apart from the others; both side-by-side and stacked layouts occur."""
+  size = 8 * digits_seg.SCALE
+  rng = np.random.default_rng(0)
+  layouts = set()
+  for _ in range(200):
+    corners = digits_seg.place(rng, digits_seg.MAX_DIGITS, size)
+    assert corners.shape == (digits_seg.MAX_DIGITS, 2)
+    assert (corners >= 0).all() and (corners + size <= digits_seg.CANVAS).all()
+    gap = np.abs(corners[0] - corners[1])
+    assert (gap >= size).any()
+    layouts.add(tuple(gap >= size))
+  assert {(True, False), (False, True)} <= layouts
+
+
 @pytest.mark.slow  # Two builds of 2,400 canvases.
 def test_digits_seg_builds_the_same_dataset_every_time(tmp_path):
   """Prepared twice: identical examples."""

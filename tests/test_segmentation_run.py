@@ -34,8 +34,14 @@ RUN = {
   "mesh.data": 1,
   "seg.warmup_steps": 2,
 }
-# In-process runs evaluate whole 64x64 images: one compilation less than sliding windows.
-WHOLE_IMAGE = {"seg.eval_crop": None, "seg.eval_stride": None}
+# The config evaluates whole 32x32 canvases; this evaluates them upscaled to 48x48 in four
+# overlapping 32x32 windows, the ADE20K recipe's way.
+SLIDING_WINDOWS = {
+  "seg.eval_crop": (32, 32),
+  "seg.eval_stride": (16, 16),
+  "seg_aug.eval_scale": (48, 48),
+  "seg_aug.eval_canvas": (48, 48),
+}
 
 
 def seg_config(data_dir, **overrides):
@@ -58,9 +64,9 @@ def test_command_line_run_stopped_then_resumed_exactly(digits_seg_data_dir, tmp_
     assert "model_state" in checkpointer.restore_parts(("model_state",))
   assert 1 <= stopped_at < 6
 
-  trainer.train_and_evaluate(seg_config(digits_seg_data_dir, **WHOLE_IMAGE), workdir)  # The same run again.
+  trainer.train_and_evaluate(seg_config(digits_seg_data_dir), workdir)  # The same run again.
   uninterrupted = str(tmp_path / "uninterrupted")
-  trainer.train_and_evaluate(seg_config(digits_seg_data_dir, **WHOLE_IMAGE), uninterrupted)
+  trainer.train_and_evaluate(seg_config(digits_seg_data_dir), uninterrupted)
 
   def records(path):
     return without_timings(metrics_lib.read_metrics(path))
@@ -82,13 +88,16 @@ def test_command_line_run_stopped_then_resumed_exactly(digits_seg_data_dir, tmp_
   jax.tree.map(np.testing.assert_array_equal, final_state(workdir), final_state(uninterrupted))
 
   # Evaluate mode: per-class IoU, and the scalars appended to the run's metrics.
-  record = trainer.evaluate(seg_config(digits_seg_data_dir, **WHOLE_IMAGE), workdir)
+  record = trainer.evaluate(seg_config(digits_seg_data_dir), workdir)
   assert record["step"] == 6 and record["split"] == "validation"
   assert record["eval_miou"] == pytest.approx(evaluation["eval_miou"])
   assert set(record["eval_iou"]) == set(digits_seg.CLASS_NAMES)
   assert metrics_lib.read_metrics(workdir)[-1] == {k: v for k, v in record.items() if k != "eval_iou"}
   with pytest.raises(SettingError, match="eval_image_size"):
     trainer.evaluate(seg_config(digits_seg_data_dir), workdir, image_size=64)
+  sliding = trainer.evaluate(seg_config(digits_seg_data_dir, **SLIDING_WINDOWS), workdir)
+  assert all(0.0 <= sliding[f"eval_{name}"] <= 1.0 for name in ("miou", "macc", "aacc"))
+  assert set(sliding["eval_iou"]) == set(digits_seg.CLASS_NAMES)
 
 
 def test_init_from_a_classifier_fills_the_backbone(tmp_path, digits_seg_data_dir):

@@ -1,8 +1,10 @@
 """The `digits_seg` tfds dataset: scikit-learn's handwritten digits laid out on canvases, offline.
 
 The embedded default for semantic segmentation, as `digits` is for classification: each
-CANVAS x CANVAS image holds 1 to 3 digits, each upscaled SCALE times (nearest) and placed at a
-random position without overlapping the others. A pixel of a digit's stroke (gray level at least
+CANVAS x CANVAS image holds 1 or 2 digits (as many as drawn), each upscaled SCALE times
+(nearest), at random positions where they do not overlap (drawn together, so a second digit is
+not crowded out by where the first one landed). At SCALE 2 a digit is 16x16 pixels, the size
+the `digits` classifier reads. A pixel of a digit's stroke (gray level at least
 STROKE_LEVEL of 16) is labelled with that digit's class (0-9), every other pixel with
 BACKGROUND (10). Training canvases use only the digits of `digits`' training split, validation
 canvases only its validation digits, and everything is drawn from fixed seeds, so every machine
@@ -14,9 +16,10 @@ import tensorflow_datasets as tfds
 
 from shufflemamba_jax.data import digits
 
-CANVAS = 64
-SCALE = 3  # 8x8 digits become 24x24.
-MAX_DIGITS = 3
+CANVAS = 32
+SCALE = 2  # 8x8 digits become 16x16.
+MAX_DIGITS = 2
+PLACEMENT_TRIES = 1000  # Joint draws of all positions; 2 digits on 32x32 fit in ~1.4% of them.
 STROKE_LEVEL = 4  # Of the 0..16 gray levels: fainter pixels are background.
 BACKGROUND = 10
 NUM_CLASSES = 11
@@ -33,21 +36,31 @@ def canvas(rng: np.random.Generator, gray: np.ndarray, labels: np.ndarray, pool:
   size = 8 * SCALE
   image = np.zeros((CANVAS, CANVAS), np.uint8)
   label = np.full((CANVAS, CANVAS), BACKGROUND, np.uint8)
-  taken = np.zeros((CANVAS, CANVAS), bool)
-  for _ in range(int(rng.integers(1, MAX_DIGITS + 1))):
+  count = int(rng.integers(1, MAX_DIGITS + 1))
+  for top, left in place(rng, count, size):
     index = int(rng.choice(pool))
-    for _attempt in range(50):  # Rejection sampling of a free spot; a crowded canvas keeps fewer digits.
-      top, left = rng.integers(0, CANVAS - size + 1, 2)
-      if not taken[top : top + size, left : left + size].any():
-        break
-    else:
-      continue
-    taken[top : top + size, left : left + size] = True
     digit = np.kron(gray[index], np.ones((SCALE, SCALE), gray.dtype))
     image[top : top + size, left : left + size] = np.round(digit * (255.0 / 16.0)).astype(np.uint8)
     stroke = digit >= STROKE_LEVEL
     label[top : top + size, left : left + size][stroke] = labels[index]
   return np.repeat(image[..., None], 3, axis=-1), label
+
+
+def place(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
+  """(count, 2) top-left corners of `count` non-overlapping size x size squares on the canvas.
+
+  All corners are drawn together, PLACEMENT_TRIES times at once, and the first draw without an
+  overlap is kept: uniform over the valid layouts. One square always fits.
+  """
+  corners = rng.integers(0, CANVAS - size + 1, (PLACEMENT_TRIES, count, 2))
+  apart = np.ones(PLACEMENT_TRIES, bool)
+  for first in range(count):
+    for second in range(first + 1, count):
+      gap = np.abs(corners[:, first] - corners[:, second])
+      apart &= (gap >= size).any(axis=-1)
+  if not apart.any():  # Practically never (about 1e-6 for 2 digits on 32x32).
+    return place(rng, count - 1, size)
+  return corners[int(np.argmax(apart))]
 
 
 def load_gray_digits():
@@ -59,16 +72,19 @@ def load_gray_digits():
 
 
 class DigitsSeg(tfds.core.GeneratorBasedBuilder):
-  """Canvases of 1-3 upscaled scikit-learn digits with per-pixel labels (train 2000, validation 400)."""
+  """Canvases of 1-2 upscaled scikit-learn digits with per-pixel labels (train 2000, validation 400)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "64x64 canvases, 1-3 digits at 3x, 11 classes (10 = background)."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+    "1.0.0": "64x64 canvases, 1-3 digits at 3x, 11 classes (10 = background).",
+    "2.0.0": "32x32 canvases of 1-2 digits at 2x (the classifier's digit size), placed together.",
+  }
 
   def _info(self):
     return self.dataset_info_from_configs(
       description=(
-        "Semantic segmentation on scikit-learn's bundled 8x8 handwritten digits: 64x64 canvases of "
-        "1-3 non-overlapping 24x24 digits; stroke pixels labelled 0-9, background 10."
+        "Semantic segmentation on scikit-learn's bundled 8x8 handwritten digits: 32x32 canvases of "
+        "1-2 non-overlapping 16x16 digits; stroke pixels labelled 0-9, background 10."
       ),
       features=tfds.features.FeaturesDict(
         {
