@@ -236,8 +236,8 @@ def make_segmentation_train_step(
   (global batch on the leading axis), normalized by `input_transform` on the device. BatchNorm
   uses the statistics of the whole global batch, and its running averages go to
   state["model_state"]. `class_weight` (one weight per class, or None) weighs each pixel's loss by
-  its label (`segmentation.cross_entropy`). metrics: float32 scalars loss (decode + aux_weight x aux), decode_loss,
-  aux_loss, train_pixel_acc (decode head, non-ignored pixels), grad_norm, lr.
+  its label (`segmentation.cross_entropy`). metrics: float32 scalars loss (decode + aux_weight x
+  aux), decode_loss, aux_loss, train_pixel_acc (decode head, non-ignored pixels), grad_norm, lr.
   """
   grad_fn = jax.value_and_grad(segmentation.train_loss, argnums=1, has_aux=True)
 
