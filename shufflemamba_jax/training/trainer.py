@@ -96,9 +96,9 @@ class SegmentationSettings:
       prefix = "config.seg" if error.setting in _SEGMENTER_FIELDS else "config.model"
       raise checks.SettingError(f"{prefix}.{error.setting}", error.value, error.requirement) from None
     checks.number("config.seg.aux_weight", seg.aux_weight)
-    class_weight = seg.get("class_weight")
+    class_weight = seg.class_weight
     if class_weight is not None:
-      if isinstance(class_weight, (str, bytes)) or not hasattr(class_weight, "__len__") or not class_weight:
+      if not isinstance(class_weight, (list, tuple)) or not class_weight:
         raise checks.SettingError("config.seg.class_weight", class_weight, "must be one weight per class, or None")
       class_weight = tuple(checks.number("config.seg.class_weight", weight) for weight in class_weight)
     checks.integer("config.seg.warmup_steps", seg.warmup_steps, minimum=0)
