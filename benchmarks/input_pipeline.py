@@ -52,13 +52,17 @@ def _config(data_dir: str, num_images: int):
 
 def prepare(workdir: epath.Path, num_images: int) -> str:
   """The TFDS data_dir holding `num_images` synthetic ImageNet-like training images."""
-  from shufflemamba_jax.data import pipeline, synthetic  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  # The tests' archive writer: fixture code, kept out of the package.
+  sys.path.insert(0, str(epath.Path(__file__).parent.parent / "tests"))
+  import synthetic_imagenet  # pylint: disable=g-import-not-at-top
 
   data_dir = workdir / f"tfds_{num_images}"
   marker = data_dir / "prepared"
   if not marker.exists():
     manual = workdir / f"manual_{num_images}"
-    synthetic.write_imagenet_tars(
+    synthetic_imagenet.write_imagenet_tars(
       str(manual),
       classes=CLASSES,
       images_per_class=-(-num_images // CLASSES),

@@ -1,8 +1,8 @@
 """Vision Mamba and ShuffleMamba (stochastic layer-wise shuffle) in JAX / Flax NNX.
 
-Layers, each a subpackage: `models` (needs only jax, flax and numpy) and `parallel` at the
-bottom; `data` (tf.data over TFDS), `weights` (checkpoints, PyTorch import and export) and
-`training` on top of them; the command-line entry points (`main`, `predict`, `convert`,
+Layers, each a subpackage: `checks` (settings errors), then `models` (needs only jax, flax and
+numpy) and `parallel` at the bottom; `data` (tf.data over TFDS), `weights` (checkpoints, PyTorch
+import and export) and `training` on top of them; the command-line entry points (`main`, `predict`, `convert`,
 `prepare`, `benchmark`, `ablation`) above everything, imported by nothing. The package's API is
 the model layer's (`create_model`, `VARIANTS`, `VisionMamba`, ...) and `load_model`.
 """

@@ -52,7 +52,7 @@ def main(argv):
 
   import jax  # pylint: disable=g-import-not-at-top
 
-  from shufflemamba_jax.models import SettingError  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.checks import SettingError  # pylint: disable=g-import-not-at-top
   from shufflemamba_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   from shufflemamba_jax.training import trainer  # pylint: disable=g-import-not-at-top
 

@@ -28,7 +28,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD, device
+from shufflemamba_jax.data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _PROGRESS_ABOVE = 8  # Images; fewer finish before a progress bar would say anything.
@@ -163,7 +163,7 @@ def _segment_images(saved, paths: list[str], output_dir: str) -> int:
     size = tuple(int(side) for side in image.shape[:2])
     # A blank label map marks where the resized image lies on the padded canvas.
     canvas, mask = segment_augment.eval_pair(image, tf.zeros(size, tf.uint8), settings)
-    mask = mask.numpy() != segment_augment.IGNORE_INDEX
+    mask = mask.numpy() != IGNORE_INDEX
     resized = (int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum()))
     labels = segmenter(canvas.numpy(), resized, size)
     target = output / (epath.Path(path).stem + ".png")

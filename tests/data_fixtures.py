@@ -41,11 +41,13 @@ def digits_data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def imagenet_data(tmp_path_factory):
   """(data_dir, {file_name: synset}): TFDS's real imagenet2012 builder run on tiny tars."""
-  from shufflemamba_jax.data import pipeline, synthetic  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  import synthetic_imagenet  # pylint: disable=g-import-not-at-top
 
   root = tmp_path_factory.mktemp("imagenet2012")
   # 3 classes x 4 training images and 6 validation images of 40-89 pixels a side.
-  labels = synthetic.write_imagenet_tars(str(root / "manual"), corrupt=(CORRUPT_TRAIN_IMAGE,))
+  labels = synthetic_imagenet.write_imagenet_tars(str(root / "manual"), corrupt=(CORRUPT_TRAIN_IMAGE,))
   pipeline.prepare("imagenet2012", data_dir=str(root / "tfds"), manual_dir=str(root / "manual"), compute_stats=False)
   return str(root / "tfds"), labels
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shufflemamba_jax.models import checks
+from shufflemamba_jax import checks
 from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import mixup
 

@@ -6,7 +6,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from shufflemamba_jax.data import segment_augment
+from shufflemamba_jax.data import IGNORE_INDEX, segment_augment
 from shufflemamba_jax.models import SettingError
 
 
@@ -34,7 +34,7 @@ def test_train_pairs_are_crop_sized_aligned_and_padded_with_ignore():
     out_image, out_label = out_image.numpy(), out_label.numpy()
     assert out_image.shape == (48, 48, 3) and out_image.dtype == np.uint8
     assert out_label.shape == (48, 48) and out_label.dtype == np.uint8
-    valid = out_label != segment_augment.IGNORE_INDEX
+    valid = out_label != IGNORE_INDEX
     assert set(np.unique(out_label[valid])) <= {3, 7, 9, 12}
     # Padding: label 255 and the mean color, only at the bottom and right.
     np.testing.assert_array_equal(out_image[~valid], np.broadcast_to(settings.fill_color, out_image[~valid].shape))
@@ -55,7 +55,7 @@ def test_crops_respect_the_class_cap_when_they_can():
   where the largest class stays under 75%."""
   label = np.zeros((64, 64), np.uint8)
   label[40:56, 40:56] = 1
-  label[:8, :8] = segment_augment.IGNORE_INDEX
+  label[:8, :8] = IGNORE_INDEX
   image = tf.zeros([64, 64, 3], tf.uint8)
   capped = uncapped = 0
   for index in range(20):

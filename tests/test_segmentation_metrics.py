@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from shufflemamba_jax.data import IGNORE_INDEX
 from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import segmentation
 
@@ -17,9 +18,9 @@ def random_batches(seed: int, count: int = 3):
   batches = []
   for _ in range(count):
     labels = rng.integers(0, NUM_CLASSES - 1, (4, 9, 11))
-    labels[rng.random(labels.shape) < 0.2] = segmentation.IGNORE_INDEX
+    labels[rng.random(labels.shape) < 0.2] = IGNORE_INDEX
     predictions = np.where(rng.random(labels.shape) < 0.6, labels, rng.integers(0, NUM_CLASSES, labels.shape))
-    predictions[predictions == segmentation.IGNORE_INDEX] = 0
+    predictions[predictions == IGNORE_INDEX] = 0
     mask = np.array([1, 1, 1, 0], np.float32)  # The last example is padding.
     batches.append((predictions, labels, mask))
   return batches
@@ -29,7 +30,7 @@ def direct_metrics(batches):
   """The definitions, class by class, over every counted pixel of every batch at once."""
   predictions = np.concatenate([p[m > 0] for p, _, m in batches]).ravel()
   labels = np.concatenate([label[m > 0] for _, label, m in batches]).ravel()
-  keep = labels != segmentation.IGNORE_INDEX
+  keep = labels != IGNORE_INDEX
   predictions, labels = predictions[keep], labels[keep]
   iou, accuracy = [], []
   for c in range(NUM_CLASSES):
@@ -69,7 +70,7 @@ def test_areas_of_a_sharded_batch_are_global():
   batch_sharding = sharding.batch_sharding(sharding.create_mesh(data=8))
   rng = np.random.default_rng(1)
   labels = rng.integers(0, NUM_CLASSES, (8, 5, 7))
-  labels[:, 0] = segmentation.IGNORE_INDEX
+  labels[:, 0] = IGNORE_INDEX
   predictions = rng.integers(0, NUM_CLASSES, (8, 5, 7))
   areas_fn = jax.jit(lambda p, label: segmentation.intersect_and_union(p, label, NUM_CLASSES))
   sharded = areas_fn(jax.device_put(predictions, batch_sharding), jax.device_put(labels, batch_sharding))
@@ -84,9 +85,9 @@ def test_cross_entropy_ignores_the_ignore_index(avg_non_ignore):
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(2, 6, 8, NUM_CLASSES)).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, (2, 6, 8))
-  labels[:, :2] = segmentation.IGNORE_INDEX
+  labels[:, :2] = IGNORE_INDEX
   loss = segmentation.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), avg_non_ignore=avg_non_ignore)
-  keep = labels != segmentation.IGNORE_INDEX
+  keep = labels != IGNORE_INDEX
   shifted = logits - logits.max(-1, keepdims=True)
   log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
   picked = np.take_along_axis(log_probs, np.where(keep, labels, 0)[..., None], -1)[..., 0]
@@ -101,12 +102,12 @@ def test_cross_entropy_weighs_each_pixel_by_its_class(avg_non_ignore):
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(2, 5, 6, NUM_CLASSES)).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, (2, 5, 6))
-  labels[0, 0] = segmentation.IGNORE_INDEX
+  labels[0, 0] = IGNORE_INDEX
   weights = rng.uniform(0.1, 2.0, NUM_CLASSES)
   loss = segmentation.cross_entropy(
     jnp.asarray(logits), jnp.asarray(labels), avg_non_ignore=avg_non_ignore, class_weight=tuple(weights)
   )
-  keep = labels != segmentation.IGNORE_INDEX
+  keep = labels != IGNORE_INDEX
   shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
   log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
   safe = np.where(keep, labels, 0)
@@ -134,7 +135,7 @@ def test_label_colors_are_distinct_and_ignored_pixels_black():
   colors = segmentation.label_colors(150)
   assert colors.shape == (150, 3) and colors.dtype == np.uint8
   assert len({tuple(c) for c in colors}) == 150 and not (colors == 0).all(axis=1).any()
-  labels = np.array([[0, 1], [149, segmentation.IGNORE_INDEX]])
+  labels = np.array([[0, 1], [149, IGNORE_INDEX]])
   image = segmentation.colorize(labels, 150)
   np.testing.assert_array_equal(image[0, 0], colors[0])
   np.testing.assert_array_equal(image[1, 0], colors[149])

@@ -7,3 +7,5 @@ pipeline."""
 # Per-channel normalization of [0, 1] RGB pixels (the ImageNet statistics every recipe uses).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The label of pixels that count for nothing (outside the classes, padding): mmseg's ignore_index.
+IGNORE_INDEX = 255

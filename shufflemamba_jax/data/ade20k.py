@@ -18,11 +18,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
+from shufflemamba_jax.data import IGNORE_INDEX
+
 ARCHIVE = "ADEChallengeData2016.zip"
 ROOT = "ADEChallengeData2016"
 SPLITS = {"train": "training", "validation": "validation"}
 NUM_CLASSES = 150
-IGNORE_INDEX = 255
 # The 150 classes in label order (mmseg's ADE20KDataset.METAINFO, first name of each).
 CLASS_NAMES = (
   "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",

@@ -20,8 +20,8 @@ import math
 
 import tensorflow as tf
 
+from shufflemamba_jax import checks
 from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD, device
-from shufflemamba_jax.models import checks
 
 MAX_MAGNITUDE = 10.0  # timm's _LEVEL_DENOM: magnitudes live on a 0..10 scale.
 

@@ -53,8 +53,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from shufflemamba_jax.data import augment, segment_augment
-from shufflemamba_jax.models import checks
+from shufflemamba_jax import checks
+from shufflemamba_jax.data import IGNORE_INDEX, augment, segment_augment
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -726,7 +726,7 @@ def create_eval_dataset(
       return {"image": image, "label": label, "mask": tf.cast(ok, tf.float32), "example_id": _example_id(example)}
 
     padding_example.update(
-      image=tf.zeros([*canvas, 3], tf.uint8), label=tf.fill(canvas, tf.constant(segment_augment.IGNORE_INDEX, tf.uint8))
+      image=tf.zeros([*canvas, 3], tf.uint8), label=tf.fill(canvas, tf.constant(IGNORE_INDEX, tf.uint8))
     )
     preprocess = preprocess_pair  # Label maps instead of class labels.
   dataset = builder.as_dataset(

@@ -20,10 +20,9 @@ import dataclasses
 
 import tensorflow as tf
 
-from shufflemamba_jax.data import IMAGENET_MEAN
-from shufflemamba_jax.models import checks
+from shufflemamba_jax import checks
+from shufflemamba_jax.data import IGNORE_INDEX, IMAGENET_MEAN
 
-IGNORE_INDEX = 255
 CAT_MAX_TRIES = 10
 
 

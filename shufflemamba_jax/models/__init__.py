@@ -1,7 +1,7 @@
 """The model layer: the selective scan, the bidirectional Mamba mixer, SLWS, token layouts, the
 Vim backbone and its named variants. Needs only jax, flax and numpy (no TensorFlow, no Orbax)."""
 
-from shufflemamba_jax.models.checks import SettingError
+from shufflemamba_jax.checks import SettingError
 from shufflemamba_jax.models.slws import layer_shuffle_probabilities, sample_token_permutations
 from shufflemamba_jax.models.ssm import selective_scan
 from shufflemamba_jax.models.variants import VARIANTS, create_model, model_config

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shufflemamba_jax.models import checks
+from shufflemamba_jax import checks
 
 SCHEDULES = ("linear", "constant")
 

@@ -14,7 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from shufflemamba_jax.models import checks, pallas_scan
+from shufflemamba_jax import checks
+from shufflemamba_jax.models import pallas_scan
 
 SCAN_METHODS = ("associative", "sequential", "chunked", "pallas")
 # The default on every backend: chunks of 16 keep the ShuffleMamba-B training step at batch 256

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shufflemamba_jax.models import checks, tokens
+from shufflemamba_jax import checks
+from shufflemamba_jax.models import tokens
 from shufflemamba_jax.models.vim import DTYPES, VisionMamba, VisionMambaConfig
 
 NUM_LEVELS = 4

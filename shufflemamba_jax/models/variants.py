@@ -6,7 +6,7 @@ import dataclasses
 
 from flax import nnx
 
-from shufflemamba_jax.models import checks
+from shufflemamba_jax import checks
 from shufflemamba_jax.models.vim import VisionMamba, VisionMambaConfig
 
 _VIM = dict(token_layout="middle")

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shufflemamba_jax.models import checks, slws, ssm, tokens
+from shufflemamba_jax import checks
+from shufflemamba_jax.models import slws, ssm, tokens
 from shufflemamba_jax.models.mamba import BiMamba, uniform_init
 from shufflemamba_jax.parallel import sharding
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from shufflemamba_jax.models import checks
+from shufflemamba_jax import checks
 from shufflemamba_jax.parallel import sharding
 
 

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from shufflemamba_jax.models import checks, vim
+from shufflemamba_jax import checks
+from shufflemamba_jax.models import vim
 
 # Parameters that never decay, whatever their rank (SPEC §4).
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "pos_embed_cls")

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from shufflemamba_jax.data import IGNORE_INDEX
 from shufflemamba_jax.models import upernet
 
-IGNORE_INDEX = 255
 AREAS = ("area_intersect", "area_union", "area_pred_label", "area_label")
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from shufflemamba_jax.data import device
+from shufflemamba_jax.data import IGNORE_INDEX, device
 from shufflemamba_jax.models import upernet
 from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import mixup, segmentation
@@ -268,7 +268,7 @@ def make_segmentation_train_step(
       nonfinite_step=nonfinite_step,
     )
     predictions = jnp.argmax(upernet.resize_bilinear(logits, labels.shape[1:3]), axis=-1)
-    valid = labels != segmentation.IGNORE_INDEX
+    valid = labels != IGNORE_INDEX
     metrics = {
       "loss": loss,
       **parts,

@@ -29,8 +29,9 @@ import optax
 from etils import epath
 from flax import nnx
 
+from shufflemamba_jax import checks
 from shufflemamba_jax.data import device, pipeline
-from shufflemamba_jax.models import checks, upernet, variants, vim
+from shufflemamba_jax.models import upernet, variants, vim
 from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import metrics as metrics_lib
 from shufflemamba_jax.training import mixup, optim, preemption, steps

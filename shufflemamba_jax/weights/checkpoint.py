@@ -28,7 +28,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from shufflemamba_jax.models import checks, upernet, vim
+from shufflemamba_jax import checks
+from shufflemamba_jax.models import upernet, vim
 from shufflemamba_jax.weights import params as params_lib
 
 CHECKPOINT_DIR = "checkpoints"

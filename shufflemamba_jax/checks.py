@@ -1,4 +1,5 @@
-"""Checks of user settings whose errors name the setting at fault.
+"""Checks of user settings whose errors name the setting at fault: the package's bottom layer,
+imported by every other (it imports nothing of the package).
 
 Every layer validates its own settings with these helpers (the model config, the scan and SLWS
 modules, the input pipeline, the optimizer, the training loop), so that a bad value fails before

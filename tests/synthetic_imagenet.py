@@ -1,4 +1,4 @@
-"""Synthetic ImageNet archives in the real ILSVRC2012 layout, made offline.
+"""Synthetic ImageNet archives in the real ILSVRC2012 layout, made offline (test fixture code).
 
 The tests prepare tiny ones with TFDS's real `imagenet2012` builder, and the input benchmark
 (benchmarks/input_pipeline.py) larger ones of ImageNet-like size, so both exercise exactly the
