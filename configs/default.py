@@ -34,6 +34,11 @@ def get_config():
   # Workdir (or checkpoint step folder) whose parameters initialise training (multi-stage
   # recipes); position embeddings are resized to the new resolution. None = random init.
   config.init_from = config_dict.placeholder(str)
+  # "classification" | "segmentation"; None = the dataset's (segmentation for label maps).
+  config.task = config_dict.placeholder(str)
+  # (first, last): a jax.profiler trace of training steps first..last-1 in WORKDIR/profile
+  # (TensorBoard's profile plugin or Perfetto reads it); None = no trace.
+  config.profile_steps = config_dict.placeholder(tuple)
 
   # ---- Model -------------------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()

@@ -1,6 +1,6 @@
 """Training-step benchmark: compile time, XLA memory and FLOPs, step time, images/s and MFU.
 
-Builds the real training step (`training.steps.make_train_step`: mixup/cutmix, soft-target loss, masked
+Builds the real training step (`training.tasks.classification.make_train_step`: mixup/cutmix, soft-target loss, masked
 AdamW with clipping, EMA) for a named variant on synthetic in-memory data, compiles it ahead of
 time from abstract shapes (so `--compile_only` of a large model never allocates its state), and
 reads XLA's compiled memory and cost analyses. It needs only jax, flax and optax; no TensorFlow.
@@ -43,6 +43,7 @@ from flax import nnx
 from shufflemamba_jax.data import device
 from shufflemamba_jax.models import ssm, variants, vim
 from shufflemamba_jax.training import mixup, optim, steps
+from shufflemamba_jax.training.tasks import classification
 
 REMAT_CHOICES = ("none",) + tuple(vim.REMAT_POLICIES)
 NUM_CLASSES = 1000
@@ -179,7 +180,7 @@ def build_step(settings: Settings, slws_prob: float | None = None) -> CompiledSt
     _, params, _ = steps.split_model(new_model())
     return steps.init_train_state(params, tx, ema_decay=_OPTIMIZER.ema_decay)
 
-  step = steps.make_train_step(
+  step = classification.make_train_step(
     graphdef,
     rest,
     tx,

@@ -19,6 +19,7 @@ from shufflemamba_jax.data import device
 from shufflemamba_jax.models import variants, vim
 from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import mixup, steps
+from shufflemamba_jax.training.tasks import classification
 
 BATCH = 80  # 10 per device, in two micro-batches of 5 where the step accumulates gradients.
 COLLECTIVE = re.compile(
@@ -51,7 +52,7 @@ def _collectives(mesh_shape, grad_accum_steps: int = 1) -> list[tuple[str, list[
     mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1, mixup_group_size=10
   )
   batch_sharding = sharding.batch_sharding(mesh)
-  train_step = steps.make_train_step(
+  train_step = classification.make_train_step(
     graphdef,
     rest,
     tx,

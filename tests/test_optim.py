@@ -13,6 +13,7 @@ from flax import nnx
 import shufflemamba_jax as smj
 from shufflemamba_jax.data import device
 from shufflemamba_jax.training import config_files, mixup, optim, steps
+from shufflemamba_jax.training.tasks import classification
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=4, num_classes=10)
 # The ShuffleMamba-B recipe's optimizer (SPEC §4); tests replace what they vary.
@@ -143,7 +144,7 @@ def sgd_steps():
   batch = {"image": pixels, "label": jnp.arange(16) % 10}
   results = {}
   for accum in (1, 4):
-    step = steps.make_train_step(
+    step = classification.make_train_step(
       graphdef,
       rest,
       tx,

@@ -13,6 +13,7 @@ from flax import nnx
 import shufflemamba_jax as smj
 from shufflemamba_jax import predict
 from shufflemamba_jax.data import device
+from shufflemamba_jax.training.tasks import classification
 from shufflemamba_jax.weights import checkpoint, params
 
 TINY = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=48, depth=2)
@@ -73,7 +74,7 @@ def test_predict_sees_exactly_what_evaluation_sees(imagenet_data, tmp_path):
     )
     batch = next(dataset.as_numpy_iterator())
     evaluated = {int(i): image for i, image, m in zip(batch["example_id"], batch["image"], batch["mask"]) if m}
-    images, ok = next(predict.image_batches(paths, image_size, crop_ratio, batch_size=8))
+    images, ok = next(classification.image_batches(paths, image_size, crop_ratio, batch_size=8))
     assert images.shape == (6, image_size, image_size, 3) and ok.all()
     for path, image in zip(paths, images):
       example_id = int(tf.strings.to_hash_bucket_fast(pathlib.Path(path).name, 2**63 - 1))
@@ -82,7 +83,7 @@ def test_predict_sees_exactly_what_evaluation_sees(imagenet_data, tmp_path):
 
 def test_the_predictor_compiles_once_per_input_shape(converted_dir):
   directory, original = converted_dir
-  predictor = predict.Predictor(smj.load_model(directory), top_k=3)
+  predictor = classification.Predictor(smj.load_model(directory), top_k=3)
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8) for _ in range(3)]
   for batch in batches:

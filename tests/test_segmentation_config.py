@@ -27,7 +27,7 @@ def _parse(config, *args):
 def test_ade20k_variant_builds_the_reference_recipe(variant):
   config = _parse(f"ade20k.py:{variant}")
   settings = trainer.Settings.from_config(config)
-  segmenter = settings.segmentation.segmenter
+  segmenter = settings.task.segmenter
   assert segmenter.backbone.img_size == 512 and segmenter.backbone.slws_max_prob == 0.0
   assert segmenter.resolved_out_indices == upernet.default_out_indices(segmenter.backbone.depth)
   assert (segmenter.channels, segmenter.aux_channels, segmenter.pool_scales) == (512, 256, (1, 2, 3, 6))
@@ -43,10 +43,10 @@ def test_ade20k_variant_builds_the_reference_recipe(variant):
   }[variant]
   assert segmenter.backbone.drop_path_rate == drop_path and settings.optimizer.grad_clip == grad_clip
   assert config.aug.repeated_aug == 1  # Every example of a batch is a different image.
-  seg = settings.segmentation
+  seg = settings.task
   assert (seg.warmup_steps, seg.warmup_factor, seg.poly_power, seg.aux_weight) == (1500, 1e-6, 1.0, 0.4)
   assert (seg.eval_crop, seg.eval_stride) == ((512, 512), (341, 341))
-  schedule = seg.schedule(settings.optimizer, batch_size=config.batch_size, total_steps=config.total_steps)
+  _, schedule = seg.optimizer(settings.optimizer, batch_size=config.batch_size, epoch_steps=1, total_steps=config.total_steps)
   assert float(schedule(0)) == pytest.approx(settings.optimizer.lr * 1e-6)
   assert float(schedule(1500)) == pytest.approx(settings.optimizer.lr)
   assert float(schedule(160_000)) == 0.0
@@ -55,19 +55,19 @@ def test_ade20k_variant_builds_the_reference_recipe(variant):
 
 def test_digits_seg_config_builds():
   settings = trainer.Settings.from_config(_parse("digits_seg.py"))
-  assert settings.segmentation.segmenter.backbone.patch_size == 4
-  assert settings.segmentation.class_weight == (1.0,) * 10 + (0.1,)  # Background (10) weighs less.
-  settings.segmentation.check_classes(11, "digits_seg")
+  assert settings.task.segmenter.backbone.patch_size == 4
+  assert settings.task.class_weight == (1.0,) * 10 + (0.1,)  # Background (10) weighs less.
+  settings.task.check_data(11, "digits_seg")
 
 
 def test_class_weight_is_one_weight_per_class():
   """None (the ADE20K recipe) weighs every class 1; a count that is not the dataset's number of
   classes is a SettingError naming the field, the count and the dataset."""
-  assert trainer.Settings.from_config(_parse("ade20k.py:shufflemamba_base")).segmentation.class_weight is None
+  assert trainer.Settings.from_config(_parse("ade20k.py:shufflemamba_base")).task.class_weight is None
   settings = trainer.Settings.from_config(_parse("digits_seg.py", "--config.seg.class_weight=(1.0,2.0)"))
-  assert settings.segmentation.class_weight == (1.0, 2.0)
+  assert settings.task.class_weight == (1.0, 2.0)
   with pytest.raises(SettingError, match=r"config\.seg\.class_weight.*each of the 11 classes of digits_seg"):
-    settings.segmentation.check_classes(11, "digits_seg")
+    settings.task.check_data(11, "digits_seg")
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from flax import nnx
 from shufflemamba_jax import predict
 from shufflemamba_jax.data import device
 from shufflemamba_jax.models import upernet, variants
-from shufflemamba_jax.training import segmentation
+from shufflemamba_jax.training.tasks import segmentation
 from shufflemamba_jax.weights import checkpoint, params
 
 pytest.importorskip("tensorflow")

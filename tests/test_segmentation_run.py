@@ -104,7 +104,7 @@ def test_init_from_a_classifier_fills_the_backbone(tmp_path, digits_seg_data_dir
   """config.init_from a classification checkpoint at another resolution (16 px): the backbone
   takes its weights (position table resized to the 8x8 grid), the pyramid and heads stay fresh."""
   settings = trainer.Settings.from_config(seg_config(digits_seg_data_dir))
-  segmenter_config = settings.model_config(digits_seg.NUM_CLASSES)
+  segmenter_config = settings.task.model_config(digits_seg.NUM_CLASSES)
   backbone = segmenter_config.backbone
   sizes = {name: getattr(backbone, name) for name in ("patch_size", "embed_dim", "depth", "d_state")}
   classifier = variants.create_model("shufflemamba_tiny", rngs=nnx.Rngs(1), num_classes=10, img_size=16, **sizes)
@@ -112,7 +112,7 @@ def test_init_from_a_classifier_fills_the_backbone(tmp_path, digits_seg_data_dir
   with checkpoint_lib.Checkpointer(str(tmp_path / "classifier" / "checkpoints"), async_save=False) as checkpointer:
     checkpointer.save(0, {"params": classifier_params}, model=classifier.config, force=True)
   fresh = params_lib.param_tree(upernet.create_segmenter(segmenter_config, rngs=nnx.Rngs(0)))
-  filled = trainer._warm_start(str(tmp_path / "classifier"), fresh, segmenter_config)
+  filled = settings.task.warm_start(str(tmp_path / "classifier"), fresh, segmenter_config)
   np.testing.assert_array_equal(filled["backbone"]["patch_embed"]["kernel"], classifier_params["patch_embed"]["kernel"])
   assert (
     filled["backbone"]["pos_embed"].shape

@@ -15,6 +15,7 @@ from shufflemamba_jax.data import digits_seg, pipeline
 from shufflemamba_jax.models import upernet, variants
 from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import optim, steps
+from shufflemamba_jax.training.tasks import segmentation
 
 SEG_AUG = dict(scale=(64, 32), crop_size=32, eval_scale=(64, 64), eval_canvas=(64, 64))
 
@@ -44,10 +45,10 @@ def test_training_steps_on_8_devices_equal_1_device(digits_seg_data_dir):
   results = []
   for devices in (1, 8):
     mesh = sharding.create_mesh(data=devices, devices=jax.devices()[:devices])
-    state = steps.init_segmentation_state(
-      jax.tree.map(np.asarray, params), nnx.to_pure_dict(model_state), tx, ema_decay=0.0
+    state = steps.init_train_state(
+      jax.tree.map(np.asarray, params), tx, ema_decay=0.0, model_state=nnx.to_pure_dict(model_state)
     )
-    train_step = steps.make_segmentation_train_step(graphdef, tx, schedule, seed=0, donate=False)
+    train_step = segmentation.make_train_step(graphdef, tx, schedule, seed=0, donate=False)
     losses = []
     for batch in sharding.prefetch_to_mesh(({"image": b["image"], "label": b["label"]} for b in batches), mesh):
       with jax.set_mesh(mesh):

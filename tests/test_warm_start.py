@@ -11,7 +11,7 @@ from flax import nnx
 
 import shufflemamba_jax as smj
 from shufflemamba_jax.models import tokens
-from shufflemamba_jax.training import trainer
+from shufflemamba_jax.training.tasks import classification
 from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 from shufflemamba_jax.weights import params as params_lib
 
@@ -37,7 +37,7 @@ def save_run(directory, params, config, step=1):
 
 
 def init_from(path, params, config):
-  return trainer.init_params_from(str(path), params, config)
+  return classification.init_params_from(str(path), params, config)
 
 
 def assert_same(got, expected):

@@ -713,6 +713,10 @@ def create_eval_dataset(
     "example_id": tf.constant(-1, tf.int64),
   }
   if values["dataset"] in SEGMENTATION_DATASETS:
+    if image_size != values["image_size"]:
+      raise checks.SettingError(
+        "eval_image_size", image_size, "is for classification; a label map is evaluated at config.seg_aug.eval_scale"
+      )
     seg_aug = values["segmentation_augmentation"]
     decoders["label"] = tfds.decode.SkipDecoding()
     canvas = tuple(seg_aug.eval_canvas)

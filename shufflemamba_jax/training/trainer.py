@@ -1,16 +1,13 @@
-"""Training and evaluation of Vision Mamba / ShuffleMamba classifiers (SPEC §4) and UperNet segmenters.
+"""The training loop of every task, and the evaluation of a saved checkpoint.
 
-`train_and_evaluate(config, workdir)` runs a whole experiment: model, data, the pure jitted
-update step over the `nnx.split` state, periodic logging, evaluation of the model and its EMA,
-asynchronous checkpoints and resumption from the latest one. `evaluate(config, path)` scores a
-saved checkpoint on any split and resolution. Both start with `Settings.from_config`, which
-builds and checks everything the run is made of before anything compiles; every error names
-its config field.
-
-A segmentation dataset (`config.dataset` in `pipeline.SEGMENTATION_DATASETS`) runs the same loop
-with a UperNet on the configured backbone (`config.seg`): the train state also carries the
-BatchNorm statistics, the learning rate follows mmseg's warmup + poly schedule, and evaluation
-reports mIoU, mAcc and aAcc (`eval_miou`, `eval_macc`, `eval_aacc`).
+`train_and_evaluate(config, workdir)` runs a whole experiment: `setup` builds the run (the task
+of the config, its model and optimizer, the mesh, the train state restored or created sharded,
+the jitted steps, data and metrics), `train` loops over the steps, with periodic logging,
+`evaluate_trees` (the model and its EMA) and asynchronous checkpoints. `evaluate(config, path)`
+scores a saved checkpoint through the same `evaluate_trees`. Both start with
+`Settings.from_config`, which builds and checks everything the run is made of before anything
+compiles; every error names its config field. What differs between tasks (the model, the loss,
+the metrics, the extra state) is asked of the task (`tasks.base.Task`); this module names none.
 """
 
 from __future__ import annotations
@@ -21,156 +18,31 @@ import logging
 import math
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from etils import epath
 from flax import nnx
 
 from shufflemamba_jax import checks
 from shufflemamba_jax.data import device, pipeline
-from shufflemamba_jax.models import upernet, variants, vim
 from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import metrics as metrics_lib
-from shufflemamba_jax.training import mixup, optim, preemption, steps
+from shufflemamba_jax.training import optim, preemption, steps, tasks
+from shufflemamba_jax.training.tasks import base
 from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 from shufflemamba_jax.weights import params as params_lib
-
-# Model settings whose config field is not `model.<name>`.
-_MODEL_CONFIG_FIELDS = {
-  "img_size": "image_size",
-  "variant": "model.variant",
-  **{f"slws_{name}": f"model.slws.{name}" for name in ("max_prob", "schedule", "group_size")},
-}
-
-
-def model_config_from(config, num_classes: int | None = None) -> vim.VisionMambaConfig:
-  """The VisionMambaConfig of `config.model` (None fields keep the variant's) at config.image_size.
-
-  A bad value raises a SettingError naming the config field (e.g. config.model.slws.max_prob).
-  """
-  overrides = {
-    name: value for name, value in config.model.items() if name not in ("variant", "slws") and value is not None
-  }
-  overrides.update({f"slws_{name}": value for name, value in config.model.slws.items() if value is not None})
-  if num_classes is not None:
-    overrides["num_classes"] = num_classes
-  try:
-    return variants.model_config(config.model.variant, img_size=config.image_size, **overrides)
-  except checks.SettingError as error:
-    field = _MODEL_CONFIG_FIELDS.get(error.setting, f"model.{error.setting}")
-    raise checks.SettingError(f"config.{field}", error.value, error.requirement) from None
-
-
-# UperNetConfig fields set by config.seg.<name>.
-_SEGMENTER_FIELDS = ("out_indices", "channels", "pool_scales", "dropout", "aux_channels", "aux_level")
-
-
-@dataclasses.dataclass(frozen=True)
-class SegmentationSettings:
-  """The segmentation part of a run (config.seg, configs/segmentation.py documents each field)."""
-
-  segmenter: upernet.UperNetConfig  # For the variant's number of classes until the data is known.
-  aux_weight: float
-  class_weight: tuple[float, ...] | None  # One loss weight per class; None = all 1.
-  warmup_steps: int
-  warmup_factor: float
-  poly_power: float
-  eval_crop: tuple[int, int] | None  # Sliding-window evaluation; None = the whole image.
-  eval_stride: tuple[int, int] | None
-
-  @classmethod
-  def from_config(cls, config, backbone: vim.VisionMambaConfig) -> SegmentationSettings:
-    """Checks config.seg (and what segmentation needs of the rest of `config`)."""
-    if "seg" not in config:
-      raise checks.SettingError(
-        "config.seg", None, f"is needed by the segmentation dataset {config.dataset!r} (see configs/segmentation.py)"
-      )
-    seg = config.seg
-    fields = {name: seg[name] for name in _SEGMENTER_FIELDS}
-    fields = {name: tuple(value) if isinstance(value, (list, tuple)) else value for name, value in fields.items()}
-    try:
-      segmenter = upernet.UperNetConfig(backbone=backbone, **fields)
-    except checks.SettingError as error:
-      prefix = "config.seg" if error.setting in _SEGMENTER_FIELDS else "config.model"
-      raise checks.SettingError(f"{prefix}.{error.setting}", error.value, error.requirement) from None
-    checks.number("config.seg.aux_weight", seg.aux_weight)
-    class_weight = seg.class_weight
-    if class_weight is not None:
-      if not isinstance(class_weight, (list, tuple)) or not class_weight:
-        raise checks.SettingError("config.seg.class_weight", class_weight, "must be one weight per class, or None")
-      class_weight = tuple(checks.number("config.seg.class_weight", weight) for weight in class_weight)
-    checks.integer("config.seg.warmup_steps", seg.warmup_steps, minimum=0)
-    checks.number("config.seg.warmup_factor", seg.warmup_factor, 0.0, 1.0)
-    checks.number("config.seg.poly_power", seg.poly_power)
-    windows = {}
-    for name in ("eval_crop", "eval_stride"):
-      value = seg[name]
-      if value is not None:
-        if len(value) != 2:
-          raise checks.SettingError(f"config.seg.{name}", value, "must be (height, width) or None")
-        for side in value:
-          checks.integer(f"config.seg.{name}", side)
-        value = tuple(int(side) for side in value)
-      windows[name] = value
-    if windows["eval_stride"] is not None and windows["eval_crop"] is None:
-      raise checks.SettingError("config.seg.eval_stride", seg.eval_stride, "needs config.seg.eval_crop")
-    if windows["eval_crop"] is not None and any(side % (2 * backbone.patch_size) for side in windows["eval_crop"]):
-      raise checks.SettingError(
-        "config.seg.eval_crop", seg.eval_crop, f"must be multiples of {2 * backbone.patch_size} (2 x patch_size)"
-      )
-    return cls(
-      segmenter=segmenter,
-      aux_weight=float(seg.aux_weight),
-      class_weight=class_weight,
-      warmup_steps=int(seg.warmup_steps),
-      warmup_factor=float(seg.warmup_factor),
-      poly_power=float(seg.poly_power),
-      **windows,
-    )
-
-  def check_classes(self, num_classes: int, dataset: str) -> None:
-    """Raises a SettingError if class_weight does not give one weight to each of the dataset's classes."""
-    if self.class_weight is not None and len(self.class_weight) != num_classes:
-      raise checks.SettingError(
-        "config.seg.class_weight",
-        self.class_weight,
-        f"must give one weight to each of the {num_classes} classes of {dataset}",
-      )
-
-  def schedule(self, optimizer: optim.OptimizerSettings, *, batch_size: int, total_steps: int) -> optax.Schedule:
-    """mmseg's linear warmup from warmup_factor x peak, then poly decay to 0 at total_steps."""
-    peak = optimizer.lr * batch_size / 512.0 if optimizer.lr_scale_batch else optimizer.lr
-    try:
-      return optim.warmup_poly_schedule(
-        peak,
-        warmup_steps=self.warmup_steps,
-        warmup_factor=self.warmup_factor,
-        total_steps=total_steps,
-        power=self.poly_power,
-      )
-    except checks.SettingError as error:
-      field = "config.seg.warmup_steps" if error.setting == "warmup_steps" else "config.total_steps"
-      raise checks.SettingError(field, error.value, error.requirement) from None
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """What a run is built from, each part checked by its own module when it is built."""
 
-  model: vim.VisionMambaConfig  # For the variant's number of classes until the data is known.
+  task: base.Task
   optimizer: optim.OptimizerSettings
-  mixup: mixup.MixupSettings
   input_transform: device.DeviceTransform  # Normalization and random erasing, on the device.
-  segmentation: SegmentationSettings | None = None  # Set for a segmentation dataset.
-
-  def model_config(self, num_classes: int) -> vim.VisionMambaConfig | upernet.UperNetConfig:
-    """The model of the run for a dataset of `num_classes` classes: the classifier, or the segmenter."""
-    if self.segmentation is None:
-      return dataclasses.replace(self.model, num_classes=num_classes)
-    return dataclasses.replace(self.segmentation.segmenter, num_classes=num_classes)
 
   @classmethod
   def from_config(cls, config) -> Settings:
@@ -182,47 +54,78 @@ class Settings:
       checks.integer("config.total_steps", config.total_steps)
     elif not checks.number("config.num_epochs", config.num_epochs):
       raise checks.SettingError("config.num_epochs", config.num_epochs, "must be > 0 when total_steps is not set")
-    if config.batch_size % config.grad_accum_steps:
-      raise checks.SettingError(
-        "config.grad_accum_steps", config.grad_accum_steps, f"must divide config.batch_size={config.batch_size}"
-      )
-    checkpoint_lib.check_keep_policy(config.keep_checkpoints, config.keep_best_checkpoints, config.best_metric)
-    is_segmentation = config.dataset in pipeline.SEGMENTATION_DATASETS
+    if config.profile_steps is not None:
+      if len(config.profile_steps) != 2 or not 0 <= config.profile_steps[0] < config.profile_steps[1]:
+        raise checks.SettingError("config.profile_steps", config.profile_steps, "must be (first, last), first < last")
+    checkpoint_lib.check_keep_policy(config.keep_checkpoints, config.keep_best_checkpoints)
+    task = tasks.from_config(config)
     if config.keep_best_checkpoints:
-      task_metrics = checkpoint_lib.SEGMENTATION_METRICS if is_segmentation else checkpoint_lib.CLASSIFICATION_METRICS
-      checks.one_of("config.best_metric", config.best_metric, task_metrics)
-    if config.keep_best_checkpoints and config.best_metric.startswith("ema_") and not config.ema_decay:
-      raise checks.SettingError("config.best_metric", config.best_metric, "needs the EMA (config.ema_decay > 0)")
-    if is_segmentation:
-      # Nothing of the classification recipe that would be silently ignored.
-      for name in ("mixup_alpha", "cutmix_alpha", "random_erasing_prob"):
-        if config.aug[name]:
-          raise checks.SettingError(f"config.aug.{name}", config.aug[name], "must be 0 for segmentation")
-      if config.grad_accum_steps != 1:
-        raise checks.SettingError("config.grad_accum_steps", config.grad_accum_steps, "must be 1 for segmentation")
-      if config.aug.repeated_aug != 1:
-        # The stream would put r copies of each example in a batch: 1/r of the data per step.
-        raise checks.SettingError("config.aug.repeated_aug", config.aug.repeated_aug, "must be 1 for segmentation")
+      checks.one_of("config.best_metric", config.best_metric, base.best_metrics(task))
+      if config.best_metric.startswith("ema_") and not config.ema_decay:
+        raise checks.SettingError("config.best_metric", config.best_metric, "needs the EMA (config.ema_decay > 0)")
     data_settings = pipeline.settings(config)
     pipeline.num_data_shards(data_settings, config.batch_size, jax.process_count())
-    mixup_settings = mixup.MixupSettings.from_config(config)
-    mixup_settings.check_batch(config.batch_size)
-    model = model_config_from(config)
-    segmentation_settings = None
-    if is_segmentation:
-      segmentation_settings = SegmentationSettings.from_config(config, model)
-      crop = data_settings["segmentation_augmentation"].crop_size
-      if config.image_size != crop:
-        raise checks.SettingError(
-          "config.image_size", config.image_size, f"must equal the training crop, config.seg_aug.crop_size={crop}"
-        )
-    return cls(
-      model=model,
-      optimizer=optim.OptimizerSettings.from_config(config),
-      mixup=mixup_settings,
-      input_transform=data_settings["augmentation"].device_transform(),
-      segmentation=segmentation_settings,
-    )
+    return cls(task, optim.OptimizerSettings.from_config(config), data_settings["augmentation"].device_transform())
+
+
+@dataclasses.dataclass
+class Run:
+  """A training run as `setup` builds it; `train` advances `state`."""
+
+  config: Any
+  task: base.Task
+  mesh: jax.sharding.Mesh
+  epoch_steps: int
+  total_steps: int
+  model_config: Any
+  state: dict
+  train_step: Any
+  train_batches: Any  # Global batches on the mesh, from the run's next step on.
+  evaluator: Evaluator
+  checkpointer: checkpoint_lib.Checkpointer
+  writer: metrics_lib.MetricWriter
+  profile_dir: epath.Path
+
+  def close(self) -> None:
+    self.checkpointer.wait()
+    self.checkpointer.close()
+    self.writer.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """Scores parameter trees on the eval split: `task`'s sums, jitted, summed over the split."""
+
+  task: base.Task
+  eval_step: Any
+  dataset: Any  # The tf.data eval stream of this process.
+  mesh: jax.sharding.Mesh
+
+  def run(self, trees: dict, model_state) -> tuple[dict, dict]:
+    """({<prefix>_<metric>, num_examples}, {<prefix>_<detail>: per-class values}) of each
+    parameter tree of `trees` ({prefix: params, or None to leave out})."""
+    record, details = {}, {}
+    for prefix, params in trees.items():
+      if params is not None:
+        totals = steps.run_evaluation(self.eval_step, params, model_state, self.dataset.as_numpy_iterator(), self.mesh)
+        scalars, per_class = self.task.reduce(totals)
+        record.update({f"{prefix}_{name}": value for name, value in scalars.items()})
+        details.update({f"{prefix}_{name}": value for name, value in per_class.items()})
+        record["num_examples"] = int(totals["num_examples"])
+    return record, details
+
+
+def _evaluator(config, settings: Settings, graphdef, rest, num_classes: int, mesh, **dataset_options) -> Evaluator:
+  sums = settings.task.eval_sums(graphdef, rest, num_classes, settings.input_transform)
+  process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+  dataset = pipeline.create_eval_dataset(config, global_batch_size=config.eval_batch_size, **process, **dataset_options)
+  return Evaluator(settings.task, steps.make_eval_step(sums), dataset, mesh)
+
+
+def _mesh(config):
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+  sharding.check_batch_divisible(config.eval_batch_size, mesh, "config.eval_batch_size")
+  return mesh
 
 
 def _raise_if_nonfinite(state, step: int):
@@ -234,90 +137,47 @@ def _raise_if_nonfinite(state, step: int):
     )
 
 
-def init_params_from(path: str, params, config: vim.VisionMambaConfig, *, option: str = "config.init_from"):
-  """`params` (a nested dict) holding the parameters saved at `path` (a workdir, a step folder or
-  converted weights): position embeddings resized to `config`'s grid, and the head of `params`
-  kept when the number of classes differs. Anything else that does not fit is one error naming
-  `option`, the setting that gave `path`, and every difference."""
-  source = f"{option}={path}"
-  saved = checkpoint_lib.read_weights(path, ema=False)
-  flat = params_lib.adapt(params_lib.flatten(saved.params), params, config, source=source)
-  return params_lib.fill(params, flat, source=source)
+def _restore_or_create(config, task: base.Task, model_config, tx, mesh, checkpointer):
+  """(graphdef, rest, the train state's shardings, the train state): the latest checkpoint's, or a
+  new one created already sharded (and warm-started from config.init_from)."""
+  graphdef, _, rest = steps.split_model(params_lib.abstract_model(model_config))
 
+  def initial_state():
+    _, params, model_state = steps.split_model(task.create_model(model_config, nnx.Rngs(config.seed)))
+    return steps.init_train_state(params, tx, ema_decay=config.ema_decay, model_state=nnx.to_pure_dict(model_state))
 
-def _evaluation_record(eval_step, trees: dict, dataset, mesh) -> dict:
-  """{<prefix>_top1, _top5, _loss} of each parameter tree (None: left out) over the whole eval
-  `dataset`, and num_examples, the examples scored by all processes together."""
-  record = {}
-  for prefix, params in trees.items():
-    if params is not None:
-      result = steps.run_evaluation(eval_step, params, dataset.as_numpy_iterator(), mesh)
-      record.update({f"{prefix}_{name}": result[name] for name in ("top1", "top5", "loss")})
-      record["num_examples"] = int(result["count"])
-  return record
-
-
-def _segmentation_record(eval_step, trees: dict, model_state, dataset, mesh, class_names=None) -> tuple[dict, dict]:
-  """({<prefix>_miou, _macc, _aacc} of each parameter tree (None: left out) with the BatchNorm
-  statistics `model_state`, over the whole eval `dataset`), {<prefix>_iou: {class: IoU}})."""
-  record, per_class = {}, {}
-  for prefix, params in trees.items():
-    if params is not None:
-      result = steps.run_segmentation_evaluation(
-        eval_step, params, model_state, dataset.as_numpy_iterator(), mesh, class_names
-      )
-      record.update({f"{prefix}_{name.lower()}": result[name] for name in ("mIoU", "mAcc", "aAcc")})
-      per_class[f"{prefix}_iou"] = result["IoU"]
-  return record, per_class
-
-
-def _segmentation_eval_step(settings: Settings, graphdef, num_classes: int):
-  return steps.make_segmentation_eval_step(
-    graphdef,
-    num_classes,
-    crop_size=settings.segmentation.eval_crop,
-    stride=settings.segmentation.eval_stride,
-    input_transform=settings.input_transform,
+  abstract_state = jax.eval_shape(initial_state)
+  # Created, restored and updated already sharded: FSDP over the mesh, never whole on one device.
+  shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+  if checkpointer.latest_step() is None:
+    state = jax.jit(initial_state, out_shardings=shardings)()
+    if config.init_from:
+      params = task.warm_start(config.init_from, state["params"], model_config)
+      state["params"] = jax.device_put(params, shardings["params"])
+      if state["ema"] is not None:
+        state["ema"] = jax.tree.map(jnp.copy, state["params"])
+    return graphdef, rest, shardings, state
+  abstract_state = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
   )
-
-
-def _abstract_split(model_config):
-  """(graphdef, abstract params, abstract other state) of the run's model; nothing is computed."""
-  return steps.split_model(params_lib.abstract_model(model_config))
-
-
-def _warm_start(path: str, params, model_config):
-  """`params` of a fresh model with the parameters saved at `path` (config.init_from): a
-  classifier's whole tree (`init_params_from`), or a segmenter's backbone
-  (`params_lib.segmenter_from_classifier`)."""
-  if not isinstance(model_config, upernet.UperNetConfig):
-    return init_params_from(path, params, model_config)
-  saved = checkpoint_lib.read_weights(path, ema=False)
-  if saved.is_segmenter:
-    raise checks.SettingError(
-      "config.init_from", path, "must be a classification checkpoint (a segmenter resumes from its own workdir)"
+  state, meta = checkpointer.restore(abstract_state)
+  logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state["step"]))
+  if meta.get("process_count", jax.process_count()) != jax.process_count() and not config.data_shards:
+    logging.warning(
+      "The checkpoint was written by %d processes, this run has %d: with config.data_shards = 0 (one shard per "
+      "process) the rest of this epoch sees other examples. Set config.data_shards to a fixed multiple of both "
+      "to keep the data order.",
+      meta["process_count"],
+      jax.process_count(),
     )
-  filled, _ = params_lib.segmenter_from_classifier(
-    params_lib.flatten(saved.params), jax.device_get(params), model_config, source=f"config.init_from={path}"
-  )
-  return filled
+  return graphdef, rest, shardings, state
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last eval.
-
-  Writes WORKDIR/metrics.jsonl (train records every log_every_steps: loss, train_top1, lr,
-  grad_norm, images_per_s, step_time_s, input_wait_fraction (of the wall time spent waiting for
-  the next batch), epoch; eval records: eval_top1, eval_top5, eval_loss and
-  ema_eval_* when EMA is on), TensorBoard events and WORKDIR/checkpoints/. A segmentation run's
-  train records have decode_loss, aux_loss and train_pixel_acc instead of train_top1, and its
-  eval records eval_miou, eval_macc and eval_aacc (and ema_eval_*).
-  """
+def setup(config, workdir: str) -> Run:
+  """Builds the run of `config` in `workdir`: the latest checkpoint there is resumed."""
   settings = Settings.from_config(config)
-  workdir = epath.Path(workdir)
+  task, workdir = settings.task, epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-
-  # ---- Input and mesh --------------------------------------------------------------------
   info = pipeline.get_dataset_info(config.dataset, config.data_dir)
   num_train = info.num_examples(config.train_split)
   if config.batch_size > num_train:
@@ -328,44 +188,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     )
   epoch_steps = num_train // config.batch_size  # The pipeline drops the remainder: static shapes.
   total_steps = config.total_steps or math.ceil(config.num_epochs * epoch_steps)
-  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = _mesh(config)
   sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
-  sharding.check_batch_divisible(config.eval_batch_size, mesh, "config.eval_batch_size")
-  settings.mixup.check_batch(config.batch_size, mesh.size)
-
-  # ---- Model, optimizer and train state ----------------------------------------------------
-  model_config = settings.model_config(info.num_classes)
-  segmenting = settings.segmentation is not None
-  if segmenting:
-    settings.segmentation.check_classes(info.num_classes, config.dataset)
-    schedule = settings.segmentation.schedule(settings.optimizer, batch_size=config.batch_size, total_steps=total_steps)
-    tx = optim.create_optimizer(settings.optimizer, schedule, mask=optim.segmentation_weight_decay_mask)
-  else:
-    schedule = optim.learning_rate_schedule(
-      settings.optimizer, batch_size=config.batch_size, steps_per_epoch=epoch_steps, total_steps=total_steps
-    )
-    tx = optim.create_optimizer(settings.optimizer, schedule)
-  ema_decay = settings.optimizer.ema_decay
-
-  def initial_state():
-    if segmenting:
-      model = upernet.UperNet(model_config, rngs=nnx.Rngs(config.seed))
-      _, params, model_state = steps.split_model(model)
-      return steps.init_segmentation_state(params, nnx.to_pure_dict(model_state), tx, ema_decay=ema_decay)
-    _, params, _ = steps.split_model(vim.VisionMamba(model_config, rngs=nnx.Rngs(config.seed)))
-    return steps.init_train_state(params, tx, ema_decay=ema_decay)
-
-  graphdef, _, rest = _abstract_split(model_config)
-  if jax.tree.leaves(rest) and not segmenting:
-    raise NotImplementedError("The model has non-parameter state; the trainer carries params only.")
-  abstract_state = jax.eval_shape(initial_state)
-  # Created, restored and updated already sharded: FSDP over the mesh, never whole on one device.
-  state_shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
-  abstract_state = jax.tree.map(
-    lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), abstract_state, state_shardings
+  task.check_data(info.num_classes, config.dataset)
+  model_config = task.model_config(info.num_classes)
+  tx, schedule = task.optimizer(
+    settings.optimizer, batch_size=config.batch_size, epoch_steps=epoch_steps, total_steps=total_steps
   )
-
-  # ---- Checkpoint: resume or start -------------------------------------------------------
   checkpointer = checkpoint_lib.Checkpointer(
     checkpoint_lib.checkpoint_directory(workdir),
     keep=config.keep_checkpoints,
@@ -374,182 +203,216 @@ def train_and_evaluate(config, workdir: str) -> dict:
     save_every_steps=config.checkpoint_every_steps,
     async_save=config.async_checkpointing,
   )
-  if checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(abstract_state)
-    logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state["step"]))
-    saved_processes = meta.get("process_count", jax.process_count())
-    if saved_processes != jax.process_count() and not config.data_shards:
-      logging.warning(
-        "The checkpoint was written by %d processes, this run has %d: with config.data_shards "
-        "= 0 (one shard per process) the rest of this epoch sees other examples. Set "
-        "config.data_shards to a fixed multiple of both to keep the data order.",
-        saved_processes,
-        jax.process_count(),
-      )
-  else:
-    state = jax.jit(initial_state, out_shardings=state_shardings)()
-    if config.init_from:
-      state["params"] = jax.device_put(
-        _warm_start(config.init_from, state["params"], model_config), state_shardings["params"]
-      )
-      if state["ema"] is not None:
-        state["ema"] = jax.tree.map(jnp.copy, state["params"])
+  graphdef, rest, shardings, state = _restore_or_create(config, task, model_config, tx, mesh, checkpointer)
   start_step = int(jax.device_get(state["step"]))
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
   logging.info(
-    "Model %s: %d parameters; %d steps (%d per epoch), global batch %d.",
+    "Model %s (%s): %d parameters; %d steps (%d per epoch), global batch %d.",
     config.model.variant,
-    num_params,
+    task.name,
+    sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"])),
     total_steps,
     epoch_steps,
     config.batch_size,
   )
-
-  # ---- Steps, data and metrics -----------------------------------------------------------
-  batch_sharding = sharding.batch_sharding(mesh)
-  if segmenting:
-    train_step = steps.make_segmentation_train_step(
-      graphdef,
-      tx,
-      schedule,
-      seed=config.seed,
-      aux_weight=settings.segmentation.aux_weight,
-      class_weight=settings.segmentation.class_weight,
-      input_transform=settings.input_transform,
-      ema_decay=ema_decay,
-      state_shardings=state_shardings,
-      batch_sharding=batch_sharding,
-    )
-    eval_step = _segmentation_eval_step(settings, graphdef, info.num_classes)
-  else:
-    train_step = steps.make_train_step(
-      graphdef,
-      rest,
-      tx,
-      schedule,
-      num_classes=info.num_classes,
-      seed=config.seed,
-      mixup_settings=settings.mixup,
-      input_transform=settings.input_transform,
-      grad_accum_steps=config.grad_accum_steps,
-      ema_decay=ema_decay,
-      state_shardings=state_shardings,
-      batch_sharding=batch_sharding,
-    )
-    eval_step = steps.make_eval_step(graphdef, rest, settings.input_transform)
-  process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-  train_stream = pipeline.create_train_dataset(
-    config, global_batch_size=config.batch_size, start_step=start_step, **process
-  ).as_numpy_iterator()
-  # Uint8 images and labels only, two global batches in flight ahead of the step.
-  train_batches = sharding.prefetch_to_mesh(({"image": b["image"], "label": b["label"]} for b in train_stream), mesh)
-  eval_dataset = pipeline.create_eval_dataset(config, global_batch_size=config.eval_batch_size, **process)
+  train_step = task.make_train_step(
+    graphdef,
+    rest,
+    tx,
+    schedule,
+    num_classes=info.num_classes,
+    seed=config.seed,
+    input_transform=settings.input_transform,
+    ema_decay=config.ema_decay,
+    state_shardings=shardings,
+    batch_sharding=sharding.batch_sharding(mesh),
+  )
+  evaluator = _evaluator(config, settings, graphdef, rest, info.num_classes, mesh)
+  batches = _train_batches(config, start_step, mesh)
   writer = metrics_lib.MetricWriter(workdir)
-  config_json = json.loads(config.to_json_best_effort())
+  return Run(
+    config,
+    task,
+    mesh,
+    epoch_steps,
+    total_steps,
+    model_config,
+    state,
+    train_step,
+    batches,
+    evaluator,
+    checkpointer,
+    writer,
+    workdir / "profile",
+  )
 
-  def evaluate_now(step: int) -> dict:
-    trees = {"eval": state["params"], "ema_eval": state["ema"]}
-    if segmenting:
-      record, _ = _segmentation_record(eval_step, trees, state["model_state"], eval_dataset, mesh)
-    else:
-      record = _evaluation_record(eval_step, trees, eval_dataset, mesh)
-    record = writer.write(step, record)
-    logging.info("step %d: %s", step, record)
-    return record
 
-  def save(step: int, metrics: dict | None = None):
-    _raise_if_nonfinite(state, step)
-    # The live state: Orbax copies it to host memory before `save` returns, so the next step
-    # may donate its buffers (tests/test_checkpoint.py), and no device copy is needed.
-    checkpointer.save(
+def _train_batches(config, start_step: int, mesh):
+  """Global training batches from `start_step` on: uint8 images and labels only, two in flight
+  ahead of the step."""
+  process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+  stream = pipeline.create_train_dataset(config, global_batch_size=config.batch_size, start_step=start_step, **process)
+  return sharding.prefetch_to_mesh(
+    ({"image": b["image"], "label": b["label"]} for b in stream.as_numpy_iterator()), mesh
+  )
+
+
+def evaluate_run(run: Run, step: int) -> dict:
+  """Evaluates the run's parameters and EMA at `step`; writes and returns the record."""
+  trees = {"eval": run.state["params"], "ema_eval": run.state["ema"]}
+  record, _ = run.evaluator.run(trees, run.state.get("model_state", {}))
+  record = run.writer.write(step, record)
+  logging.info("step %d: %s", step, record)
+  return record
+
+
+def save(run: Run, step: int, metrics: dict | None = None) -> None:
+  """Starts saving the train state at `step` (with the evaluation record that ranks it)."""
+  _raise_if_nonfinite(run.state, step)
+  # The live state: Orbax copies it to host memory before `save` returns, so the next step may
+  # donate its buffers (tests/test_checkpoint.py), and no device copy is needed.
+  with jax.transfer_guard("allow"):  # Orbax's device-to-host copies are the point of a save.
+    run.checkpointer.save(
       step,
-      state,
-      model=model_config,
-      config=config_json,
+      run.state,
+      model=run.model_config,
+      config=json.loads(run.config.to_json_best_effort()),
       meta={"process_count": jax.process_count()},
       metrics=metrics,
       force=True,
     )
 
-  # ---- Loop ------------------------------------------------------------------------------
-  progress = None
-  if sys.stdout.isatty() and jax.process_index() == 0:
-    try:
+
+class _Progress:
+  """Train-metric windows: the mean of each metric since the last log, speed and input wait."""
+
+  def __init__(self, run: Run, start_step: int):
+    self.run, self.pending, self.bar = run, [], None
+    if sys.stdout.isatty() and jax.process_index() == 0:
       import tqdm  # Only for interactive runs; logs stay clean otherwise.
 
-      progress = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
-    except ImportError:
-      logging.info("tqdm is not installed: no progress bar.")
-  last_eval: dict = {}
-  pending_metrics = []
-  window_start, window_steps, input_wait = time.perf_counter(), 0, 0.0
-  watcher = preemption.PreemptionWatcher()
+      self.bar = tqdm.tqdm(total=run.total_steps, initial=start_step, dynamic_ncols=True)
+    self.restart()
+
+  def restart(self) -> None:
+    """Keeps what happened until now (evaluation, saving) out of the speed."""
+    self.start, self.steps, self.input_wait = time.perf_counter(), 0, 0.0
+
+  def add(self, metrics, input_wait: float) -> None:
+    self.pending.append(metrics)
+    self.steps += 1
+    self.input_wait += input_wait
+    if self.bar is not None:
+      self.bar.update(1)
+
+  def log(self, done: int) -> None:
+    """Writes the window's record at step `done` (a log point) and starts the next window."""
+    fetched = jax.device_get(self.pending)
+    _raise_if_nonfinite(self.run.state, done)
+    elapsed = time.perf_counter() - self.start
+    record = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
+    record.update(
+      lr=float(fetched[-1]["lr"]),
+      step_time_s=elapsed / self.steps,
+      images_per_s=self.run.config.batch_size * self.steps / elapsed,
+      input_wait_fraction=min(self.input_wait / elapsed, 1.0),
+      epoch=done / self.run.epoch_steps,
+    )
+    record = self.run.writer.write(done, record)
+    if self.bar is not None:
+      self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+    else:
+      logging.info("step %d/%d: %s", done, self.run.total_steps, record)
+    self.pending = []
+    self.restart()
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _profile(run: Run, step: int, active: bool) -> bool:
+  """Starts (at `first`) or stops (at `last`, or the run's end) the jax.profiler trace of
+  config.profile_steps = (first, last) before training step `step`; whether it is tracing."""
+  first, last = run.config.profile_steps or (-1, -1)
+  if not active and step == first:
+    jax.profiler.start_trace(str(run.profile_dir))
+    return True
+  if active and step >= min(last, run.total_steps):
+    jax.profiler.stop_trace()
+    logging.info("Profile of steps %d-%d written to %s.", first, step - 1, run.profile_dir)
+    return False
+  return active
+
+
+def train(run: Run) -> dict:
+  """Trains `run` to its last step (or a preemption notice); returns the last evaluation record.
+
+  Implicit host-device transfers are errors inside the loop (jax.transfer_guard): on a pod they
+  would be silent stalls.
+  """
+  config, start_step = run.config, int(jax.device_get(run.state["step"]))
+  progress, watcher, last_eval = _Progress(run, start_step), preemption.PreemptionWatcher(), {}
+  profiling = False
   try:
-    for step in range(start_step, total_steps):
-      wait_start = time.perf_counter()
-      batch = next(train_batches)
-      input_wait += time.perf_counter() - wait_start
-      with jax.set_mesh(mesh):  # Activation sharding constraints refer to this mesh.
-        state, step_metrics = train_step(state, batch)
-      pending_metrics.append(step_metrics)
-      window_steps += 1
-      done = step + 1
-      is_last = done == total_steps
-      if progress is not None:
-        progress.update(1)
-
-      if done % config.log_every_steps == 0 or is_last:
-        fetched = jax.device_get(pending_metrics)
-        _raise_if_nonfinite(state, done)
-        elapsed = time.perf_counter() - window_start
-        record = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
-        record.update(
-          lr=float(fetched[-1]["lr"]),
-          step_time_s=elapsed / window_steps,
-          images_per_s=config.batch_size * window_steps / elapsed,
-          input_wait_fraction=min(input_wait / elapsed, 1.0),
-          epoch=done / epoch_steps,
-        )
-        record = writer.write(done, record)
-        if progress is not None:
-          progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        else:
-          logging.info("step %d/%d: %s", done, total_steps, record)
-        pending_metrics = []
-        window_start, window_steps, input_wait = time.perf_counter(), 0, 0.0
-
-      evaluated = done % config.eval_every_steps == 0 or is_last
-      if evaluated:
-        last_eval = evaluate_now(done)
-      # The save policy (fixed interval, or the step all processes agreed on after a
-      # preemption notice) is asked on every step by every process; the last step, and every
-      # evaluation when the best checkpoints are kept, are saved regardless.
-      saved = checkpointer.should_save(done) or is_last or (evaluated and config.keep_best_checkpoints > 0)
-      if saved:
-        save(done, metrics=last_eval if evaluated else None)
-      if evaluated or saved:
-        window_start, input_wait = time.perf_counter(), 0.0  # Keep evaluation and saving out of the speed.
-      if not is_last and watcher.should_stop(done):
-        if not saved:
-          save(done)
-        checkpointer.wait()  # The process may be killed soon after: the save must be complete.
-        logging.warning(
-          "Stopped by %s after step %d; checkpoint saved in %s. Run the same command to resume.",
-          watcher.signal_name,
-          done,
-          checkpointer.directory,
-        )
-        break
-    if start_step >= total_steps:
-      logging.info("Already trained %d of %d steps; nothing to do.", start_step, total_steps)
+    with jax.transfer_guard("disallow"):
+      for step in range(start_step, run.total_steps):
+        profiling = _profile(run, step, profiling)
+        wait_start = time.perf_counter()
+        batch = next(run.train_batches)
+        input_wait = time.perf_counter() - wait_start
+        with jax.profiler.StepTraceAnnotation("train", step_num=step), jax.set_mesh(run.mesh):
+          run.state, metrics = run.train_step(run.state, batch)
+        progress.add(metrics, input_wait)
+        done = step + 1
+        is_last = done == run.total_steps
+        if done % config.log_every_steps == 0 or is_last:
+          progress.log(done)
+        evaluated = done % config.eval_every_steps == 0 or is_last
+        if evaluated:
+          last_eval = evaluate_run(run, done)
+        # The save policy (fixed interval, or the step all processes agreed on after a preemption
+        # notice) is asked every step by every process; the last step, and every evaluation when
+        # the best checkpoints are kept, are saved regardless.
+        saved = run.checkpointer.should_save(done) or is_last or (evaluated and config.keep_best_checkpoints > 0)
+        if saved:
+          save(run, done, metrics=last_eval if evaluated else None)
+        if evaluated or saved:
+          progress.restart()
+        if not is_last and watcher.should_stop(done):
+          if not saved:
+            save(run, done)
+          run.checkpointer.wait()  # The process may be killed soon after: the save must be complete.
+          logging.warning(
+            "Stopped by %s after step %d; checkpoint saved in %s. Run the same command to resume.",
+            watcher.signal_name,
+            done,
+            run.checkpointer.directory,
+          )
+          break
+      profiling = _profile(run, run.total_steps, profiling)
+    if start_step >= run.total_steps:
+      logging.info("Already trained %d of %d steps; nothing to do.", start_step, run.total_steps)
   finally:
+    if profiling:
+      jax.profiler.stop_trace()
     watcher.close()
-    if progress is not None:
-      progress.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+    progress.close()
   return last_eval
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last eval.
+
+  Writes WORKDIR/metrics.jsonl (train records: the task's train metrics (loss, grad_norm, lr,
+  ...), images_per_s, step_time_s, input_wait_fraction (of the wall time spent waiting for the
+  next batch), epoch; eval records: eval_<metric> of the task and ema_eval_<metric> when EMA is
+  on, num_examples), TensorBoard events and WORKDIR/checkpoints/.
+  """
+  run = setup(config, workdir)
+  try:
+    return train(run)
+  finally:
+    run.close()
 
 
 def evaluate(config, path: str, split: str | None = None, image_size: int | None = None) -> dict:
@@ -558,67 +421,41 @@ def evaluate(config, path: str, split: str | None = None, image_size: int | None
   error (a head or a position table is never re-initialized or resized on disk).
 
   Runs on the training mesh (config.mesh): the batch is split over every device of every process
-  and the sums are global. `image_size` (default config.image_size) other than the model's
-  resizes the position embeddings on the fly. Returns and logs {step, split, image_size,
-  eval_top1, eval_top5, eval_loss, and ema_eval_* when the checkpoint has an EMA, num_examples};
-  a segmenter's record has eval_miou, eval_macc, eval_aacc and eval_iou ({class name: IoU}),
-  and ema_eval_* likewise, at the evaluation scale of config.seg_aug (no `image_size`).
-  When `path` is a training workdir the record is appended to its metrics.jsonl.
+  and the sums are global. `image_size` (default config.image_size; classification only) other
+  than the model's resizes the position embeddings on the fly. Returns and logs {step, split,
+  image_size, the task's eval_<metric> (and ema_eval_<metric> when the checkpoint has an EMA),
+  num_examples} and the task's per-class details (a segmenter's eval_iou: {class name: IoU}).
+  When `path` is a training workdir the scalar record is appended to its metrics.jsonl.
   """
-  settings = Settings.from_config(config)
-  split = split or config.eval_split
-  segmenting = settings.segmentation is not None
-  if segmenting and image_size is not None:
-    raise checks.SettingError(
-      "eval_image_size", image_size, "is for classifiers; a segmenter is evaluated at config.seg_aug.eval_scale"
-    )
-  image_size = image_size or config.image_size
-  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
-  sharding.check_batch_divisible(config.eval_batch_size, mesh, "config.eval_batch_size")
+  settings, split = Settings.from_config(config), split or config.eval_split
+  image_size = int(image_size or config.image_size)
+  mesh = _mesh(config)
   info = pipeline.get_dataset_info(config.dataset, config.data_dir)
-  graphdef, abstract_params, rest = _abstract_split(settings.model_config(info.num_classes))
-  shardings = sharding.state_shardings(abstract_params, mesh, config.mesh.fsdp_min_size)
-  saved = checkpoint_lib.read_weights(path)
-  trees = {}
-  for prefix, tree, source in (("eval", saved.params, str(path)), ("ema_eval", saved.ema, f"{path} (EMA)")):
-    if tree is not None:
-      trees[prefix] = jax.device_put(
-        params_lib.fill(abstract_params, params_lib.flatten(tree), source=source), shardings
-      )
-  eval_dataset = pipeline.create_eval_dataset(
-    config,
-    split=split,
-    global_batch_size=config.eval_batch_size,
-    image_size=image_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+  graphdef, abstract_params, rest = steps.split_model(
+    params_lib.abstract_model(settings.task.model_config(info.num_classes))
   )
-  if segmenting:
+  saved = checkpoint_lib.read_weights(path)
+
+  def placed(abstract, tree, source):
+    filled = params_lib.fill(abstract, params_lib.flatten(tree), source=source)
+    return jax.device_put(filled, sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size))
+
+  trees = {"eval": placed(abstract_params, saved.params, str(path))}
+  if saved.ema is not None:
+    trees["ema_eval"] = placed(abstract_params, saved.ema, f"{path} (EMA)")
+  model_state = nnx.to_pure_dict(rest)
+  if jax.tree.leaves(model_state):
     if saved.model_state is None:
-      raise ValueError(f"{path} holds no BatchNorm statistics (model_state): it is not a segmenter's checkpoint.")
-    abstract_state = nnx.to_pure_dict(rest)
-    model_state = jax.device_put(
-      params_lib.fill(abstract_state, params_lib.flatten(saved.model_state), source=f"{path} (model_state)"),
-      sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size),
-    )
-    record = {"split": split}
-    eval_step = _segmentation_eval_step(settings, graphdef, info.num_classes)
-    metrics, per_class = _segmentation_record(
-      eval_step, trees, model_state, eval_dataset, mesh, pipeline.class_names(config.dataset)
-    )
-    record.update(metrics)
-  else:
-    record = {"split": split, "image_size": int(image_size)}
-    eval_step = steps.make_eval_step(graphdef, rest, settings.input_transform)
-    record.update(_evaluation_record(eval_step, trees, eval_dataset, mesh))
-    per_class = {}
+      raise ValueError(f"{path} holds no model_state (BatchNorm statistics), which this model needs.")
+    model_state = placed(model_state, saved.model_state, f"{path} (model_state)")
+  evaluator = _evaluator(config, settings, graphdef, rest, info.num_classes, mesh, split=split, image_size=image_size)
+  record, details = evaluator.run(trees, model_state)
+  record = {"split": split, "image_size": image_size, **record}
   workdir = saved.directory.parent
   if saved.directory.name == checkpoint_lib.CHECKPOINT_DIR and (workdir / metrics_lib.METRICS_FILE).exists():
     record = metrics_lib.MetricWriter(workdir, tensorboard=False).write(saved.step, record)
   else:
     record = {"step": saved.step, **record}
-  # Per-class IoU (NaN for a class absent from labels and predictions) in the returned record
-  # and the log; metrics.jsonl holds scalars.
-  record.update(per_class)
+  record.update(details)  # Per-class values in the returned record and the log; metrics.jsonl holds scalars.
   logging.info("evaluate: %s", record)
   return record

@@ -35,10 +35,6 @@ from shufflemamba_jax.weights import params as params_lib
 CHECKPOINT_DIR = "checkpoints"
 _JSON_ITEMS = ("model", "config", "meta")
 _READ_ONLY = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-# Evaluation metrics that can rank checkpoints (higher is better).
-CLASSIFICATION_METRICS = ("eval_top1", "eval_top5", "ema_eval_top1", "ema_eval_top5")
-SEGMENTATION_METRICS = ("eval_miou", "eval_macc", "eval_aacc", "ema_eval_miou", "ema_eval_macc", "ema_eval_aacc")
-BEST_METRICS = CLASSIFICATION_METRICS + SEGMENTATION_METRICS
 
 
 def _absolute(path) -> epath.Path:
@@ -58,12 +54,11 @@ def _handlers(state_handler=None) -> dict:
   }
 
 
-def check_keep_policy(keep: int, keep_best: int, best_metric: str) -> None:
-  """Validates what `Checkpointer` keeps, naming the training config's fields."""
+def check_keep_policy(keep: int, keep_best: int) -> None:
+  """Validates what `Checkpointer` keeps, naming the training config's fields (the task checks
+  config.best_metric, the name of one of its evaluation metrics)."""
   checks.integer("config.keep_checkpoints", keep)
   checks.integer("config.keep_best_checkpoints", keep_best, minimum=0)
-  if keep_best:
-    checks.one_of("config.best_metric", best_metric, BEST_METRICS)
 
 
 def resolve(path: str) -> tuple[epath.Path, int | None]:
@@ -102,7 +97,7 @@ class Checkpointer:
     """`keep`: newest checkpoints kept; `keep_best`: best by `best_metric` (higher is better)
     kept besides them; `save_every_steps`: the fixed interval of `should_save` (None: only
     preemption); `read_only`: open an existing directory for reading only."""
-    check_keep_policy(keep, keep_best, best_metric)
+    check_keep_policy(keep, keep_best)
     save_policies = [checkpoint_managers.PreemptionCheckpointingPolicy()]
     if save_every_steps:
       save_policies.append(checkpoint_managers.FixedIntervalPolicy(save_every_steps))

@@ -1,0 +1,28 @@
+"""The tasks of the training loop (`base.Task`): classification and semantic segmentation.
+
+A config names its task in `config.task`, or leaves it None to take its dataset's: segmentation
+for a label-map dataset (`pipeline.SEGMENTATION_DATASETS`), classification otherwise.
+"""
+
+from shufflemamba_jax import checks
+from shufflemamba_jax.data import pipeline
+from shufflemamba_jax.training.tasks import base, classification, segmentation
+
+TASKS = {task.name: task for task in (classification.ClassificationTask, segmentation.SegmentationTask)}
+
+
+def name_of(config) -> str:
+  """The task of a training config: config.task, else the task of config.dataset."""
+  if config.get("task") is not None:
+    return checks.one_of("config.task", config.task, TASKS)
+  return segmentation.SegmentationTask.name if config.dataset in pipeline.SEGMENTATION_DATASETS else "classification"
+
+
+def from_config(config) -> base.Task:
+  """The task of a training config, its settings checked (a SettingError names a bad field)."""
+  return TASKS[name_of(config)].from_config(config)
+
+
+def of_saved(saved) -> type[base.Task]:
+  """The task class whose model a checkpoint holds (`weights.SavedWeights`)."""
+  return segmentation.SegmentationTask if saved.is_segmenter else classification.ClassificationTask

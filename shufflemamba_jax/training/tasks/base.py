@@ -1,0 +1,103 @@
+"""What the training loop asks of a task (`Task`), and what every task shares.
+
+A task owns its model (and warm start), the train state's extra collections, its loss and train
+metrics, its evaluation (per-batch sums under `jit` on the global batch, so already summed over
+every process, then one reduction of the totals) with its metric names, and what `predict`
+writes. The trainer knows none of them: it calls these methods (big_vision's evaluators).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import optax
+from flax import nnx
+
+from shufflemamba_jax import checks
+from shufflemamba_jax.data import device
+from shufflemamba_jax.models import variants, vim
+from shufflemamba_jax.training import optim
+
+# Prefixes of the evaluation records of the parameters and of their EMA.
+EVAL_PREFIXES = ("eval", "ema_eval")
+# Model settings whose config field is not `model.<name>`.
+_MODEL_CONFIG_FIELDS = {
+  "img_size": "image_size",
+  "variant": "model.variant",
+  **{f"slws_{name}": f"model.slws.{name}" for name in ("max_prob", "schedule", "group_size")},
+}
+
+
+class Task(Protocol):
+  """One task of the training loop; `from_config(config)` builds it and checks its settings."""
+
+  name: str
+  ranking_metrics: tuple[str, ...]  # Evaluation metrics that can rank checkpoints (higher is better).
+
+  def model_config(self, num_classes: int) -> Any:
+    """The model of the run for a dataset of `num_classes` classes."""
+
+  def create_model(self, model_config, rngs: nnx.Rngs) -> nnx.Module:
+    """A fresh model; its non-parameter state (BatchNorm statistics) becomes the train state's
+    `model_state`."""
+
+  def check_data(self, num_classes: int, dataset: str) -> None:
+    """Raises a SettingError if a setting does not fit the dataset."""
+
+  def optimizer(
+    self, settings: optim.OptimizerSettings, *, batch_size: int, epoch_steps: int, total_steps: int
+  ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The task's recipe: (optimizer, learning-rate schedule)."""
+
+  def warm_start(self, path: str, params: dict, model_config) -> dict:
+    """`params` filled from the checkpoint at `path` (config.init_from)."""
+
+  def make_train_step(self, graphdef, rest, tx, schedule, **common) -> Callable:
+    """`train_step(state, batch) -> (state, metrics)`, jitted. `common`: num_classes, seed,
+    input_transform, ema_decay, state_shardings, batch_sharding."""
+
+  def eval_sums(self, graphdef, rest, num_classes: int, transform: device.DeviceTransform) -> Callable:
+    """`sums(params, model_state, batch) -> {name: array}`: a global batch's contribution to the
+    evaluation totals (traced under `jit`; padding examples, mask 0, count for nothing)."""
+
+  def reduce(self, totals: dict) -> tuple[dict, dict]:
+    """(scalar metrics, per-class details) of the totals of a whole split."""
+
+  @staticmethod
+  def predict(saved, paths: list[str], options) -> int:
+    """Writes the predictions of the saved model for the image files `paths`; the exit code."""
+
+
+def best_metrics(task: Task) -> tuple[str, ...]:
+  """The record names of `task` that config.best_metric may take."""
+  return tuple(f"{prefix}_{name}" for prefix in EVAL_PREFIXES for name in task.ranking_metrics)
+
+
+def backbone_config(config, num_classes: int | None = None) -> vim.VisionMambaConfig:
+  """The VisionMambaConfig of `config.model` (None fields keep the variant's) at config.image_size.
+
+  A bad value raises a SettingError naming the config field (e.g. config.model.slws.max_prob).
+  """
+  overrides = {
+    name: value for name, value in config.model.items() if name not in ("variant", "slws") and value is not None
+  }
+  overrides.update({f"slws_{name}": value for name, value in config.model.slws.items() if value is not None})
+  if num_classes is not None:
+    overrides["num_classes"] = num_classes
+  try:
+    return variants.model_config(config.model.variant, img_size=config.image_size, **overrides)
+  except checks.SettingError as error:
+    field = _MODEL_CONFIG_FIELDS.get(error.setting, f"model.{error.setting}")
+    raise checks.SettingError(f"config.{field}", error.value, error.requirement) from None
+
+
+def require_off(config, names: tuple[str, ...], task: str, value=0) -> None:
+  """Raises a SettingError for the first dotted config field of `names` that is not `value`: a
+  setting the task would otherwise ignore silently."""
+  for name in names:
+    current = config
+    for part in name.split("."):
+      current = current[part]
+    if current != value:
+      raise checks.SettingError(f"config.{name}", current, f"must be {value} for {task}")
