@@ -305,8 +305,37 @@ def test_two_processes_evaluate_like_one_device(trained_workdir, data_dir, tmp_p
 
 def test_an_epoch_counts_the_configured_train_split(tmp_path, data_dir):
   """config.train_split may be a TFDS slice: the epoch (and the warmup in epochs) counts its size,
-  here 718 images, 22 steps of 32, not the 1437 of the whole train split."""
-  config = _digits_config(data_dir, train_split="train[:50%]", total_steps=1, log_every_steps=1)
+  here 718 images, 22 steps of 32, not the 1437 of the whole train split (checked on the built run,
+  before any step)."""
+  run = trainer.setup(_digits_config(data_dir, train_split="train[:50%]", total_steps=1), str(tmp_path))
+  try:
+    assert (run.epoch_steps, run.total_steps) == (22, 1)
+  finally:
+    run.close()
+  run = trainer.setup(
+    _digits_config(data_dir, train_split="train[:50%]", total_steps=None, num_epochs=2), str(tmp_path)
+  )
+  try:
+    assert run.total_steps == 44
+  finally:
+    run.close()
+
+
+def test_an_implicit_transfer_in_the_loop_is_an_error(tmp_path, data_dir, monkeypatch):
+  """jax.transfer_guard("disallow") holds around the training loop: a host value mixed into a
+  device array there (here, in the metric window) fails instead of stalling a pod silently."""
+  import jax
+
+  add = trainer._Progress.add
+  monkeypatch.setattr(trainer._Progress, "add", lambda self, metrics, wait: add(self, metrics["loss"] * 2.0, wait))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="Disallowed host-to-device transfer"):
+    trainer.train_and_evaluate(_digits_config(data_dir, total_steps=1), str(tmp_path))
+
+
+def test_profile_steps_write_a_trace(tmp_path, data_dir):
+  """config.profile_steps = (1, 3) traces steps 1 and 2 into WORKDIR/profile."""
+  config = _digits_config(data_dir, total_steps=3, eval_every_steps=100, checkpoint_every_steps=100)
+  config.profile_steps = (1, 3)
   trainer.train_and_evaluate(config, str(tmp_path))
-  (record,) = [r for r in metrics_lib.read_metrics(tmp_path) if "loss" in r]
-  assert record["epoch"] == 1 / 22
+  traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
