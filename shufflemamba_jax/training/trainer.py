@@ -173,21 +173,22 @@ def _restore_or_create(config, task: base.Task, model_config, tx, mesh, checkpoi
   return graphdef, rest, shardings, state
 
 
+def _run_length(config, num_train: int) -> tuple[int, int]:
+  """(steps per epoch, total steps) of training on `num_train` examples."""
+  if config.batch_size > num_train:
+    examples = f"the {num_train} examples of {config.dataset}:{config.train_split}"
+    raise checks.SettingError("config.batch_size", config.batch_size, f"exceeds {examples}")
+  epoch_steps = num_train // config.batch_size  # The pipeline drops the remainder: static shapes.
+  return epoch_steps, config.total_steps or math.ceil(config.num_epochs * epoch_steps)
+
+
 def setup(config, workdir: str) -> Run:
   """Builds the run of `config` in `workdir`: the latest checkpoint there is resumed."""
   settings = Settings.from_config(config)
   task, workdir = settings.task, epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   info = pipeline.get_dataset_info(config.dataset, config.data_dir)
-  num_train = info.num_examples(config.train_split)
-  if config.batch_size > num_train:
-    raise checks.SettingError(
-      "config.batch_size",
-      config.batch_size,
-      f"exceeds the {num_train} examples of {config.dataset}:{config.train_split}",
-    )
-  epoch_steps = num_train // config.batch_size  # The pipeline drops the remainder: static shapes.
-  total_steps = config.total_steps or math.ceil(config.num_epochs * epoch_steps)
+  epoch_steps, total_steps = _run_length(config, info.num_examples(config.train_split))
   mesh = _mesh(config)
   sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
   task.check_data(info.num_classes, config.dataset)
@@ -204,46 +205,19 @@ def setup(config, workdir: str) -> Run:
     async_save=config.async_checkpointing,
   )
   graphdef, rest, shardings, state = _restore_or_create(config, task, model_config, tx, mesh, checkpointer)
-  start_step = int(jax.device_get(state["step"]))
   logging.info(
     "Model %s (%s): %d parameters; %d steps (%d per epoch), global batch %d.",
-    config.model.variant,
-    task.name,
-    sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"])),
-    total_steps,
-    epoch_steps,
-    config.batch_size,
+    *(config.model.variant, task.name, sum(x.size for x in jax.tree.leaves(state["params"]))),
+    *(total_steps, epoch_steps, config.batch_size),
   )
-  train_step = task.make_train_step(
-    graphdef,
-    rest,
-    tx,
-    schedule,
-    num_classes=info.num_classes,
-    seed=config.seed,
-    input_transform=settings.input_transform,
-    ema_decay=config.ema_decay,
-    state_shardings=shardings,
-    batch_sharding=sharding.batch_sharding(mesh),
-  )
+  options = dict(num_classes=info.num_classes, seed=config.seed, input_transform=settings.input_transform)
+  options.update(ema_decay=config.ema_decay, state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh))
+  train_step = task.make_train_step(graphdef, rest, tx, schedule, **options)
   evaluator = _evaluator(config, settings, graphdef, rest, info.num_classes, mesh)
-  batches = _train_batches(config, start_step, mesh)
+  batches = _train_batches(config, int(jax.device_get(state["step"])), mesh)
   writer = metrics_lib.MetricWriter(workdir)
-  return Run(
-    config,
-    task,
-    mesh,
-    epoch_steps,
-    total_steps,
-    model_config,
-    state,
-    train_step,
-    batches,
-    evaluator,
-    checkpointer,
-    writer,
-    workdir / "profile",
-  )
+  run = (config, task, mesh, epoch_steps, total_steps, model_config, state, train_step, batches, evaluator)
+  return Run(*run, checkpointer, writer, workdir / "profile")
 
 
 def _train_batches(config, start_step: int, mesh):
@@ -421,10 +395,10 @@ def evaluate(config, path: str, split: str | None = None, image_size: int | None
   error (a head or a position table is never re-initialized or resized on disk).
 
   Runs on the training mesh (config.mesh): the batch is split over every device of every process
-  and the sums are global. `image_size` (default config.image_size; classification only) other
-  than the model's resizes the position embeddings on the fly. Returns and logs {step, split,
+  and the sums are global. `image_size` (default config.image_size; a dataset of label maps
+  refuses another) other than the model's resizes the position embeddings on the fly. Returns and logs {step, split,
   image_size, the task's eval_<metric> (and ema_eval_<metric> when the checkpoint has an EMA),
-  num_examples} and the task's per-class details (a segmenter's eval_iou: {class name: IoU}).
+  num_examples} and the task's per-class details (<prefix>_<detail>: {class name: value}).
   When `path` is a training workdir the scalar record is appended to its metrics.jsonl.
   """
   settings, split = Settings.from_config(config), split or config.eval_split
@@ -446,7 +420,7 @@ def evaluate(config, path: str, split: str | None = None, image_size: int | None
   model_state = nnx.to_pure_dict(rest)
   if jax.tree.leaves(model_state):
     if saved.model_state is None:
-      raise ValueError(f"{path} holds no model_state (BatchNorm statistics), which this model needs.")
+      raise ValueError(f"{path} holds no model_state (non-parameter state), which this model needs.")
     model_state = placed(model_state, saved.model_state, f"{path} (model_state)")
   evaluator = _evaluator(config, settings, graphdef, rest, info.num_classes, mesh, split=split, image_size=image_size)
   record, details = evaluator.run(trees, model_state)
