@@ -4,17 +4,10 @@
   python -m shufflemamba_jax.predict --checkpoint=SEG_WORKDIR --output-dir=OUT scene.jpg FOLDER/
 
 `--checkpoint` is a training workdir (or its checkpoints/ folder, or one step folder) or a
-directory written by `shufflemamba_jax.convert`. Images (files, or every image in a folder) are
-preprocessed by the evaluation transform itself (`pipeline.eval_image`: bicubic resize for the
-run's crop ratio, center crop) and normalized on the device, as in evaluation, so a served model
-sees exactly the pixels it was scored on. They go through the model in batches of one shape:
-one compilation per image size.
-
-A segmentation checkpoint (a UperNet) writes OUT/<image name>.png instead: the predicted label
-map at the image's own size, colour-coded (`training.tasks.segmentation.colorize`, one VOC palette
-colour per class). Images go through evaluation's transform (`segment_augment.eval_pair`: resize
-to the run's seg_aug.eval_scale, pad to its eval_canvas), then the run's sliding windows (or the
-whole image), and the logits of the resized image are resized back (bilinear) before the argmax.
+directory written by `shufflemamba_jax.convert`; images are files, or folders standing for every
+image in them. The task of the saved model writes the predictions (`training/tasks/`): a
+classifier prints the top-k classes of each image, preprocessed by evaluation's own transform; a
+segmenter writes OUT/<image name>.png, the colour-coded label map at the image's own size.
 """
 
 from __future__ import annotations

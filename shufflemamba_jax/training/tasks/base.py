@@ -35,38 +35,30 @@ class Task(Protocol):
   name: str
   ranking_metrics: tuple[str, ...]  # Evaluation metrics that can rank checkpoints (higher is better).
 
-  def model_config(self, num_classes: int) -> Any:
-    """The model of the run for a dataset of `num_classes` classes."""
+  def model_config(self, num_classes: int) -> Any: ...  # The run's model for a dataset of num_classes.
 
-  def create_model(self, model_config, rngs: nnx.Rngs) -> nnx.Module:
-    """A fresh model; its non-parameter state (BatchNorm statistics) becomes the train state's
-    `model_state`."""
+  def create_model(self, model_config, rngs: nnx.Rngs) -> nnx.Module: ...  # Its other state: `model_state`.
 
-  def check_data(self, num_classes: int, dataset: str) -> None:
-    """Raises a SettingError if a setting does not fit the dataset."""
+  def check_data(self, num_classes: int, dataset: str) -> None: ...  # A SettingError if a setting does not fit.
 
   def optimizer(
     self, settings: optim.OptimizerSettings, *, batch_size: int, epoch_steps: int, total_steps: int
-  ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The task's recipe: (optimizer, learning-rate schedule)."""
+  ) -> tuple[optax.GradientTransformation, optax.Schedule]: ...
 
-  def warm_start(self, path: str, params: dict, model_config) -> dict:
-    """`params` filled from the checkpoint at `path` (config.init_from)."""
+  def warm_start(self, path: str, params: dict, model_config) -> dict: ...  # `params` filled from config.init_from.
 
-  def make_train_step(self, graphdef, rest, tx, schedule, **common) -> Callable:
-    """`train_step(state, batch) -> (state, metrics)`, jitted. `common`: num_classes, seed,
+  def make_train_step(self, graphdef, rest, tx, schedule, **options) -> Callable:
+    """Jitted `train_step(state, batch) -> (state, metrics)`; options: num_classes, seed,
     input_transform, ema_decay, state_shardings, batch_sharding."""
 
   def eval_sums(self, graphdef, rest, num_classes: int, transform: device.DeviceTransform) -> Callable:
-    """`sums(params, model_state, batch) -> {name: array}`: a global batch's contribution to the
-    evaluation totals (traced under `jit`; padding examples, mask 0, count for nothing)."""
+    """`sums(params, model_state, batch) -> {name: array}`, traced under `jit`: a global batch's
+    share of the evaluation totals (padding examples, mask 0, count for nothing)."""
 
-  def reduce(self, totals: dict) -> tuple[dict, dict]:
-    """(scalar metrics, per-class details) of the totals of a whole split."""
+  def reduce(self, totals: dict) -> tuple[dict, dict]: ...  # (scalar metrics, per-class details) of a split.
 
   @staticmethod
-  def predict(saved, paths: list[str], options) -> int:
-    """Writes the predictions of the saved model for the image files `paths`; the exit code."""
+  def predict(saved, paths: list[str], options) -> int: ...  # Writes predictions of `paths`; the exit code.
 
 
 def best_metrics(task: Task) -> tuple[str, ...]:
