@@ -4,9 +4,10 @@ the prepared datasets of data_fixtures.py for every test that asks for them.
 XLA reads its flags once, when JAX initializes its backend, so they are set before any test
 imports jax. Unsharded computations still run on one device. The tests' tiny models spend most
 of their time in XLA's compiler, which LLVM optimization level 0 halves (measured: 4.8 s -> 2.5 s
-for a width-48 training gradient); it changes how fast the code runs, not what it computes. Many
-tests (and the training runs they
-start as subprocesses, which inherit the environment) compile the same digits train step:
+for a width-48 training gradient). SHUFFLEMAMBA_TEST_OPT_LEVEL=default keeps XLA's default level,
+as in production: test_production_flags.py reruns the numerics that must hold there (mesh
+equivalence, bitwise resume, the Pallas model step) that way. Many tests (and the training runs
+they start as subprocesses, which inherit the environment) compile the same digits train step:
 JAX's persistent compilation cache, in a fresh folder per session, compiles each program once.
 """
 
@@ -16,7 +17,12 @@ import shutil
 import tempfile
 
 FAST_COMPILE = "--xla_backend_optimization_level=0"
+OPT_LEVEL = os.environ.setdefault("SHUFFLEMAMBA_TEST_OPT_LEVEL", "fast")
+if OPT_LEVEL not in ("fast", "default"):
+  raise ValueError(f"SHUFFLEMAMBA_TEST_OPT_LEVEL must be 'fast' or 'default', not {OPT_LEVEL!r}")
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+if OPT_LEVEL == "default":  # Also strips the flag that a parent test session's environment passed down.
+  os.environ["XLA_FLAGS"] = " ".join(flag for flag in os.environ["XLA_FLAGS"].split() if flag != FAST_COMPILE)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="shufflemamba_jax_test_cache_")

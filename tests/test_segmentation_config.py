@@ -46,7 +46,9 @@ def test_ade20k_variant_builds_the_reference_recipe(variant):
   seg = settings.task
   assert (seg.warmup_steps, seg.warmup_factor, seg.poly_power, seg.aux_weight) == (1500, 1e-6, 1.0, 0.4)
   assert (seg.eval_crop, seg.eval_stride) == ((512, 512), (341, 341))
-  _, schedule = seg.optimizer(settings.optimizer, batch_size=config.batch_size, epoch_steps=1, total_steps=config.total_steps)
+  _, schedule = seg.optimizer(
+    settings.optimizer, batch_size=config.batch_size, epoch_steps=1, total_steps=config.total_steps
+  )
   assert float(schedule(0)) == pytest.approx(settings.optimizer.lr * 1e-6)
   assert float(schedule(1500)) == pytest.approx(settings.optimizer.lr)
   assert float(schedule(160_000)) == 0.0

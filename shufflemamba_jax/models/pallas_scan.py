@@ -27,7 +27,6 @@ exactly zero and they add nothing to any gradient.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -767,10 +766,9 @@ def pallas_selective_scan(
     return _scan(x["u"], x["delta"], x["z"], x["A"], x["B"], x["C"], x["D"], x["delta_bias"], *settings)
 
   present = {name: x for name, x in args.items() if x is not None}
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = sharding.BATCH_AXES
-  if mesh.empty or not set(axes) <= set(mesh.axis_names) or u.shape[0] % math.prod(mesh.shape[a] for a in axes):
+  if sharding.batch_mesh(u.shape[0]) is None:
     return run(**present)
+  axes = sharding.BATCH_AXES
   # XLA cannot partition a kernel's custom call: it would gather the whole batch onto every device.
   # Each device scans its own part of the batch instead (check_vma off: pallas_call's outputs carry no
   # varying-axes types; the gradients of A, D and delta_bias are summed over the devices all the same).

@@ -151,15 +151,6 @@ def _classifier(in_features: int, config: UperNetConfig, rngs: nnx.Rngs) -> nnx.
   )
 
 
-def channel_dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """PyTorch's Dropout2d on (batch, H, W, C): whole channels of a sample are zeroed, the rest rescaled."""
-  if key is None or rate == 0:
-    return x
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(key, keep, (x.shape[0], 1, 1, x.shape[-1]))
-  return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
-
-
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """(batch, h, w, C) -> (batch, *size, C), PyTorch's `interpolate(bilinear, align_corners=False)`.
 
@@ -237,6 +228,8 @@ class UperHead(nnx.Module):
       setattr(self, f"lateral{level}", ConvNormReLU(dim, channels, 1, config, rngs=rngs))
       setattr(self, f"fpn{level}", ConvNormReLU(channels, channels, 3, config, rngs=rngs))
     self.fpn_bottleneck = ConvNormReLU(NUM_LEVELS * channels, channels, 3, config, rngs=rngs)
+    # PyTorch's Dropout2d: whole channels of a sample; the key comes at call time (None = eval), so no RngStream state.
+    self.dropout = nnx.Dropout(config.dropout, broadcast_dims=(1, 2))
     self.classifier = _classifier(channels, config, rngs)
 
   def __call__(self, levels: list[jax.Array], *, train: bool, key: jax.Array | None) -> jax.Array:
@@ -253,19 +246,19 @@ class UperHead(nnx.Module):
     outputs = [getattr(self, f"fpn{i}")(lateral, train) for i, lateral in enumerate(laterals[:-1])] + [laterals[-1]]
     finest = outputs[0].shape[1:3]
     fused = self.fpn_bottleneck(jnp.concatenate([resize_bilinear(x, finest) for x in outputs], axis=-1), train)
-    return self.classifier(channel_dropout(fused, self.config.dropout, key))
+    return self.classifier(self.dropout(fused, deterministic=key is None, rngs=key))
 
 
 class FCNHead(nnx.Module):
   """mmseg's FCNHead with one conv: 3x3 ConvModule -> dropout -> classifier, (batch, h, w, D) -> logits."""
 
   def __init__(self, config: UperNetConfig, *, rngs: nnx.Rngs):
-    self.config = config
     self.conv = ConvNormReLU(config.backbone.embed_dim, config.aux_channels, 3, config, rngs=rngs)
+    self.dropout = nnx.Dropout(config.dropout, broadcast_dims=(1, 2))  # As UperHead's.
     self.classifier = _classifier(config.aux_channels, config, rngs)
 
   def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None) -> jax.Array:
-    return self.classifier(channel_dropout(self.conv(x, train), self.config.dropout, key))
+    return self.classifier(self.dropout(self.conv(x, train), deterministic=key is None, rngs=key))
 
 
 class UperNet(nnx.Module):

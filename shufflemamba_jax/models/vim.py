@@ -37,7 +37,8 @@ LAYERS = "layers"
 class VisionMambaConfig:
   """Every setting of a Vim / ShuffleMamba / ShuffleMamba-Reg model (see SPEC §2).
 
-  A bad value raises a `checks.SettingError` that names the field.
+  A bad value raises a `checks.SettingError` that names the field. `shuffle_probs`, derived from
+  the slws_* fields, is each layer's SLWS probability, (depth,) Python floats.
   """
 
   img_size: int = 224
@@ -88,7 +89,9 @@ class VisionMambaConfig:
       )
     checks.one_of("norm", self.norm, NORMS)
     checks.number("drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
-    slws.layer_shuffle_probabilities(self.depth, self.slws_max_prob, self.slws_schedule)
+    # An attribute, not a field: asdict (saved in checkpoints), == and hash ignore it.
+    probs = slws.layer_shuffle_probabilities(self.depth, self.slws_max_prob, self.slws_schedule)
+    object.__setattr__(self, "shuffle_probs", tuple(map(float, probs)))
     checks.one_of("scan_method", self.scan_method, ssm.SCAN_METHODS)
     if not isinstance(self.remat, (bool, np.bool_)):
       raise checks.SettingError("remat", self.remat, "must be True or False")
@@ -220,9 +223,6 @@ class VisionMamba(nnx.Module):
       )
     self.head = classification_head(config, rngs)
     # Per-layer schedules are static tuples (not arrays), so they are no part of the model state.
-    self.shuffle_probs = tuple(
-      map(float, slws.layer_shuffle_probabilities(config.depth, config.slws_max_prob, config.slws_schedule))
-    )
     rates = np.linspace(0.0, config.drop_path_rate, config.depth)
     # The reference drops block i-1's output inside block i with rate [0] + rates; the last
     # block's output is dropped at the final add with the full rate.
@@ -319,7 +319,7 @@ class VisionMamba(nnx.Module):
     xs = (
       layer_state,
       jnp.arange(config.depth),
-      jnp.asarray(self.shuffle_probs, jnp.float32),
+      jnp.asarray(config.shuffle_probs, jnp.float32),
       jnp.asarray(self.block_drop_rates, jnp.float32),
     )
     carry = (hidden, jnp.zeros(hidden.shape, jnp.float32))

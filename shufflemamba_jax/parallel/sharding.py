@@ -103,9 +103,12 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, name: str = "batch_size
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's slice of the batch into global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
-  return {
-    name: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for name, value in local_batch.items()
-  }
+  # The one intended host-to-device copy of a step (which the training loop's transfer guard
+  # would refuse on several processes, where the copy is not a plain device_put).
+  with jax.transfer_guard_host_to_device("allow"):
+    return {
+      name: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for name, value in local_batch.items()
+    }
 
 
 def prefetch_to_mesh(local_batches: Iterator[dict[str, np.ndarray]], mesh: Mesh, size: int = 2):
@@ -122,11 +125,16 @@ def prefetch_to_mesh(local_batches: Iterator[dict[str, np.ndarray]], mesh: Mesh,
   yield from queue
 
 
-def _constrain(tree, spec: P):
+def batch_mesh(batch_size: int | None = None):
+  """The active abstract mesh if it has the batch axes (and they split `batch_size` evenly, if given), else None."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-    return tree
-  return jax.lax.with_sharding_constraint(tree, spec)
+    return None
+  return None if batch_size is not None and batch_size % math.prod(mesh.shape[a] for a in BATCH_AXES) else mesh
+
+
+def _constrain(tree, spec: P):
+  return tree if batch_mesh() is None else jax.lax.with_sharding_constraint(tree, spec)
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
