@@ -38,6 +38,13 @@ def number(setting: str, value, low: float = 0.0, high: float = math.inf, *, hig
   return float(value)
 
 
+def size_pair(setting: str, value) -> tuple[int, int]:
+  """`value` as (height, width) if it is two integers >= 1."""
+  if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+    raise SettingError(setting, value, "must be two sizes, (height, width)")
+  return tuple(integer(setting, side) for side in value)
+
+
 def one_of(setting: str, value, choices: Collection):
   """`value` if it is one of `choices`."""
   if value not in choices:

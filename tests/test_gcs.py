@@ -6,7 +6,9 @@ through the command line, as on a pod, in a working folder of their own: no loca
 "gs:" may appear there.
 """
 
+import os
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -16,8 +18,10 @@ import numpy as np
 import pytest
 from etils import epath
 
+from shufflemamba_jax import main as main_lib
 from shufflemamba_jax.training import metrics as metrics_lib
 from shufflemamba_jax.training import trainer
+from shufflemamba_jax.training.tasks import classification
 from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 
 from digits_runs import ROOT, SHORT, digits_config, main_command, stop_with_sigterm_after_first_metrics, without_timings
@@ -122,10 +126,9 @@ def test_gs_checkpoints_load_predict_evaluate_convert_and_initialize_training(gc
   with epath.Path(f"{BUCKET_URL}/images/digit.png").open("wb") as file:
     Image.fromarray(pixels).save(file, format="PNG")
   model = smj.load_model(workdir)
-  from shufflemamba_jax import predict
   from shufflemamba_jax.data import device
 
-  images, ok = next(predict.image_batches([f"{BUCKET_URL}/images/digit.png"], 16, crop_ratio=1.0))
+  images, ok = next(classification.image_batches([f"{BUCKET_URL}/images/digit.png"], 16, crop_ratio=1.0))
   assert ok.all()
   expected = int(np.argmax(model(device.normalize(images))[0]))
   command = [sys.executable, "-m", "shufflemamba_jax.predict", f"--checkpoint={workdir}", "--json"]
@@ -233,3 +236,39 @@ def test_a_bucket_that_refuses_writes_stops_the_run_naming_the_path_and_the_run_
   assert status == 0, output[-4000:]
   assert f"Resumed from {workdir}/checkpoints at step {complete}" in output
   assert [record["step"] for record in metrics_lib.read_metrics(workdir) if "loss" in record][-1] == 48
+
+
+@pytest.mark.parametrize("where", ["closed_port", "missing_bucket", "refused_writes"])
+def test_a_workdir_that_cannot_be_reached_stops_the_run_at_once_naming_it(gcs, tmp_path, where):
+  """No storage at the endpoint (a closed port: as no network), a mistyped bucket, or a bucket
+  that refuses writes (as without permission): exit status 1 within the stated bound (35 s:
+  STORAGE_TIMEOUT_S plus start-up, README.md), one `error:` line naming the gs:// workdir, no
+  traceback. gcsfs alone would retry a closed port for ~35 s and print aiohttp's traceback."""
+  environment, workdir = dict(os.environ), f"{BUCKET_URL}/unreachable"
+  if where == "closed_port":
+    with socket.socket() as probe:  # Bound, never listening, then closed: nothing answers there.
+      probe.bind(("127.0.0.1", 0))
+      environment["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{probe.getsockname()[1]}"
+  elif where == "missing_bucket":
+    workdir = "gs://no-such-bucket/run"
+  else:
+    gcs.refuse_writes()
+  start = time.time()
+  try:
+    result = subprocess.run(
+      main_command(workdir, f"{BUCKET_URL}/tfds", SHORT),
+      cwd=tmp_path,
+      env=environment,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+  finally:
+    gcs.accept_writes()
+  elapsed = time.time() - start
+  assert result.returncode == 1, result.stderr[-4000:]
+  (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert error.startswith(f"error: {workdir}"), result.stderr[-4000:]
+  assert "Traceback" not in result.stderr
+  assert elapsed < main_lib.STORAGE_TIMEOUT_S + 15, elapsed  # 15 s: start-up on a busy 2-core machine.
+  assert not (tmp_path / "gs:").exists()

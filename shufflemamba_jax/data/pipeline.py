@@ -251,8 +251,10 @@ def _segmentation_module(dataset: str):
 
 
 def class_names(dataset: str) -> tuple[str, ...]:
-  """The class names of a segmentation dataset, in label order."""
-  return tuple(_segmentation_module(dataset).CLASS_NAMES)
+  """The class names of a dataset, in label order (TFDS's, or a label-map dataset's own)."""
+  if dataset in SEGMENTATION_DATASETS:
+    return tuple(_segmentation_module(dataset).CLASS_NAMES)
+  return tuple(_builder(dataset, None).info.features["label"].names)
 
 
 def _check_process(process_index: int, process_count: int) -> None:

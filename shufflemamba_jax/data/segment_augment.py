@@ -51,11 +51,7 @@ class SegmentationAugmentation:
       return f"config.seg_aug.{name}"
 
     for name in ("scale", "eval_scale", "eval_canvas"):
-      value = getattr(self, name)
-      if len(value) != 2:
-        raise checks.SettingError(field(name), value, "must be two sizes")
-      for side in value:
-        checks.integer(field(name), side)
+      checks.size_pair(field(name), getattr(self, name))
     checks.integer(field("crop_size"), self.crop_size)
     for name in ("ratio_range", "contrast_range", "saturation_range"):
       low, high = getattr(self, name)

@@ -96,9 +96,5 @@ def run_evaluation(eval_step: Callable, params, model_state, batches: Iterable[d
   for batch in sharding.prefetch_to_mesh(({name: b[name] for name in fields} for b in batches), mesh):
     with jax.set_mesh(mesh):  # Activation sharding constraints refer to this mesh.
       pending.append(eval_step(params, model_state, batch))
-  totals = {}
-  for sums in jax.device_get(pending):
-    for name, value in sums.items():
-      value = np.asarray(value, np.int64 if np.issubdtype(np.asarray(value).dtype, np.integer) else np.float64)
-      totals[name] = totals[name] + value if name in totals else value
-  return totals
+  wide = lambda x: np.asarray(x, np.int64 if np.issubdtype(np.asarray(x).dtype, np.integer) else np.float64)
+  return jax.tree.map(lambda *sums: sum(map(wide, sums)), *jax.device_get(pending))

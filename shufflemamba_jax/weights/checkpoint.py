@@ -282,9 +282,7 @@ class SavedWeights:
     segmenter's BatchNorm statistics)."""
     params = self.ema if self.ema is not None else self.params
     source = f"{self.directory}/{self.step}"
-    if self.is_segmenter:
-      return params_lib.segmenter_with_state(self.model_config, params, self.model_state, source=source)
-    return params_lib.model_with_params(self.model_config, params, source=source)
+    return params_lib.model_with_params(self.model_config, params, self.model_state, source=source)
 
 
 def model_config_from_json(model: dict) -> vim.VisionMambaConfig | upernet.UperNetConfig:

@@ -207,34 +207,30 @@ def segmenter_from_classifier(
 
 
 def model_with_params(
-  config: vim.VisionMambaConfig, params: Mapping, *, source: str = "the parameters", describe=None
-) -> vim.VisionMamba:
-  """A VisionMamba of `config` holding `params` (nested or flat), filled by `fill`.
+  config: vim.VisionMambaConfig | upernet.UperNetConfig,
+  params: Mapping,
+  model_state: Mapping | None = None,
+  *,
+  source: str = "the parameters",
+  describe=None,
+) -> vim.VisionMamba | upernet.UperNet:
+  """The model of `config` holding `params` and, for a model with other state (a segmenter's
+  BatchNorm statistics), `model_state` (nested or flat dicts), each filled strictly by `fill`.
 
   Skips the random initialization (for the full-size models tens of seconds of compilation on a
   CPU) by filling an abstract model.
   """
   model = abstract_model(config)
-  if any(isinstance(value, Mapping) for value in params.values()):
-    params = flatten(params)
-  state = nnx.state(model, nnx.Param)
-  values = fill(nnx.to_pure_dict(state), params, source=source, describe=describe)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, values))
-  nnx.update(model, state)
-  return model
-
-
-def segmenter_with_state(
-  config: upernet.UperNetConfig, params: Mapping, model_state: Mapping | None, *, source: str = "the parameters"
-) -> upernet.UperNet:
-  """A UperNet of `config` holding `params` and `model_state` (its BatchNorm statistics; nested
-  dicts), each filled strictly by `fill`, without a random initialization."""
-  model = abstract_model(config)
-  if model_state is None:
-    raise ValueError(f"{source} has no model_state (BatchNorm statistics): it is not a segmenter's checkpoint.")
-  for selector, values in ((nnx.Param, params), (nnx.Not(nnx.Param), model_state)):
+  parts = [(nnx.Param, params)]
+  if jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param))):
+    if model_state is None:
+      raise ValueError(f"{source} has no model_state (BatchNorm statistics), which this model needs.")
+    parts.append((nnx.Not(nnx.Param), model_state))
+  for selector, values in parts:
+    if any(isinstance(value, Mapping) for value in values.values()):
+      values = flatten(values)
     state = nnx.state(model, selector)
-    filled = fill(nnx.to_pure_dict(state), flatten(values), source=source)
+    filled = fill(nnx.to_pure_dict(state), values, source=source, describe=describe)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, filled))
     nnx.update(model, state)
   return model

@@ -19,7 +19,7 @@ from etils import epath
 from flax import nnx
 
 from shufflemamba_jax import checks
-from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD, device
+from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD, device, pipeline
 from shufflemamba_jax.models import vim
 from shufflemamba_jax.training import mixup, optim, steps
 from shufflemamba_jax.training.tasks import base
@@ -213,8 +213,6 @@ def image_batches(paths: list[str], image_size: int, crop_ratio: float = 0.875, 
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only for reading images)
 
-  from shufflemamba_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
   def encoded():
     for path in paths:
       yield epath.Path(path).read_bytes(), path
@@ -251,22 +249,6 @@ class Predictor:
     return np.asarray(top_probs), np.asarray(top_indices)
 
 
-def class_names(dataset: str | None, num_classes: int) -> list[str]:
-  """Human-readable class names of a tfds dataset when TFDS knows them, else the indices."""
-  if dataset:
-    try:
-      import tensorflow_datasets as tfds
-
-      if dataset == "digits":
-        from shufflemamba_jax.data import digits  # noqa: F401  (registers the builder)
-      names = tfds.builder(dataset).info.features["label"].names
-      if len(names) == num_classes:
-        return list(names)
-    except Exception:  # Names are a convenience: fall back to indices.
-      pass
-  return [str(index) for index in range(num_classes)]
-
-
 def predict(saved: checkpoint_lib.SavedWeights, paths: list[str], options) -> int:
   """Prints the top `options.top_k` classes of each image (one JSON object per image with
   `options.json`), in batches of `options.batch_size` at `options.image_size` (None: the model's);
@@ -275,7 +257,12 @@ def predict(saved: checkpoint_lib.SavedWeights, paths: list[str], options) -> in
   aug = run_config.get("aug", {})
   transform = device.DeviceTransform(tuple(aug.get("mean", IMAGENET_MEAN)), tuple(aug.get("std", IMAGENET_STD)))
   predictor = Predictor(model, transform, options.top_k)
-  names = class_names(run_config.get("dataset", "imagenet2012"), model.config.num_classes)
+  try:
+    names = pipeline.class_names(run_config.get("dataset", "imagenet2012"))
+  except Exception:  # Names are a convenience: fall back to indices.
+    names = ()
+  if len(names) != model.config.num_classes:
+    names = [str(index) for index in range(model.config.num_classes)]
   progress = None
   if len(paths) > _PROGRESS_ABOVE:
     import tqdm  # pylint: disable=g-import-not-at-top

@@ -124,14 +124,8 @@ class SegmentationTask:
     checks.integer("config.seg.warmup_steps", seg.warmup_steps, minimum=0)
     checks.number("config.seg.warmup_factor", seg.warmup_factor, 0.0, 1.0)
     checks.number("config.seg.poly_power", seg.poly_power)
-    windows = {}
-    for name in ("eval_crop", "eval_stride"):
-      value = seg[name]
-      if value is not None:
-        if len(value) != 2:
-          raise checks.SettingError(f"config.seg.{name}", value, "must be (height, width) or None")
-        value = tuple(checks.integer(f"config.seg.{name}", side) for side in value)
-      windows[name] = value
+    pair = lambda name: None if seg[name] is None else checks.size_pair(f"config.seg.{name}", seg[name])
+    windows = {name: pair(name) for name in ("eval_crop", "eval_stride")}
     if windows["eval_stride"] is not None and windows["eval_crop"] is None:
       raise checks.SettingError("config.seg.eval_stride", seg.eval_stride, "needs config.seg.eval_crop")
     if windows["eval_crop"] is not None and any(side % (2 * backbone.patch_size) for side in windows["eval_crop"]):
@@ -216,46 +210,6 @@ class SegmentationTask:
     return segment_images(saved, paths, options.output_dir)
 
 
-def segmentation_loss(
-  logits: jax.Array, aux_logits: jax.Array, labels: jax.Array, *, aux_weight: float = 0.4, **kwargs
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The decode head's cross-entropy plus `aux_weight` times the auxiliary head's.
-
-  Returns (loss, {"decode_loss", "aux_loss"}), float32 scalars; `kwargs` go to `cross_entropy`.
-  """
-  decode_loss = cross_entropy(logits, labels, **kwargs)
-  aux_loss = cross_entropy(aux_logits, labels, **kwargs)
-  return decode_loss + aux_weight * aux_loss, {"decode_loss": decode_loss, "aux_loss": aux_loss}
-
-
-def train_loss(
-  graphdef,
-  params,
-  rest,
-  images: jax.Array,
-  labels: jax.Array,
-  key: jax.Array,
-  *,
-  aux_weight: float = 0.4,
-  class_weight: Sequence[float] | None = None,
-) -> tuple[jax.Array, tuple[dict[str, jax.Array], object, jax.Array]]:
-  """The training loss of a segmenter given as (graphdef, params, rest), for `jax.value_and_grad`.
-
-  images: (batch, H, W, 3) normalized floats; labels: (batch, H, W) integers (255 ignored).
-  BatchNorm runs on the batch's own statistics, which under `jit` with a sharded batch are
-  those of the whole global batch, and updates its running averages. `class_weight` weighs both
-  heads' losses (see `cross_entropy`).
-
-  Returns (loss, ({"decode_loss", "aux_loss"}, the new non-parameter state (running
-  statistics), decode logits)).
-  """
-  # A copy: the model's variables must be created inside this trace to be updated in it.
-  model = nnx.merge(graphdef, params, rest, copy=True)
-  logits, aux_logits = model.forward(images, train=True, key=key)
-  loss, parts = segmentation_loss(logits, aux_logits, labels, aux_weight=aux_weight, class_weight=class_weight)
-  return loss, (parts, nnx.state(model, nnx.Not(nnx.Param)), logits)
-
-
 def make_train_step(
   graphdef,
   tx: optax.GradientTransformation,
@@ -274,28 +228,32 @@ def make_train_step(
 
   batch: {"image": (batch, H, W, 3) uint8, "label": (batch, H, W) integers, 255 ignored}
   (global batch on the leading axis), normalized by `input_transform` on the device. BatchNorm
-  uses the statistics of the whole global batch, and its running averages go to
-  state["model_state"]. `class_weight` (one weight per class, or None) weighs each pixel's loss by
+  uses the statistics of the whole global batch (`jit` over the sharded batch), and its running
+  averages go to state["model_state"]. `class_weight` (one weight per class, or None) weighs each pixel's loss by
   its label (`segmentation.cross_entropy`). metrics: float32 scalars loss (decode + aux_weight x
   aux), decode_loss, aux_loss, train_pixel_acc (decode head, non-ignored pixels), grad_norm, lr.
   """
-  grad_fn = jax.value_and_grad(train_loss, argnums=1, has_aux=True)
+
+  def loss_fn(params, model_state, images, labels, key):
+    # A copy: the model's variables must be created inside this trace to be updated in it.
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    logits, aux_logits = model.forward(images, train=True, key=key)
+    parts = {
+      name: cross_entropy(x, labels, class_weight=class_weight)
+      for name, x in (("decode_loss", logits), ("aux_loss", aux_logits))
+    }
+    loss = parts["decode_loss"] + aux_weight * parts["aux_loss"]
+    return loss, (parts, nnx.state(model, nnx.Not(nnx.Param)), logits)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state, batch):
     step = state["step"]
     model_key = jax.random.fold_in(jax.random.key(seed), step)
     images = input_transform(batch["image"])
     labels = batch["label"].astype(jnp.int32)
-    params = state["params"]
     (loss, (parts, model_state, logits)), grads = grad_fn(
-      graphdef,
-      params,
-      state["model_state"],
-      images,
-      labels,
-      model_key,
-      aux_weight=aux_weight,
-      class_weight=class_weight,
+      state["params"], state["model_state"], images, labels, model_key
     )
     new_params, opt_state, ema, nonfinite_step = steps.apply_gradients(state, grads, loss, tx, ema_decay)
     new_state = dict(
