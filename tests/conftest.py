@@ -33,3 +33,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 # Session fixtures digits_data_dir and imagenet_data (prepared on first use).
 pytest_plugins = ("data_fixtures",)
+
+
+def pytest_collection_modifyitems(config, items):
+  """At level 0, the slow tests that test_production_flags.py reruns at the default level are
+  skipped: the slow tier runs each of them once, compiled as production compiles it."""
+  del config
+  if OPT_LEVEL != "fast":
+    return
+  import pytest  # pylint: disable=g-import-not-at-top
+  from test_production_flags import PRODUCTION_NUMERICS  # pylint: disable=g-import-not-at-top
+
+  for item in items:
+    if item.get_closest_marker("slow") and item.nodeid in PRODUCTION_NUMERICS:
+      item.add_marker(pytest.mark.skip(reason="runs at XLA's default level in test_production_flags.py"))

@@ -20,7 +20,8 @@ PRODUCTION_NUMERICS = (
   "tests/test_sharding.py::test_model_output_does_not_depend_on_the_mesh[shape1]",
   "tests/test_train.py::test_meshes_give_the_losses_of_one_device[2-4]",
   "tests/test_segmentation_train.py::test_training_steps_on_8_devices_equal_1_device",
-  # Bitwise resume; the segmentation run's (85-112 s alone at level 0) is left out for time.
+  # Bitwise resume (the segmentation run's, 85-112 s alone at level 0, is left out for time).
+  # The slow ones of these run only here (conftest.py skips them at level 0).
   "tests/test_train.py::test_sigterm_then_resume_equals_an_uninterrupted_run_bitwise",
   # The Pallas kernels in the model's training step, and batch-sharded.
   "tests/test_pallas_scan.py::test_model_training_step_matches_chunked",
