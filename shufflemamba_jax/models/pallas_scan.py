@@ -318,6 +318,14 @@ def _tpu_params(interpret):
   return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")))
 
 
+def _bind(kernel, optional, chunk, num_chunks, length, reverse, softplus, **more):
+  """`kernel` with its static settings bound (every backend's kernels take the same ones);
+  `optional` = (D, z, delta_bias), each None when absent."""
+  has_d, has_z, has_bias = (x is not None for x in optional)
+  static = dict(chunk=chunk, num_chunks=num_chunks, length=length, reverse=reverse, softplus=softplus)
+  return functools.partial(kernel, has_d=has_d, has_z=has_z, has_bias=has_bias, **static, **more)
+
+
 def _tpu_forward(u, delta, z, A, B, C, D, delta_bias, *, chunk, reverse, softplus, interpret):
   batch, length, channels = u.shape
   x = _tpu_layout(u, delta, z, A, B, C, D, delta_bias, chunk)
@@ -327,17 +335,7 @@ def _tpu_forward(u, delta, z, A, B, C, D, delta_bias, *, chunk, reverse, softplu
   names = [("u", "seq"), ("delta", "seq"), ("z", "seq"), ("at", "at"), ("bias", "vec"), ("d", "vec")]
   names += [("bt", "bc"), ("ct", "bc")]
   args = [(x[n], specs[s]) for n, s in names if x[n] is not None]
-  kernel = functools.partial(
-    _tpu_forward_kernel,
-    chunk=chunk,
-    num_chunks=num_chunks,
-    length=length,
-    reverse=reverse,
-    softplus=softplus,
-    has_d=D is not None,
-    has_z=z is not None,
-    has_bias=delta_bias is not None,
-  )
+  kernel = _bind(_tpu_forward_kernel, (D, z, delta_bias), chunk, num_chunks, length, reverse, softplus)
   y, start = pl.pallas_call(
     kernel,
     grid=(batch, ep // TPU_CHANNEL_TILE, num_chunks),
@@ -380,17 +378,7 @@ def _tpu_backward(u, delta, z, A, B, C, D, delta_bias, start, dout, *, chunk, re
   ]
   present = {"z": z is not None, "d": D is not None, "bias": delta_bias is not None}
   outs = [o for o in outs if present.get(o[0], True)]
-  kernel = functools.partial(
-    _tpu_backward_kernel,
-    chunk=chunk,
-    num_chunks=num_chunks,
-    length=length,
-    reverse=reverse,
-    softplus=softplus,
-    has_d=D is not None,
-    has_z=z is not None,
-    has_bias=delta_bias is not None,
-  )
+  kernel = _bind(_tpu_backward_kernel, (D, z, delta_bias), chunk, num_chunks, length, reverse, softplus)
   tile = TPU_CHANNEL_TILE
   results = pl.pallas_call(
     kernel,
@@ -598,17 +586,7 @@ def _gpu_forward(u, delta, z, A, B, C, D, delta_bias, *, chunk, reverse, softplu
   names = [("u", "seq"), ("delta", "seq"), ("z", "seq"), ("at", "at"), ("bias", "vec"), ("d", "vec")]
   names += [("bt", "bc"), ("ct", "bc")]
   args = [(x[n], specs[s]) for n, s in names if x[n] is not None]
-  kernel = functools.partial(
-    _gpu_forward_kernel,
-    chunk=chunk,
-    num_chunks=num_chunks,
-    length=length,
-    reverse=reverse,
-    softplus=softplus,
-    has_d=D is not None,
-    has_z=z is not None,
-    has_bias=delta_bias is not None,
-  )
+  kernel = _bind(_gpu_forward_kernel, (D, z, delta_bias), chunk, num_chunks, length, reverse, softplus)
   y, start = pl.pallas_call(
     kernel,
     grid=(batch, ep // GPU_CHANNEL_TILE),
@@ -655,17 +633,8 @@ def _gpu_backward(u, delta, z, A, B, C, D, delta_bias, start, dout, *, chunk, re
       jnp.float32,
     )
   )
-  kernel = functools.partial(
-    _gpu_backward_kernel,
-    chunk=chunk,
-    num_chunks=num_chunks,
-    length=length,
-    reverse=reverse,
-    softplus=softplus,
-    has_d=D is not None,
-    has_z=z is not None,
-    has_bias=delta_bias is not None,
-    interpret=interpret,
+  kernel = _bind(
+    _gpu_backward_kernel, (D, z, delta_bias), chunk, num_chunks, length, reverse, softplus, interpret=interpret
   )
   results = pl.pallas_call(
     kernel,

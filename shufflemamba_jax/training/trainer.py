@@ -1,13 +1,11 @@
 """The training loop of every task, and the evaluation of a saved checkpoint.
 
-`train_and_evaluate(config, workdir)` runs a whole experiment: `setup` builds the run (the task
-of the config, its model and optimizer, the mesh, the train state restored or created sharded,
-the jitted steps, data and metrics), `train` loops over the steps, with periodic logging,
-`evaluate_trees` (the model and its EMA) and asynchronous checkpoints. `evaluate(config, path)`
-scores a saved checkpoint through the same `evaluate_trees`. Both start with
-`Settings.from_config`, which builds and checks everything the run is made of before anything
-compiles; every error names its config field. What differs between tasks (the model, the loss,
-the metrics, the extra state) is asked of the task (`tasks.base.Task`); this module names none.
+`train_and_evaluate(config, workdir)` = `setup` (the config's task, model, optimizer, mesh, the
+train state restored or created sharded, jitted steps, data, metrics) + `train` (the steps, with
+logging, `evaluate_run` of the model and its EMA, and asynchronous checkpoints). `evaluate(config,
+path)` scores a checkpoint with the same `Evaluator`. Both start with `Settings.from_config`,
+which checks everything before anything compiles; every error names its config field. What
+differs between tasks is asked of the task (`tasks.base.Task`): this module names none.
 """
 
 from __future__ import annotations
@@ -273,8 +271,7 @@ class _Progress:
 
   def add(self, metrics, input_wait: float) -> None:
     self.pending.append(metrics)
-    self.steps += 1
-    self.input_wait += input_wait
+    self.steps, self.input_wait = self.steps + 1, self.input_wait + input_wait
     if self.bar is not None:
       self.bar.update(1)
 
@@ -377,10 +374,9 @@ def train(run: Run) -> dict:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last eval.
 
-  Writes WORKDIR/metrics.jsonl (train records: the task's train metrics (loss, grad_norm, lr,
-  ...), images_per_s, step_time_s, input_wait_fraction (of the wall time spent waiting for the
-  next batch), epoch; eval records: eval_<metric> of the task and ema_eval_<metric> when EMA is
-  on, num_examples), TensorBoard events and WORKDIR/checkpoints/.
+  Writes WORKDIR/metrics.jsonl (train records: the task's metrics, images_per_s, step_time_s,
+  input_wait_fraction (of the wall time waiting for data), epoch; eval records: eval_<metric>,
+  ema_eval_<metric> with an EMA, num_examples), TensorBoard events and WORKDIR/checkpoints/.
   """
   run = setup(config, workdir)
   try:
@@ -394,12 +390,10 @@ def evaluate(config, path: str, split: str | None = None, image_size: int | None
   weights), strictly: the model is built from `config`, and parameters that do not fit it are an
   error (a head or a position table is never re-initialized or resized on disk).
 
-  Runs on the training mesh (config.mesh): the batch is split over every device of every process
-  and the sums are global. `image_size` (default config.image_size; a dataset of label maps
-  refuses another) other than the model's resizes the position embeddings on the fly. Returns and logs {step, split,
-  image_size, the task's eval_<metric> (and ema_eval_<metric> when the checkpoint has an EMA),
-  num_examples} and the task's per-class details (<prefix>_<detail>: {class name: value}).
-  When `path` is a training workdir the scalar record is appended to its metrics.jsonl.
+  Runs on the training mesh (config.mesh), the sums global. `image_size` (default
+  config.image_size) other than the model's resizes the position embeddings on the fly. Returns and
+  logs {step, split, image_size, eval_<metric> (and ema_eval_<metric> with an EMA), num_examples}
+  and the task's per-class details; the scalars are appended to a training workdir's metrics.jsonl.
   """
   settings, split = Settings.from_config(config), split or config.eval_split
   image_size = int(image_size or config.image_size)
@@ -415,8 +409,7 @@ def evaluate(config, path: str, split: str | None = None, image_size: int | None
     return jax.device_put(filled, sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size))
 
   trees = {"eval": placed(abstract_params, saved.params, str(path))}
-  if saved.ema is not None:
-    trees["ema_eval"] = placed(abstract_params, saved.ema, f"{path} (EMA)")
+  trees["ema_eval"] = None if saved.ema is None else placed(abstract_params, saved.ema, f"{path} (EMA)")
   model_state = nnx.to_pure_dict(rest)
   if jax.tree.leaves(model_state):
     if saved.model_state is None:

@@ -1,11 +1,9 @@
 """Semantic segmentation: a UperNet on a Vim backbone with mmseg's ADE20K recipe.
 
-The train state also carries the BatchNorm statistics (`model_state`), the learning rate follows
-mmseg's warmup + poly schedule, and the loss is cross-entropy with an ignored label (decode head
-plus auxiliary head). Evaluation computes per-class areas (mmseg's `intersect_and_union`) on the
-global batch inside `jit`; the totals are summed over the split in int64 and divided once at the
-end, so a class's IoU is its total intersection over its total union: miou, macc, aacc, and the
-IoU of each class. `predict` writes colour-coded label maps.
+The train state carries the BatchNorm statistics (`model_state`); mmseg's warmup + poly
+schedule; cross-entropy with an ignored label (decode + auxiliary head). Evaluation sums per-class
+areas (mmseg's `intersect_and_union`) over the split and divides once, so a class's IoU is its
+total intersection over its total union. `predict` writes colour-coded label maps.
 """
 
 from __future__ import annotations
