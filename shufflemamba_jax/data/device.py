@@ -84,6 +84,12 @@ class DeviceTransform:
       images = random_erasing(key, images, self.random_erasing_prob)
     return images
 
+  @classmethod
+  def of_run(cls, run_config: dict) -> DeviceTransform:
+    """The evaluation transform of a saved run's config (a checkpoint's `config` item; {}: ImageNet's)."""
+    aug = run_config.get("aug", {})
+    return cls(tuple(aug.get("mean", IMAGENET_MEAN)), tuple(aug.get("std", IMAGENET_STD)))
+
 
 # The evaluation transform of every ImageNet recipe: normalization with the ImageNet statistics.
 IMAGENET = DeviceTransform()

@@ -19,7 +19,7 @@ from etils import epath
 from flax import nnx
 
 from shufflemamba_jax import checks
-from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD, device, pipeline
+from shufflemamba_jax.data import device, pipeline
 from shufflemamba_jax.models import vim
 from shufflemamba_jax.training import mixup, optim, steps
 from shufflemamba_jax.training.tasks import base
@@ -255,7 +255,7 @@ def predict(saved: checkpoint_lib.SavedWeights, paths: list[str], options) -> in
   returns 1 if an image could not be read, else 0."""
   model, run_config = saved.model(), saved.run_config
   aug = run_config.get("aug", {})
-  transform = device.DeviceTransform(tuple(aug.get("mean", IMAGENET_MEAN)), tuple(aug.get("std", IMAGENET_STD)))
+  transform = device.DeviceTransform.of_run(run_config)
   predictor = Predictor(model, transform, options.top_k)
   try:
     names = pipeline.class_names(run_config.get("dataset", "imagenet2012"))

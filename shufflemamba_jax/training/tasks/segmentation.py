@@ -20,7 +20,7 @@ from etils import epath
 from flax import nnx
 
 from shufflemamba_jax import checks
-from shufflemamba_jax.data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, device, pipeline
+from shufflemamba_jax.data import IGNORE_INDEX, device, pipeline
 from shufflemamba_jax.models import upernet
 from shufflemamba_jax.training import optim, steps
 from shufflemamba_jax.training.tasks import base
@@ -424,8 +424,7 @@ def segment_images(saved, paths: list[str], output_dir: str) -> int:
   settings = segment_augment.SegmentationAugmentation(**seg_aug)
   seg = run_config.get("seg", {})
   windows = [tuple(seg[name]) if seg.get(name) else None for name in ("eval_crop", "eval_stride")]
-  aug = run_config.get("aug", {})
-  transform = device.DeviceTransform(tuple(aug.get("mean", IMAGENET_MEAN)), tuple(aug.get("std", IMAGENET_STD)))
+  transform = device.DeviceTransform.of_run(run_config)
   model = saved.model()
   segmenter = Segmenter(model, transform, *windows)
   num_classes = model.config.num_classes
