@@ -10,8 +10,18 @@ import socket
 import numpy as np
 import pytest
 
-# One training JPEG with a valid start and garbage after: the pipeline must skip it, naming it.
-CORRUPT_TRAIN_IMAGE = "n01443537_2.JPEG"
+# Training images that are not plain RGB JPEGs, as a few of ImageNet's are. The pipeline must
+# replace the undecodable ones (naming them) and decode the others.
+CORRUPT_TRAIN_IMAGE = "n01443537_2.JPEG"  # A valid start, garbage after.
+TRUNCATED_TRAIN_IMAGE = "n01443537_3.JPEG"
+PNG_TRAIN_IMAGE = "n01440764_1.JPEG"
+CMYK_TRAIN_IMAGE = "n01484850_2.JPEG"
+SPECIAL_TRAIN_IMAGES = {
+  CORRUPT_TRAIN_IMAGE: "corrupt",
+  TRUNCATED_TRAIN_IMAGE: "truncated",
+  PNG_TRAIN_IMAGE: "png",
+  CMYK_TRAIN_IMAGE: "cmyk",
+}
 
 
 @contextlib.contextmanager
@@ -47,7 +57,7 @@ def imagenet_data(tmp_path_factory):
 
   root = tmp_path_factory.mktemp("imagenet2012")
   # 3 classes x 4 training images and 6 validation images of 40-89 pixels a side.
-  labels = synthetic_imagenet.write_imagenet_tars(str(root / "manual"), corrupt=(CORRUPT_TRAIN_IMAGE,))
+  labels = synthetic_imagenet.write_imagenet_tars(str(root / "manual"), special=SPECIAL_TRAIN_IMAGES)
   pipeline.prepare("imagenet2012", data_dir=str(root / "tfds"), manual_dir=str(root / "manual"), compute_stats=False)
   return str(root / "tfds"), labels
 

@@ -50,6 +50,26 @@ def corrupt_jpeg_bytes(rng: np.random.Generator) -> bytes:
   return valid[:200] + bytes(rng.integers(0, 256, 300, dtype=np.uint8))
 
 
+def truncated_jpeg_bytes(rng: np.random.Generator) -> bytes:
+  """A valid JPEG cut off half way: the header parses, the scan data ends early."""
+  valid = jpeg_bytes(rng, 40, 48)
+  return valid[: len(valid) // 2]
+
+
+def png_bytes(rng: np.random.Generator, height: int, width: int) -> bytes:
+  """A random RGB PNG under a .JPEG name, as a few real ImageNet files are."""
+  return tf.io.encode_png(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).numpy()
+
+
+def cmyk_jpeg_bytes(rng: np.random.Generator, height: int, width: int) -> bytes:
+  """A random CMYK JPEG (written by Pillow), as a few real ImageNet files are."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  buffer = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8), "CMYK").save(buffer, "JPEG", quality=95)
+  return buffer.getvalue()
+
+
 def _add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
   info = tarfile.TarInfo(name)
   info.size = len(data)
@@ -65,25 +85,32 @@ def write_imagenet_tars(
   size_range: tuple[int, int] = (40, 90),
   fixed_size: tuple[int, int] | None = None,
   textured: bool = False,
-  corrupt: tuple[str, ...] = (),
+  special: dict[str, str] | None = None,
   seed: int = 0,
 ) -> dict[str, str]:
   """Writes ILSVRC2012_img_{train,val}.tar in the real layout; returns {file_name: synset}.
 
   Train: one tar per synset (the first `classes`) holding <synset>_<k>.JPEG. Validation:
   ILSVRC2012_val_<8 digits>.JPEG at the top level, labelled by TFDS from its bundled label file.
-  Images are (height, width) = `fixed_size`, or each side uniform in `size_range`; the file names
-  in `corrupt` get a valid header followed by garbage.
+  Images are (height, width) = `fixed_size`, or each side uniform in `size_range`. `special` maps
+  file names to what they hold instead of an RGB JPEG: "corrupt" (a valid header, then garbage),
+  "truncated" (half a JPEG), "png" or "cmyk" (a CMYK JPEG).
   """
+  special = special or {}
   rng = np.random.default_rng(seed)
   manual = epath.Path(manual_dir)
   manual.mkdir(parents=True, exist_ok=True)
 
   def image(name: str) -> bytes:
-    if name in corrupt:
+    kind = special.get(name, "rgb")
+    if kind == "corrupt":
       return corrupt_jpeg_bytes(rng)
+    if kind == "truncated":
+      return truncated_jpeg_bytes(rng)
     height, width = fixed_size or (int(rng.integers(*size_range)), int(rng.integers(*size_range)))
-    return jpeg_bytes(rng, height, width, textured)
+    writers = {"rgb": lambda: jpeg_bytes(rng, height, width, textured), "png": lambda: png_bytes(rng, height, width)}
+    writers["cmyk"] = lambda: cmyk_jpeg_bytes(rng, height, width)
+    return writers[kind]()
 
   labels = {}
   with (manual / TRAIN_TAR).open("wb") as file, tarfile.open(fileobj=file, mode="w") as train_tar:

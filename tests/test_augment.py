@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
-from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD, augment, device, pipeline  # noqa: E402
+from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD, augment, decodable, device, pipeline  # noqa: E402
 
 SEED = tf.constant([3, 7], tf.int64)
 FILL = (124, 116, 104)
@@ -154,9 +154,7 @@ def test_inception_crop_window_bounds_and_jpeg_crop():
 
   def crop_of(image_bytes):  # What the input pipeline decodes: only the crop window.
     window_fn = lambda image_shape: augment.random_crop_window(image_shape, SEED)  # noqa: E731
-    image, ok = pipeline.safe_decode_crop(image_bytes, tf.constant("image"), window_fn)
-    assert ok
-    return image
+    return decodable.decode_window(image_bytes, window_fn)
 
   crop = crop_of(encoded)
   full = tf.io.decode_jpeg(encoded).numpy()
@@ -194,8 +192,8 @@ def test_train_and_eval_transforms_shapes_types_and_determinism():
   assert len({o.tobytes() for o in outs}) == 4
   again = augment.augment_train_image(image, tf.constant([0, 1], tf.int64), settings, 24).numpy()
   np.testing.assert_array_equal(outs[0], again)
-  evaluated, ok = pipeline.eval_image(tf.io.encode_png(image), tf.constant("image.png"), 24, 0.875)
-  assert evaluated.shape == (24, 24, 3) and evaluated.dtype == tf.uint8 and ok
+  evaluated = pipeline.eval_image(tf.io.encode_png(image), 24, 0.875)
+  assert evaluated.shape == (24, 24, 3) and evaluated.dtype == tf.uint8
 
 
 def test_color_jitter_runs_only_without_randaugment():

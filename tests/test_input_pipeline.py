@@ -12,7 +12,7 @@ ml_collections = pytest.importorskip("ml_collections")
 
 from shufflemamba_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-from data_fixtures import CORRUPT_TRAIN_IMAGE  # pylint: disable=g-import-not-at-top
+from data_fixtures import CORRUPT_TRAIN_IMAGE, TRUNCATED_TRAIN_IMAGE  # pylint: disable=g-import-not-at-top
 
 # Cheap settings for order tests: no decoding-heavy augmentation, several windows per epoch
 # (1437 examples, windows of >= 300 in chunks of 64) so that resume starts mid-window.
@@ -318,9 +318,10 @@ def test_imagenet2012_builder_on_tiny_ilsvrc_tars(imagenet_data, caplog):
     assert batch["label"].dtype == np.int32
     for example_id, label in zip(batch["example_id"], batch["label"]):
       name = names_by_id[int(example_id)]
-      assert name != CORRUPT_TRAIN_IMAGE and names[label] == file_labels[name]
-  # The corrupt JPEG was met, named in a warning and replaced, not a crash.
-  assert any(CORRUPT_TRAIN_IMAGE in record.getMessage() for record in caplog.records)
+      assert name not in (CORRUPT_TRAIN_IMAGE, TRUNCATED_TRAIN_IMAGE) and names[label] == file_labels[name]
+  # The undecodable JPEGs were named in a warning and replaced, not a crash.
+  for name in (CORRUPT_TRAIN_IMAGE, TRUNCATED_TRAIN_IMAGE):
+    assert any(name in record.getMessage() for record in caplog.records), name
   evaluated = _batches(
     pipeline.create_eval_dataset(global_batch_size=4, dataset="imagenet2012", data_dir=data_dir, image_size=24), 10
   )

@@ -29,11 +29,12 @@ Repeated augmentation (DeiT's RASampler, `repeated_aug = r > 1`): in every windo
 ceil(n / r) permuted examples are each emitted r times in a row (each copy augmented with its
 own seed), cut to n, so an epoch keeps its length and sees about 1 / r of the data, r times.
 
-Corrupt images: the two ops that can fail on bad bytes (JPEG header parse, decode of the crop
-window) run in `tf.py_function`s that catch the error and log a warning naming the file; the
-example is then replaced by another one of the same window of its shard (the next, or one that
-repeated augmentation drops), so positions never shift and resume stays exact. An evaluation
-example that fails to decode gets mask 0. The Python part costs about 0.1 ms per image (GIL-bound).
+Undecodable images: no Python runs per image. Every TFRecord file a stream reads is checked
+once (`decodable`: at `prepare`, or by the first stream that reads it; the result is stored next
+to the dataset), and a stream looks the records up in graph. A window replaces an undecodable
+image by another one of the same window of its shard (the next, or one that repeated
+augmentation drops), so positions never shift and resume stays exact; an undecodable evaluation
+image gets mask 0. Each is named in a warning when the stream is created.
 
 Memory: every shard holds a window of `shuffle_buffer` encoded images and prefetches the next
 one (16,384 ImageNet JPEGs are about 1.8 GB), so a process holds V / P windows (plus their
@@ -54,7 +55,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from shufflemamba_jax import checks
-from shufflemamba_jax.data import IGNORE_INDEX, augment, segment_augment
+from shufflemamba_jax.data import IGNORE_INDEX, augment, decodable, segment_augment
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
   builder = _builder(dataset, data_dir)
   stats = tfds.download.ComputeStatsMode.AUTO if compute_stats else tfds.download.ComputeStatsMode.SKIP
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, compute_stats=stats))
+  decodable.check_splits(builder)  # Once, here, so that no stream needs to.
   return builder
 
 
@@ -280,74 +282,14 @@ def _example_id(example) -> tf.Tensor:
   return tf.strings.to_hash_bucket_fast(example["file_name"], 2**63 - 1)
 
 
-def _warn_corrupt(file_name, error) -> None:
-  name = file_name.numpy().decode("utf-8", "replace")
-  reason = str(error).splitlines()[0].split("}}")[-1].strip()
-  _LOGGER.warning("Skipping corrupt image %r (%s)", name, reason)
-
-
-_DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.UnknownError, ValueError)
-
-
-def _is_jpeg(image_bytes) -> bool:
-  # A Python prefix test: tf.io.is_jpeg costs several eager ops per image.
-  return image_bytes.numpy()[:3] == b"\xff\xd8\xff"
-
-
-def _eager_image_shape(image_bytes, file_name):
-  """py_function body: (int32 (3,) shape, ok). A JPEG costs one header parse."""
-  try:
-    if _is_jpeg(image_bytes):
-      return tf.image.extract_jpeg_shape(image_bytes), True
-    return tf.shape(augment.decode_image(image_bytes), out_type=tf.int32), True
-  except _DECODE_ERRORS as error:
-    _warn_corrupt(file_name, error)
-    return tf.constant([1, 1, 3], tf.int32), False
-
-
-def _eager_decode_window(image_bytes, window, file_name):
-  """py_function body: (uint8 crop (h, w, 3), ok) of window (top, left, height, width)."""
-  try:
-    if _is_jpeg(image_bytes):
-      return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3), True
-    top, left, height, width = window.numpy()
-    return augment.decode_image(image_bytes).numpy()[top : top + height, left : left + width], True
-  except _DECODE_ERRORS as error:
-    _warn_corrupt(file_name, error)
-    return tf.zeros([1, 1, 3], tf.uint8), False
-
-
-def safe_decode_crop(image_bytes, file_name, window_fn):
-  """Decodes the window `window_fn(shape)` of an image without failing on corrupt bytes.
-
-  Only the two ops that can raise (header parse, decode) run in `tf.py_function`s, which catch
-  the error and log a warning naming `file_name`; the crop window is sampled in graph.
-  Returns (uint8 (h, w, 3) image, bool ok); a corrupt image gives ok False.
-  """
-  shape, ok = tf.py_function(_eager_image_shape, [image_bytes, file_name], [tf.int32, tf.bool])
-  shape.set_shape([3])
-  window = tf.cast(window_fn(shape), tf.int32)
-
-  def decode():
-    image, decoded = tf.py_function(_eager_decode_window, [image_bytes, window, file_name], [tf.uint8, tf.bool])
-    image.set_shape([None, None, 3])
-    return image, decoded
-
-  return tf.cond(ok, decode, lambda: (tf.zeros([1, 1, 3], tf.uint8), False))
-
-
-def _full_window(shape):
-  return tf.stack([0, 0, shape[0], shape[1]])
-
-
-def eval_image(image_bytes, file_name, image_size: int, crop_ratio: float):
+def eval_image(image_bytes, image_size: int, crop_ratio: float):
   """The evaluation transform of one encoded image, shared by evaluation and `predict`.
 
-  Decodes without failing on corrupt bytes, resizes the shorter side to floor(size / crop_ratio)
-  and center-crops. Returns (uint8 (image_size, image_size, 3), bool ok).
+  Decodes (in graph: the bytes must decode, see `decodable`), resizes the shorter side to
+  floor(size / crop_ratio) and center-crops. Returns uint8 (image_size, image_size, 3).
   """
-  image, ok = safe_decode_crop(image_bytes, file_name, _full_window)
-  return augment.to_uint8(augment.eval_resize_and_center_crop(image, image_size, crop_ratio)), ok
+  image = decodable.decode_window(image_bytes, decodable.full_window)
+  return augment.to_uint8(augment.eval_resize_and_center_crop(image, image_size, crop_ratio))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,13 +297,30 @@ def eval_image(image_bytes, file_name, image_size: int, crop_ratio: float):
 # ---------------------------------------------------------------------------------------------
 
 
+def _take(instruction) -> int:
+  """The number of records a TFDS file instruction reads (its `take` may be None or -1: the rest)."""
+  take = instruction.take
+  return instruction.examples_in_shard - instruction.skip if take is None or take < 0 else take
+
+
+def _files(file_instructions) -> dict[str, int]:
+  """{path: number of records in the file} of TFDS file instructions, for `decodable.Lookup`."""
+  return {os.fspath(instruction.filename): instruction.examples_in_shard for instruction in file_instructions}
+
+
+def _keyed_records(path, position, skip, take):
+  """(serialized record, file position, record index) of records [skip, skip + take) of a file."""
+  indices = tf.data.Dataset.range(skip, skip + take)
+  return tf.data.Dataset.zip(tf.data.TFRecordDataset(path).skip(skip).take(take), indices).map(
+    lambda record, index: (record, position, index)
+  )
+
+
 def _chunks(file_instructions, records_per_chunk: int):
   """Cuts a shard of the split into (file, skip, take) chunks of at most `records_per_chunk` records."""
   chunks = []
   for instruction in file_instructions:
-    take = instruction.take
-    if take is None or take < 0:
-      take = instruction.examples_in_shard - instruction.skip
+    take = _take(instruction)
     for start in range(0, take, records_per_chunk):
       chunks.append((os.fspath(instruction.filename), instruction.skip + start, min(records_per_chunk, take - start)))
   return chunks
@@ -496,21 +455,16 @@ def create_train_dataset(
   start_epoch, start_batch = divmod(int(start_step), steps_per_epoch)
   int_spec = tf.TensorSpec([], tf.int64)
 
-  def read_window(files, skips, takes, epoch, index, start, offset, count):
-    records = tf.data.Dataset.from_tensor_slices((files, skips, takes)).interleave(
-      lambda f, s, t: tf.data.TFRecordDataset(f).skip(s).take(t),
-      cycle_length=16,
-      block_length=16,
-      num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=True,
+  def read_window(files, positions, skips, takes, epoch, index, start, offset, count):
+    records = tf.data.Dataset.from_tensor_slices((files, positions, skips, takes)).interleave(
+      _keyed_records, cycle_length=16, block_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
-    records = records.batch(2**31 - 1).get_single_element()
-    return records, epoch, index, start, offset, count
+    records, record_positions, record_indices = records.batch(2**31 - 1).get_single_element()
+    return records, lookup.contains(record_positions, record_indices), epoch, index, start, offset, count
 
   def shard_stream(shard: int):
     """Element stream of one shard: undecoded records with their epoch and shard position."""
-    shard_split = tfds.even_splits(split, n=num_shards, drop_remainder=False)[shard]
-    chunks = _chunks(builder.info.splits[shard_split].file_instructions, values["records_per_chunk"])
+    chunks = _chunks(builder.info.splits[shard_splits[shard]].file_instructions, values["records_per_chunk"])
 
     def windows():
       epoch, start_position = start_epoch, start_batch * shard_batch
@@ -518,6 +472,7 @@ def create_train_dataset(
         for window in plan_epoch(chunks, epoch, seed, shard, shuffle_buffer, examples_per_epoch, start_position):
           yield (
             window.files,
+            [lookup.positions[path] for path in window.files],
             window.skips,
             window.takes,
             window.epoch,
@@ -534,6 +489,7 @@ def create_train_dataset(
         tf.TensorSpec([None], tf.string),
         tf.TensorSpec([None], tf.int64),
         tf.TensorSpec([None], tf.int64),
+        tf.TensorSpec([None], tf.int64),
         int_spec,
         int_spec,
         int_spec,
@@ -542,7 +498,7 @@ def create_train_dataset(
       ),
     )
 
-    def expand_window(records, epoch, index, start, offset, count):
+    def expand_window(records, undecodable, epoch, index, start, offset, count):
       size = tf.shape(records, out_type=tf.int64)[0]
       window_seed = _fold(tf.constant([seed, 1], tf.int64), epoch, shard, index)
       permutation = tf.argsort(tf.random.stateless_uniform([size], window_seed))
@@ -551,11 +507,13 @@ def create_train_dataset(
 
       def example(position_in_window):
         source = position_in_window // repeats  # The copy's original in the permuted window.
+        # An undecodable image's substitute, from the same window: one that repeated augmentation
+        # drops, else the next.
+        primary, backup = permutation[source], permutation[(source + backup_shift) % size]
+        record = tf.where(undecodable[primary], backup, primary)
         return {
-          "record": tf.gather(records, permutation[source]),
-          # The substitute for a corrupt image (same window): one repeated augmentation
-          # drops, else the next.
-          "backup": tf.gather(records, permutation[(source + backup_shift) % size]),
+          "record": tf.gather(records, record),
+          "decoded": tf.logical_not(undecodable[record]),
           "epoch": epoch,
           "shard": tf.constant(shard, tf.int64),
           "position": start + position_in_window,
@@ -564,6 +522,11 @@ def create_train_dataset(
       return tf.data.Dataset.range(offset, offset + count).map(example)
 
     return plan.map(read_window).prefetch(1).flat_map(expand_window)
+
+  shard_splits = {shard: tfds.even_splits(split, n=num_shards, drop_remainder=False)[shard] for shard in local_shards}
+  instructions = [i for shard in local_shards for i in builder.info.splits[shard_splits[shard]].file_instructions]
+  lookup = decodable.Lookup(builder, _files(instructions))
+  lookup.warn("is replaced by another image of its window in training")
 
   features = builder.info.features
   decoders = {"image": tfds.decode.SkipDecoding()}
@@ -582,57 +545,29 @@ def create_train_dataset(
 
     def window_fn(shape):
       if area_range is None:
-        return _full_window(shape)
+        return decodable.full_window(shape)
       return augment.random_crop_window(shape, crop_seed, area_range, ratio_range)
 
-    def decode(record):
-      example = features.deserialize_example(record, decoders=decoders)
-      image, ok = safe_decode_crop(example["image"], example["file_name"], window_fn)
-      return image, ok, tf.cast(example["label"], tf.int32), _example_id(example)
-
-    image, ok, label, example_id = decode(element["record"])
-
-    def from_backup():
-      # Parsed only here, when the primary failed: parsing every backup costs a record per image.
-      backup_image, backup_ok, backup_label, backup_id = decode(element["backup"])
-      return backup_image, tf.where(backup_ok, 1, 2), backup_label, backup_id
-
-    image, used, label, example_id = tf.cond(ok, lambda: (image, tf.constant(0), label, example_id), from_backup)
+    example = features.deserialize_example(element["record"], decoders=decoders)
+    image = decodable.decode_window(example["image"], window_fn)
     return {
       "image": augment.augment_train_image(image, augment_seed, aug, image_size),
-      "label": label,
-      "example_id": example_id,
+      "label": tf.cast(example["label"], tf.int32),
+      "example_id": _example_id(example),
       "epoch": element["epoch"],
-      "decoded": used < 2,
     }
 
   seg_aug = values["segmentation_augmentation"]
   pair_decoders = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
 
   def decode_and_augment_pair(element):
-    """Segmentation: the (image, label map) pair through segment_augment; a corrupt image is
-    replaced by the backup's pair, as for classification."""
-    primary = features.deserialize_example(element["record"], decoders=pair_decoders)
-    backup = features.deserialize_example(element["backup"], decoders=pair_decoders)
+    """Segmentation: the (image, label map) pair through segment_augment."""
+    example = features.deserialize_example(element["record"], decoders=pair_decoders)
     example_seed = _fold(tf.constant([seed, 0], tf.int64), element["epoch"], element["shard"], element["position"])
-
-    def decode_backup():
-      image, ok = safe_decode_crop(backup["image"], backup["file_name"], _full_window)
-      return image, tf.where(ok, 1, 2)
-
-    image, ok = safe_decode_crop(primary["image"], primary["file_name"], _full_window)
-    image, used = tf.cond(ok, lambda: (image, tf.constant(0)), decode_backup)
-    use_backup = tf.equal(used, 1)
-    label_png = tf.cond(use_backup, lambda: backup["label"], lambda: primary["label"])
-    label = tf.io.decode_png(label_png, channels=1)[..., 0]
+    image = decodable.decode_window(example["image"], decodable.full_window)
+    label = tf.io.decode_png(example["label"], channels=1)[..., 0]
     image, label = segment_augment.augment_train_pair(image, label, example_seed, seg_aug)
-    return {
-      "image": image,
-      "label": label,
-      "example_id": tf.where(use_backup, _example_id(backup), _example_id(primary)),
-      "epoch": element["epoch"],
-      "decoded": used < 2,
-    }
+    return {"image": image, "label": label, "example_id": _example_id(example), "epoch": element["epoch"]}
 
   example_fn = decode_and_augment_pair if values["dataset"] in SEGMENTATION_DATASETS else decode_and_augment
   streams = [shard_stream(shard) for shard in local_shards]
@@ -643,11 +578,10 @@ def create_train_dataset(
     pattern = np.repeat(np.arange(len(streams), dtype=np.int64), shard_batch)
     choices = tf.data.Dataset.from_tensor_slices(pattern).repeat()
     dataset = tf.data.Dataset.choose_from_datasets(streams, choices)
+  # Both the image and its substitute undecodable is vanishingly rare; the example is then
+  # dropped (and the rest of this process's stream shifts by one).
+  dataset = dataset.filter(lambda element: element["decoded"])
   dataset = dataset.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  # Both the image and its substitute failing is vanishingly rare; the example is then dropped
-  # (and the rest of this process's stream shifts by one).
-  dataset = dataset.filter(lambda example: example["decoded"])
-  dataset = dataset.map(lambda example: {k: v for k, v in example.items() if k != "decoded"})
   dataset = dataset.batch(local_batch, drop_remainder=True)
   return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)
 
@@ -677,8 +611,8 @@ def create_eval_dataset(
   """Finite evaluation stream of local batches covering `split` once, padded with mask 0.
 
   Every process yields the same number of batches, ceil(ceil(N / process_count) / local_batch),
-  so multi-host evaluation steps stay in lockstep; the padding (and any image that fails to
-  decode) has mask 0.
+  so multi-host evaluation steps stay in lockstep; the padding (and any undecodable image, see
+  `decodable`) has mask 0.
 
   Returns:
     tf.data.Dataset of dicts: image uint8 (local_batch, S, S, 3) (S = image_size or
@@ -699,11 +633,10 @@ def create_eval_dataset(
   crop_ratio = values["eval_crop_ratio"]
 
   def preprocess(example):
-    image, ok = eval_image(example["image"], example["file_name"], image_size, crop_ratio)
     return {
-      "image": image,
+      "image": eval_image(example["image"], image_size, crop_ratio),
       "label": tf.cast(example["label"], tf.int32),
-      "mask": tf.cast(ok, tf.float32),
+      "mask": tf.constant(1.0, tf.float32),
       "example_id": _example_id(example),
     }
 
@@ -724,21 +657,39 @@ def create_eval_dataset(
     canvas = tuple(seg_aug.eval_canvas)
 
     def preprocess_pair(example):
-      image, ok = safe_decode_crop(example["image"], example["file_name"], _full_window)
+      image = decodable.decode_window(example["image"], decodable.full_window)
       label = tf.io.decode_png(example["label"], channels=1)[..., 0]
-      # A corrupt image (mask 0) stands in as black at its label's size.
-      image = tf.cond(ok, lambda: image, lambda: tf.zeros(tf.concat([tf.shape(label), [3]], 0), tf.uint8))
       image, label = segment_augment.eval_pair(image, label, seg_aug)
-      return {"image": image, "label": label, "mask": tf.cast(ok, tf.float32), "example_id": _example_id(example)}
+      return {"image": image, "label": label, "mask": tf.constant(1.0, tf.float32), "example_id": _example_id(example)}
 
     padding_example.update(
       image=tf.zeros([*canvas, 3], tf.uint8), label=tf.fill(canvas, tf.constant(IGNORE_INDEX, tf.uint8))
     )
     preprocess = preprocess_pair  # Label maps instead of class labels.
-  dataset = builder.as_dataset(
-    split=process_split, shuffle_files=False, decoders=decoders, read_config=tfds.ReadConfig(interleave_cycle_length=1)
-  )
-  dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  instructions = builder.info.splits[process_split].file_instructions
+  lookup = decodable.Lookup(builder, _files(instructions))
+  lookup.warn("has mask 0 in evaluation")
+  features = builder.info.features
+
+  def keyed_example(record, position, index):
+    example = features.deserialize_example(record, decoders=decoders)
+    # An undecodable image is never decoded: it becomes padding, under its own id.
+    return tf.cond(
+      lookup.contains(position, index),
+      lambda: {**padding_example, "example_id": _example_id(example)},
+      lambda: preprocess(example),
+    )
+
+  # The split's records in file order, as TFDS reads them with shuffle_files=False.
+  dataset = tf.data.Dataset.from_tensor_slices(
+    (
+      tf.constant([os.fspath(instruction.filename) for instruction in instructions], tf.string),
+      np.asarray([lookup.positions[os.fspath(instruction.filename)] for instruction in instructions], np.int64),
+      np.asarray([instruction.skip for instruction in instructions], np.int64),
+      np.asarray([_take(instruction) for instruction in instructions], np.int64),
+    )
+  ).flat_map(_keyed_records)
+  dataset = dataset.map(keyed_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   padding = tf.data.Dataset.from_tensors(padding_example).repeat(num_batches * local_batch - local_examples)
   dataset = dataset.concatenate(padding).batch(local_batch, drop_remainder=True)
   return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Callable
 
@@ -27,6 +28,8 @@ from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 from shufflemamba_jax.weights import params as params_lib
 
 _PROGRESS_ABOVE = 8  # Images; fewer finish before a progress bar would say anything.
+
+_LOGGER = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,13 +216,23 @@ def image_batches(paths: list[str], image_size: int, crop_ratio: float = 0.875, 
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only for reading images)
 
+  from shufflemamba_jax.data import decodable  # pylint: disable=g-import-not-at-top
+
   def encoded():
     for path in paths:
-      yield epath.Path(path).read_bytes(), path
+      data = epath.Path(path).read_bytes()
+      # Checked here, in Python: a few files, not a stream of millions.
+      error = decodable.decode_error(data)
+      if error:
+        _LOGGER.warning("Cannot decode %s (%s): it gets no prediction.", path, error)
+      yield data, error is None
 
-  signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.string))
+  signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool))
+  zeros = tf.zeros([image_size, image_size, 3], tf.uint8)
   dataset = tf.data.Dataset.from_generator(encoded, output_signature=signature)
-  dataset = dataset.map(lambda data, name: pipeline.eval_image(data, name, image_size, crop_ratio))
+  dataset = dataset.map(
+    lambda data, ok: (tf.cond(ok, lambda: pipeline.eval_image(data, image_size, crop_ratio), lambda: zeros), ok)
+  )
   batch_size = min(batch_size, len(paths))
   for images, ok in dataset.batch(batch_size).prefetch(1).as_numpy_iterator():
     padding = batch_size - len(images)
