@@ -8,7 +8,10 @@
 
 imagenet2012 runs TFDS's own builder on ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar
 (from https://image-net.org, after registering) placed in --manual_dir; ade20k runs ours
-(shufflemamba_jax/data/ade20k.py) on ADEChallengeData2016.zip placed there.
+(shufflemamba_jax/data/ade20k.py) on ADEChallengeData2016.zip placed there. Every image is then
+decoded once, in parallel, and the ones that fail are named in the log and listed in
+`<data_dir>/<dataset>/<version>/undecodable/`, where the input streams look them up instead of
+catching decode errors per image (shufflemamba_jax/data/decodable.py).
 """
 
 from absl import app, flags

@@ -194,6 +194,11 @@ def _warn(basename: str, record: dict, consequence: str) -> None:
   )
 
 
+def key(position, index):
+  """int64 key of record `index` of the file at `position` in a `Lookup`'s file order (in graph)."""
+  return tf.cast(position, tf.int64) * 2**32 + tf.cast(index, tf.int64)
+
+
 class Lookup:
   """The undecodable records of the files a stream reads, as an in-graph membership test.
 
@@ -206,7 +211,7 @@ class Lookup:
     self.positions = {path: position for position, path in enumerate(self.paths)}
     found = undecodable_records(builder, files)
     self.records = [(path, record) for path in self.paths for record in found[os.path.basename(path)]]
-    keys = [self.positions[path] * 2**32 + record["index"] for path, record in self.records]
+    keys = [int(key(self.positions[path], record["index"])) for path, record in self.records]
     # A -1 sentinel first: never a key, and the table is never empty.
     self._keys = np.sort(np.asarray([-1, *keys], np.int64))
 
@@ -215,9 +220,8 @@ class Lookup:
     for path, record in self.records:
       _warn(os.path.basename(path), record, consequence)
 
-  def contains(self, positions: tf.Tensor, indices: tf.Tensor) -> tf.Tensor:
-    """bool, the shape of `positions` and `indices` (int64 file positions and record indices)."""
-    keys = tf.cast(positions, tf.int64) * 2**32 + tf.cast(indices, tf.int64)
+  def contains(self, keys: tf.Tensor) -> tf.Tensor:
+    """bool, the shape of `keys` (int64, from `key`): which records are undecodable."""
     table = tf.constant(self._keys)
     flat = tf.reshape(keys, [-1])
     found = tf.gather(table, tf.minimum(tf.searchsorted(table, flat), len(self._keys) - 1))

@@ -6,11 +6,12 @@ own builder (`python -m shufflemamba_jax.prepare`), `create_train_dataset` and
 
 Training order. The split is cut into V = `data_shards` contiguous shards
 (`tfds.even_splits(split, V)[v]`; the default 0 means V = process_count, one shard per process).
-Each shard is an independent stream: its records are cut into chunks of at most `records_per_chunk`
-consecutive records; every epoch the chunks are permuted with a NumPy generator seeded by
-(seed, epoch, shard) and grouped into windows of about `shuffle_buffer` examples; a window is
-read whole and permuted with a stateless TF shuffle seeded by (seed, epoch, shard, window).
-Every example's augmentation seed is fold_in(seed, epoch, shard, position in the shard's epoch).
+Each shard is an independent stream: its records are cut into chunks (its part of each TFRecord
+file, or at most `records_per_chunk` consecutive records); every epoch the chunks are permuted
+with a NumPy generator seeded by (seed, epoch, shard) and grouped into windows of about
+`shuffle_buffer` examples; a window is read whole and permuted with a stateless TF shuffle seeded
+by (seed, epoch, shard, window). Every example's augmentation seed is
+(fold_in(seed, epoch, shard) xor its position in the shard's epoch), planned per window.
 Each epoch has `num_train_examples // global_batch_size` steps, and a shard delivers
 G / V examples per step (G = global batch size); the leftover examples of the epoch are dropped
 (different ones every epoch).
@@ -101,13 +102,13 @@ def settings(config=None, **overrides) -> dict[str, Any]:
 
   config: an ml_collections config with configs/default.py's field names, or None.
   overrides: any setting by its config name (without `aug.`), `records_per_chunk` (records
-    per chunk of the shuffle plan; tests shrink it), or `seg_aug` (a dict of
+    per chunk of the shuffle plan, 0: a file's part whole; tests shrink it), or `seg_aug` (a dict of
     segment_augment.SegmentationAugmentation fields, over `config.seg_aug`).
   A bad value raises a SettingError naming the config field. The result also holds the checked
   `augmentation` (augment.TrainAugmentation) and `segmentation_augmentation`
   (segment_augment.SegmentationAugmentation, read by the segmentation datasets).
   """
-  values = {**_FIELDS, **_AUG_FIELDS, "records_per_chunk": 256, "seg_aug": {}}
+  values = {**_FIELDS, **_AUG_FIELDS, "records_per_chunk": 0, "seg_aug": {}}
   unknown = sorted(set(overrides) - set(values))
   if unknown:  # Like any unknown keyword argument.
     raise TypeError(f"Unknown input pipeline setting(s) {unknown}; known: {sorted(values)}")
@@ -129,7 +130,7 @@ def settings(config=None, **overrides) -> dict[str, Any]:
     checks.integer(f"config.{name}", values[name])
   for name in ("data_shards", "seed"):
     checks.integer(f"config.{name}", values[name], minimum=0)
-  checks.integer("records_per_chunk", values["records_per_chunk"])
+  checks.integer("records_per_chunk", values["records_per_chunk"], minimum=0)
   checks.integer("config.aug.repeated_aug", values["repeated_aug"])
   if checks.number("config.aug.eval_crop_ratio", values["eval_crop_ratio"], 0.0, 1.0) == 0:
     raise checks.SettingError("config.aug.eval_crop_ratio", values["eval_crop_ratio"], "must be > 0")
@@ -308,21 +309,35 @@ def _files(file_instructions) -> dict[str, int]:
   return {os.fspath(instruction.filename): instruction.examples_in_shard for instruction in file_instructions}
 
 
+_EXAMPLES_PER_CALL = 256  # A window's examples are cut in blocks: tf.data's per-call cost is paid per block.
+
+
 def _keyed_records(path, position, skip, take):
-  """(serialized record, file position, record index) of records [skip, skip + take) of a file."""
-  indices = tf.data.Dataset.range(skip, skip + take)
-  return tf.data.Dataset.zip(tf.data.TFRecordDataset(path).skip(skip).take(take), indices).map(
-    lambda record, index: (record, position, index)
+  """(record, file position, record index) of records [skip, skip + take) of a file.
+
+  Zipped, not mapped: tf.data then calls no function per record.
+  """
+  return tf.data.Dataset.zip(
+    tf.data.TFRecordDataset(path).skip(skip).take(take),
+    tf.data.Dataset.from_tensors(position).repeat(),
+    tf.data.Dataset.range(skip, skip + take),
   )
 
 
 def _chunks(file_instructions, records_per_chunk: int):
-  """Cuts a shard of the split into (file, skip, take) chunks of at most `records_per_chunk` records."""
+  """Cuts a shard of the split into (file, skip, take) chunks of at most `records_per_chunk` records.
+
+  0 (the default) keeps each file's part whole. A TFRecord file cannot seek: a chunk that starts
+  at record s reads and drops the s records before it, so k chunks of a file cost about k / 2
+  reads of it per epoch. TFDS shuffles the records across files when it prepares a dataset, so a
+  window of whole files is already a random sample of the split.
+  """
   chunks = []
   for instruction in file_instructions:
     take = _take(instruction)
-    for start in range(0, take, records_per_chunk):
-      chunks.append((os.fspath(instruction.filename), instruction.skip + start, min(records_per_chunk, take - start)))
+    size = records_per_chunk or take
+    for start in range(0, take, size):
+      chunks.append((os.fspath(instruction.filename), instruction.skip + start, min(size, take - start)))
   return chunks
 
 
@@ -460,7 +475,7 @@ def create_train_dataset(
       _keyed_records, cycle_length=16, block_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
     records, record_positions, record_indices = records.batch(2**31 - 1).get_single_element()
-    return records, lookup.contains(record_positions, record_indices), epoch, index, start, offset, count
+    return records, lookup.contains(decodable.key(record_positions, record_indices)), epoch, index, start, offset, count
 
   def shard_stream(shard: int):
     """Element stream of one shard: undecoded records with their epoch and shard position."""
@@ -499,27 +514,39 @@ def create_train_dataset(
     )
 
     def expand_window(records, undecodable, epoch, index, start, offset, count):
+      """The window's examples, planned as vectors once per window: nothing runs per example here."""
       size = tf.shape(records, out_type=tf.int64)[0]
       window_seed = _fold(tf.constant([seed, 1], tf.int64), epoch, shard, index)
-      permutation = tf.argsort(tf.random.stateless_uniform([size], window_seed))
+      permutation = tf.cast(tf.argsort(tf.random.stateless_uniform([size], window_seed)), tf.int64)
       unique = (size + repeats - 1) // repeats
       backup_shift = tf.where(unique < size, unique, 1)
+      positions = tf.range(offset, offset + count)
+      source = positions // repeats  # Each copy's original in the permuted window.
+      # An undecodable image's substitute, from the same window: one that repeated augmentation
+      # drops, else the next.
+      primary = tf.gather(permutation, source)
+      backup = tf.gather(permutation, (source + backup_shift) % size)
+      chosen = tf.where(tf.gather(undecodable, primary), backup, primary)
+      # Both undecodable is vanishingly rare; the example is then dropped (and the rest of this
+      # process's stream shifts by one).
+      kept = tf.logical_not(tf.gather(undecodable, chosen))
+      chosen, positions = tf.boolean_mask(chosen, kept), tf.boolean_mask(start + positions, kept)
+      # Each example's augmentation seed: (key of (seed, epoch, shard)) ^ (position in the shard's
+      # epoch), one vector op per block. Stateless ops scramble their seed through Philox first,
+      # so neighbouring seeds give unrelated streams.
+      key = _fold(tf.constant([seed, 0], tf.int64), epoch, shard)
 
-      def example(position_in_window):
-        source = position_in_window // repeats  # The copy's original in the permuted window.
-        # An undecodable image's substitute, from the same window: one that repeated augmentation
-        # drops, else the next.
-        primary, backup = permutation[source], permutation[(source + backup_shift) % size]
-        record = tf.where(undecodable[primary], backup, primary)
+      def block(first):
+        """The records of examples [first, first + _EXAMPLES_PER_CALL): one call per block."""
+        indices = chosen[first : first + _EXAMPLES_PER_CALL]
+        block_positions = positions[first : first + _EXAMPLES_PER_CALL]
         return {
-          "record": tf.gather(records, record),
-          "decoded": tf.logical_not(undecodable[record]),
-          "epoch": epoch,
-          "shard": tf.constant(shard, tf.int64),
-          "position": start + position_in_window,
+          "record": tf.gather(records, indices),
+          "seed": tf.stack([tf.bitwise.bitwise_xor(key[0], block_positions), tf.fill(tf.shape(indices), key[1])], 1),
+          "epoch": tf.fill(tf.shape(indices), epoch),
         }
 
-      return tf.data.Dataset.range(offset, offset + count).map(example)
+      return tf.data.Dataset.range(0, tf.size(chosen, out_type=tf.int64), _EXAMPLES_PER_CALL).map(block).unbatch()
 
     return plan.map(read_window).prefetch(1).flat_map(expand_window)
 
@@ -540,8 +567,7 @@ def create_train_dataset(
     area_range = ratio_range = None
 
   def decode_and_augment(element):
-    example_seed = _fold(tf.constant([seed, 0], tf.int64), element["epoch"], element["shard"], element["position"])
-    crop_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(example_seed, 2))
+    crop_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(element["seed"], 2))
 
     def window_fn(shape):
       if area_range is None:
@@ -563,10 +589,9 @@ def create_train_dataset(
   def decode_and_augment_pair(element):
     """Segmentation: the (image, label map) pair through segment_augment."""
     example = features.deserialize_example(element["record"], decoders=pair_decoders)
-    example_seed = _fold(tf.constant([seed, 0], tf.int64), element["epoch"], element["shard"], element["position"])
     image = decodable.decode_window(example["image"], decodable.full_window)
     label = tf.io.decode_png(example["label"], channels=1)[..., 0]
-    image, label = segment_augment.augment_train_pair(image, label, example_seed, seg_aug)
+    image, label = segment_augment.augment_train_pair(image, label, element["seed"], seg_aug)
     return {"image": image, "label": label, "example_id": _example_id(example), "epoch": element["epoch"]}
 
   example_fn = decode_and_augment_pair if values["dataset"] in SEGMENTATION_DATASETS else decode_and_augment
@@ -578,9 +603,6 @@ def create_train_dataset(
     pattern = np.repeat(np.arange(len(streams), dtype=np.int64), shard_batch)
     choices = tf.data.Dataset.from_tensor_slices(pattern).repeat()
     dataset = tf.data.Dataset.choose_from_datasets(streams, choices)
-  # Both the image and its substitute undecodable is vanishingly rare; the example is then
-  # dropped (and the rest of this process's stream shifts by one).
-  dataset = dataset.filter(lambda element: element["decoded"])
   dataset = dataset.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.batch(local_batch, drop_remainder=True)
   return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)
@@ -675,7 +697,7 @@ def create_eval_dataset(
     example = features.deserialize_example(record, decoders=decoders)
     # An undecodable image is never decoded: it becomes padding, under its own id.
     return tf.cond(
-      lookup.contains(position, index),
+      lookup.contains(decodable.key(position, index)),
       lambda: {**padding_example, "example_id": _example_id(example)},
       lambda: preprocess(example),
     )
