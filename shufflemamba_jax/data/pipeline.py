@@ -37,9 +37,9 @@ image by another one of the same window of its shard (the next, or one that repe
 augmentation drops), so positions never shift and resume stays exact; an undecodable evaluation
 image gets mask 0. Each is named in a warning when the stream is created.
 
-Memory: every shard holds a window of `shuffle_buffer` encoded images and prefetches the next
-one (16,384 ImageNet JPEGs are about 1.8 GB), so a process holds V / P windows (plus their
-prefetches): lower `shuffle_buffer` about P / V-fold when V > P.
+Memory: every shard holds a window of `shuffle_buffer` encoded images (whole files: up to one
+file more; 16,384 ImageNet JPEGs are about 1.8 GB) and prefetches the next one, so a process
+holds V / P windows (plus their prefetches): lower `shuffle_buffer` about P / V-fold when V > P.
 
 TensorFlow is kept off the accelerators (`tf.config.set_visible_devices([], "GPU")`).
 """
