@@ -207,10 +207,9 @@ class Lookup:
   """
 
   def __init__(self, builder, files: dict[str, int]):
-    self.paths = list(files)
-    self.positions = {path: position for position, path in enumerate(self.paths)}
+    self.positions = {path: position for position, path in enumerate(files)}
     found = undecodable_records(builder, files)
-    self.records = [(path, record) for path in self.paths for record in found[os.path.basename(path)]]
+    self.records = [(path, record) for path in files for record in found[os.path.basename(path)]]
     keys = [int(key(self.positions[path], record["index"])) for path, record in self.records]
     # A -1 sentinel first: never a key, and the table is never empty.
     self._keys = np.sort(np.asarray([-1, *keys], np.int64))
