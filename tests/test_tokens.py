@@ -77,3 +77,17 @@ def test_a_saved_table_is_resized_from_its_inferred_square_grid(layout, rows):
   np.testing.assert_array_equal(resized, expected)
   with pytest.raises(ValueError, match=r"square patch grid.*\(" + str(rows + 1) + r", 4\)"):
     tokens.resize_pos_embed_table(jnp.ones((rows + 1, 4)), (6, 6), layout)
+
+
+@pytest.mark.parametrize("old,new", [((14, 14), (32, 32)), ((14, 14), (32, 43)), ((14, 14), (9, 5)), ((4, 6), (4, 3))])
+def test_bicubic_resize_equals_torch_interpolate(old, new):
+  """Up and down, square and not: the reference resizes position tables with torch's bicubic."""
+  torch = pytest.importorskip("torch")
+  grid = np.random.default_rng(2).normal(size=(*old, 5))
+  expected = torch.nn.functional.interpolate(
+    torch.from_numpy(grid).permute(2, 0, 1)[None], size=new, mode="bicubic", align_corners=False
+  )[0].permute(1, 2, 0)
+  resized = tokens.resize_bicubic(jnp.asarray(grid, jnp.float32), new)
+  np.testing.assert_allclose(np.asarray(resized), expected.numpy(), rtol=1e-5, atol=1e-5)
+  table = tokens.resize_patch_positions(jnp.asarray(grid.reshape(-1, 5), jnp.float32), old, new)
+  np.testing.assert_allclose(np.asarray(table), expected.numpy().reshape(-1, 5), rtol=1e-5, atol=1e-5)

@@ -68,14 +68,51 @@ def split_position_table(pos_embed: np.ndarray | jax.Array, num_patches: int, to
   return pos_embed[keep], pos_embed[extra]
 
 
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) float64 weights of PyTorch's 1-D bicubic resampling.
+
+  `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)` with a target size and
+  no antialiasing: source position (i + 0.5) * in / out - 0.5, Keys' cubic kernel with a = -0.75,
+  taps clamped to the edge. jax.image.resize uses a = -0.5 and antialiases when shrinking, so it
+  does not reproduce the reference's position tables.
+  """
+  a = -0.75
+  scale = in_size / out_size
+  source = (np.arange(out_size) + 0.5) * scale - 0.5
+  base = np.floor(source)
+  t = source - base
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
+  weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+  matrix = np.zeros((out_size, in_size))
+  for tap in range(4):
+    index = np.clip(base.astype(np.int64) - 1 + tap, 0, in_size - 1)
+    np.add.at(matrix, (np.arange(out_size), index), weights[:, tap])
+  return matrix
+
+
+def resize_bicubic(grid: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """(h, w, C) -> (*size, C), float32: PyTorch's bicubic `interpolate` (see `bicubic_matrix`).
+
+  Two small matrix products with constant weights, so it is exact up to float32 rounding,
+  differentiable, and cheap enough to run on every forward pass.
+  """
+  (h, w), (h2, w2) = grid.shape[:2], tuple(size)
+  if (h, w) == (h2, w2):
+    return grid.astype(jnp.float32)
+  rows = jnp.asarray(bicubic_matrix(h, h2), jnp.float32)
+  cols = jnp.asarray(bicubic_matrix(w, w2), jnp.float32)
+  return jnp.einsum("ih,hwc,jw->ijc", rows, grid.astype(jnp.float32), cols, precision=jax.lax.Precision.HIGHEST)
+
+
 def resize_patch_positions(table: jax.Array, old_grid, new_grid) -> jax.Array:
-  """Bicubically resizes (h * w, D) patch position rows on their grid to (h2 * w2, D)."""
+  """Bicubically resizes (h * w, D) patch position rows on their grid to (h2 * w2, D), as the
+  reference's `F.interpolate(mode="bicubic", align_corners=False)`."""
   old_grid, new_grid = tuple(old_grid), tuple(new_grid)
   if old_grid == new_grid:
     return table
   dim = table.shape[-1]
-  grid = jnp.asarray(table, jnp.float32).reshape(*old_grid, dim)
-  resized = jax.image.resize(grid, (*new_grid, dim), method="bicubic")
+  resized = resize_bicubic(jnp.asarray(table).reshape(*old_grid, dim), new_grid)
   return resized.reshape(-1, dim).astype(table.dtype)
 
 
