@@ -254,21 +254,36 @@ class VisionMamba(nnx.Module):
     return (sequence + self.position_table(grid).astype(sequence.dtype)).astype(DTYPES[config.dtype])
 
   def __call__(self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
+    ((hidden, residual),) = self.run_blocks(images, (self.config.depth,), train=train, key=key)
+    return self.classify(self.final_norm(hidden, residual, train=train, key=key))
+
+  def final_norm(
+    self, hidden: jax.Array, residual: jax.Array, *, train: bool = False, key: jax.Array | None = None
+  ) -> jax.Array:
+    """`norm_f(residual + drop_path(hidden))` after the last block, float32 (batch, length, D).
+
+    The last block's output is dropped with the full drop-path rate (the reference's
+    `self.drop_path`); `key` is the one given to `run_blocks`.
+    """
     config = self.config
-    ((hidden, residual),) = self.run_blocks(images, (config.depth,), train=train, key=key)
     if train and config.drop_path_rate > 0:
       drop_key = jax.random.fold_in(key, 1)
       hidden = _drop_path(hidden, config.drop_path_rate, jax.random.fold_in(drop_key, config.depth))
-    features = self.norm_f(residual + hidden.astype(jnp.float32))
-    return self.classify(features)
+    return self.norm_f(residual + hidden.astype(jnp.float32))
 
   def run_blocks(
     self, images: jax.Array, stops: tuple[int, ...], *, train: bool = False, key: jax.Array | None = None
   ) -> list[tuple[jax.Array, jax.Array]]:
-    """Embeds `images` and runs the blocks, returning the two streams after each of `stops`.
+    """Embeds `images` and runs the blocks: `run_layers(self.embed(images), ...)`."""
+    return self.run_layers(self.embed(images), stops, train=train, key=key)
+
+  def run_layers(
+    self, sequence: jax.Array, stops: tuple[int, ...], *, train: bool = False, key: jax.Array | None = None
+  ) -> list[tuple[jax.Array, jax.Array]]:
+    """Runs the blocks on a token sequence, returning the two streams after each of `stops`.
 
     Args:
-      images: (batch, H, W, 3), any float dtype.
+      sequence: (batch, length, D) embedded tokens, positions added (`embed`), compute dtype.
       stops: increasing block counts in [1, depth]; (depth,) runs the whole stack.
       train, key: as for `__call__` (drop path and SLWS, keyed by block index, so the result
         does not depend on `stops`).
@@ -285,7 +300,7 @@ class VisionMamba(nnx.Module):
       raise ValueError(f"stops must be increasing block counts in [1, {config.depth}], got {stops}")
     if train and key is None:
       raise ValueError("training mode needs a PRNG key: model(images, train=True, key=jax.random.key(...))")
-    hidden = sharding.constrain_batch(self.embed(images))
+    hidden = sharding.constrain_batch(sequence)
     batch, length, _ = hidden.shape
     drop_path = train and config.drop_path_rate > 0
     shuffle = train and config.slws_max_prob > 0
