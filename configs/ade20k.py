@@ -1,13 +1,26 @@
-"""ADE20K semantic segmentation recipes: UperNet on ShuffleMamba / ShuffleMamba-Reg backbones.
+"""ADE20K semantic segmentation recipes: the official UperNet-ShuffleMamba configs.
 
-The reference recipe (mmsegmentation configs `upernet_shufflemamba_8xb2-160k_ade20k-512x512_*`):
-AdamW with lr 6e-5 (B, M) or 3e-5 (L, Reg-L), betas (0.9, 0.999), weight decay 0.01 (none for
-position embeddings, class token, norms, A_log and D); gradient clipping at global norm 3 (L) or
-5 (Reg-L), none for B and M; linear warmup over 1500 iterations from 1e-6 of the peak, then poly
-(power 1) decay to 0 at 160k iterations; global batch 16 of 512x512 crops; drop path 0.2 (B, L)
-or 0.3 (M, Reg-L), SLWS off; the backbone initialized from a
-classification checkpoint (ours or converted official weights) with its position table resized to
-the 32x32 grid; evaluation by sliding 512 windows every 341 pixels on images resized to (2048, 512).
+Each variant is the reference config of that name (huangzizheng01/ShuffleMamba,
+segmentation/configs/shufflemamba/, read 2026-12-03):
+
+  variant                 config file (upernet_*_8xb2-160k_ade20k-512x512_*) width depth norm lr   drop path clip
+  shufflemamba_base       upernet_shufflemamba_..._base.py                    768  24   LN   6e-5 0.2       -
+  shufflemamba_middle     upernet_videomamba_..._middle.py                    576  32   LN   6e-5 0.3       -
+  shufflemamba_large      upernet_videomamba_..._large.py                    1024  40   LN   3e-5 0.2       3
+  shufflemamba_reg_large  upernet_shufflemamba_..._large_reg.py              1024  48   RMS  3e-5 0.3       5
+
+(LN: LayerNorm, RMS: RMSNorm.)
+
+Common to all: the backbone scans patch tokens only (its `num_cls_tokens` and `cls_reduce` are
+accepted and ignored by `Backbone_VideoMamba`) with the 224-pixel pretraining position table
+resized every call; out_indices the last block of each quarter; no neck; UPerHead (512 channels,
+pool scales 1, 2, 3, 6) and FCNHead (256 channels, in_index 3, loss weight 0.4) with SyncBN and
+dropout 0.1; AdamW betas (0.9, 0.999), weight decay 0.01 except names containing .pos_embed,
+.cls_token, norm, .A_log or .D (mmengine's substring match: A_b_log and the heads' BatchNorms,
+named `bn` there, do decay); linear warmup over 1500 iterations from 1e-6 of the peak, then poly
+(power 1) to 0 at 160k; global batch 16 (8 GPUs x 2) of 512x512 crops; float32 (no --amp); SLWS
+off (shuffle_rate 0); evaluation by sliding 512 windows every 341 pixels on images resized to fit
+(2048, 512). `--config.model.dtype=bfloat16` is a documented option, not the recipe.
 
 Run (ADE20K prepared by `python -m shufflemamba_jax.prepare ade20k --manual_dir=...` first; the
 classifier from configs/imagenet.py or `python -m shufflemamba_jax.convert`):
@@ -18,25 +31,23 @@ classifier from configs/imagenet.py or `python -m shufflemamba_jax.convert`):
       --mode=evaluate
 
 Expected result: not measured here (no ADE20K run has been made with this code). init_from must
-be set on the command line: a segmenter trained from a random backbone is not the recipe.
-
-Where the reference configs differ from the variants named here (read from
-huangzizheng01/ShuffleMamba, segmentation/configs/shufflemamba, 2026-11-25): its "base" backbone
-carries 12 register tokens (cls_reduce 4), the ShuffleMamba-Reg-B layout (use
---config.model.variant=shufflemamba_reg_base with a Reg-B classifier for that), and its "large"
-config builds depth 40 where the shufflemamba_large classifier has 48 (out_indices scale with
-the depth either way).
+be set on the command line: a segmenter trained from a random backbone is not the recipe. The
+warm start takes what the reference's `load_state_dict(strict=False)` takes: an RMSNorm
+classifier under a LayerNorm backbone gives its norm scales, the biases start at zero; the
+classifier's cls token, registers and head are left out. The large config's depth 40 differs
+from the 48-block shufflemamba_large classifier: warm start from a 40-block classifier (or
+set --config.model.depth).
 """
 
 from shufflemamba_jax.training import config_files
 
-# variant: (peak learning rate, drop path rate, gradient clipping norm or None), each from the
-# variant's reference config.
+# variant: (peak learning rate, drop path rate, gradient clipping norm or None, depth, norm), each
+# from the variant's reference config (the table above).
 _RECIPES = {
-  "shufflemamba_base": (6e-5, 0.2, None),
-  "shufflemamba_middle": (6e-5, 0.3, None),
-  "shufflemamba_large": (3e-5, 0.2, 3.0),
-  "shufflemamba_reg_large": (3e-5, 0.3, 5.0),
+  "shufflemamba_base": (6e-5, 0.2, None, 24, "layernorm"),
+  "shufflemamba_middle": (6e-5, 0.3, None, 32, "layernorm"),
+  "shufflemamba_large": (3e-5, 0.2, 3.0, 40, "layernorm"),
+  "shufflemamba_reg_large": (3e-5, 0.3, 5.0, 48, "rmsnorm"),
 }
 
 
@@ -45,7 +56,7 @@ def get_config(arg: str | None = None):
   variant = (arg or "shufflemamba_base").strip()
   if variant not in _RECIPES:
     raise ValueError(f"configs/ade20k.py: unknown variant {variant!r}; choose one of {tuple(_RECIPES)}.")
-  lr, drop_path, grad_clip = _RECIPES[variant]
+  lr, drop_path, grad_clip, depth, norm = _RECIPES[variant]
   config = config_files.get_config(config_files.sibling(__file__, "segmentation.py"))
   config.dataset = "ade20k"
   config.image_size = 512
@@ -60,7 +71,9 @@ def get_config(arg: str | None = None):
   config.shuffle_buffer = 4096
 
   config.model.variant = variant
-  config.model.dtype = "bfloat16"
+  config.model.dtype = "float32"  # The reference trains without --amp.
+  config.model.depth = depth
+  config.model.norm = norm
   config.model.drop_path_rate = drop_path
   config.model.slws.max_prob = 0.0  # SLWS off for dense prediction.
 

@@ -48,6 +48,7 @@ def get_config():
   config.model.embed_dim = config_dict.placeholder(int)  # Width D.
   config.model.depth = config_dict.placeholder(int)  # Number of bidirectional Mamba blocks.
   config.model.d_state = config_dict.placeholder(int)  # SSM state size N.
+  config.model.norm = config_dict.placeholder(str)  # "rmsnorm" | "layernorm" (blocks and norm_f).
   config.model.drop_path_rate = config_dict.placeholder(float)  # Stochastic depth (last block).
   # Selective-scan implementation: "associative" | "sequential" | "chunked" (None: chunked).
   config.model.scan_method = config_dict.placeholder(str)

@@ -51,6 +51,7 @@ def get_config(arg: str | None = None):
   # Narrow heads: at 4x4 patches the finest pyramid level is the full 32x32 canvas, where the
   # head's 3x3 convolutions are costly (step_time_s of this run on 2 cores: 0.26 s with
   # --config.seg.channels=64 --config.seg.aux_channels=32, 0.175 s as here).
+  config.seg.pos_embed_size = 32  # Trained from scratch at 32 px: the table is the 8x8 grid itself.
   config.seg.channels = 32
   config.seg.aux_channels = 16
   config.seg.dropout = 0.0

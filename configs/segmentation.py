@@ -31,14 +31,21 @@ def get_config():
 
   # ---- Segmenter and schedule (shufflemamba_jax.models.upernet, training.trainer) ------------
   config.seg = ml_collections.ConfigDict()
-  # Blocks whose token streams feed the pyramid; None = the last of each quarter of the depth
-  # ([5, 11, 17, 23] for depth 24).
+  # Blocks whose outputs feed the heads; None = the last of each quarter of the depth ([5, 11,
+  # 17, 23] for depth 24). Each is the block's mixer output; the last block's is norm_f(residual
+  # + output), as in the reference backbone.
   config.seg.out_indices = config_dict.placeholder(tuple)
+  # Image size (pixels, square) of the backbone's stored position table: the pretraining
+  # resolution (224: 14x14 for 16-pixel patches), resized on every call to the grid seen.
+  config.seg.pos_embed_size = 224
+  # "none" (the reference): the four patch-grid maps go straight to the heads; "simple_pyramid"
+  # (opt-in, not the reference): BEiT's 4x / 2x / 1x / 1/2x deconvolution pyramid first.
+  config.seg.neck = "none"
   config.seg.channels = 512  # UperNet decode head width.
   config.seg.pool_scales = (1, 2, 3, 6)  # Pyramid pooling bins on the coarsest level.
   config.seg.dropout = 0.1  # Channel dropout before the classifiers.
   config.seg.aux_channels = 256  # FCN auxiliary head width.
-  config.seg.aux_level = 3  # Pyramid level the auxiliary head reads (0 = finest).
+  config.seg.aux_level = 3  # Map the auxiliary head reads (the reference's in_index=3).
   config.seg.aux_weight = 0.4  # Loss weight of the auxiliary head.
   # Per-class loss weights of both heads (mmseg's CrossEntropyLoss class_weight), one per class;
   # None = all 1, as in the ADE20K recipe.

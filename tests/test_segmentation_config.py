@@ -42,6 +42,15 @@ def test_ade20k_variant_builds_the_reference_recipe(variant):
     "shufflemamba_reg_large": (0.3, 5.0),
   }[variant]
   assert segmenter.backbone.drop_path_rate == drop_path and settings.optimizer.grad_clip == grad_clip
+  # The reference configs' backbones: float32, LayerNorm but for reg_large, the large one 40 deep.
+  depth, norm = {
+    "shufflemamba_base": (24, "layernorm"),
+    "shufflemamba_middle": (32, "layernorm"),
+    "shufflemamba_large": (40, "layernorm"),
+    "shufflemamba_reg_large": (48, "rmsnorm"),
+  }[variant]
+  assert (segmenter.backbone.depth, segmenter.backbone.norm, segmenter.backbone.dtype) == (depth, norm, "float32")
+  assert (segmenter.neck, segmenter.pos_grid) == ("none", (14, 14))
   assert config.aug.repeated_aug == 1  # Every example of a batch is a different image.
   seg = settings.task
   assert (seg.warmup_steps, seg.warmup_factor, seg.poly_power, seg.aux_weight) == (1500, 1e-6, 1.0, 0.4)
@@ -79,8 +88,9 @@ def test_class_weight_is_one_weight_per_class():
     ("seg.out_indices", (0, 1, 2, 9), "config.seg.out_indices"),
     ("seg.aux_level", 4, "config.seg.aux_level"),
     ("seg.warmup_factor", 2.0, "config.seg.warmup_factor"),
-    ("seg.eval_crop", (30, 30), "config.seg.eval_crop"),
-    ("model.patch_size", 2, "config.model.patch_size"),  # The simple pyramid needs multiples of 4.
+    ("seg.eval_crop", (3, 3), "config.seg.eval_crop"),  # Smaller than a 4-pixel patch.
+    ("seg.neck", "fpn", "config.seg.neck"),
+    ("seg.pos_embed_size", 30, "config.seg.pos_embed_size"),  # Not a whole number of 4-pixel patches.
     ("image_size", 64, "config.image_size"),  # Not the training crop (32).
     ("aug.mixup_alpha", 0.8, "config.aug.mixup_alpha"),
     ("grad_accum_steps", 2, "config.grad_accum_steps"),

@@ -102,7 +102,8 @@ def test_command_line_run_stopped_then_resumed_exactly(digits_seg_data_dir, tmp_
 
 def test_init_from_a_classifier_fills_the_backbone(tmp_path, digits_seg_data_dir):
   """config.init_from a classification checkpoint at another resolution (16 px): the backbone
-  takes its weights (position table resized to the 8x8 grid), the pyramid and heads stay fresh."""
+  takes its weights (the cls row dropped, the table resized to the 8x8 grid of pos_embed_size
+  32), the heads stay fresh."""
   settings = trainer.Settings.from_config(seg_config(digits_seg_data_dir))
   segmenter_config = settings.task.model_config(digits_seg.NUM_CLASSES)
   backbone = segmenter_config.backbone

@@ -1,5 +1,6 @@
-"""UperNet on the Vim backbone: settings, head shapes for every token layout, features read from
-the right blocks with the extra tokens dropped, and sliding-window inference."""
+"""UperNet on the Vim backbone: settings, head shapes for every token layout (the backbone scans
+patches only), the opt-in simple pyramid, warm start from a classifier, and sliding-window
+inference. The backbone's maps against the reference are in test_segmenter_backbone.py."""
 
 import dataclasses
 import functools
@@ -11,7 +12,6 @@ import pytest
 from flax import nnx
 
 from shufflemamba_jax.models import SettingError, tokens, upernet, variants
-from shufflemamba_jax.models.vim import VisionMamba
 
 LAYOUTS = {
   "middle": dict(variant="vim_tiny"),
@@ -56,7 +56,8 @@ def test_bad_settings_name_themselves(settings, name):
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_head_shapes_for_every_layout(layout):
-  """Traced only (no compilation): logits at 1/4, auxiliary logits at 1/32, on a non-square image."""
+  """Traced only (no compilation): the reference has no neck, so both heads' logits are at the
+  patch grid; the backbone scans patches only, whatever the classifier's token layout."""
   config = tiny_config(layout)
   model = nnx.eval_shape(lambda: upernet.UperNet(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
@@ -66,45 +67,42 @@ def test_head_shapes_for_every_layout(layout):
     return nnx.merge(graphdef, state).forward(images, train=True, key=jax.random.key(0))
 
   logits, aux_logits = jax.eval_shape(train_forward, state, images)
-  assert logits.shape == (2, 16, 24, 5) and logits.dtype == jnp.float32
-  assert aux_logits.shape == (2, 2, 3, 5) and aux_logits.dtype == jnp.float32
+  assert logits.shape == (2, 4, 6, 5) and logits.dtype == jnp.float32
+  assert aux_logits.shape == (2, 4, 6, 5) and aux_logits.dtype == jnp.float32
   eval_logits = jax.eval_shape(lambda state, images: nnx.merge(graphdef, state)(images), state, images)
-  assert eval_logits.shape == (2, 16, 24, 5)
+  assert eval_logits.shape == (2, 4, 6, 5)
   features = jax.eval_shape(lambda state, images: nnx.merge(graphdef, state).features(images), state, images)
   assert [f.shape for f in features] == [(2, 4, 6, 48)] * 4
-  # The classification parts are gone: no parameters the loss cannot reach.
-  assert not set(upernet.UNUSED_BACKBONE_PARTS) & set(nnx.to_pure_dict(nnx.state(model.backbone, nnx.Param)))
+  backbone = nnx.to_pure_dict(nnx.state(model.backbone, nnx.Param))
+  # The classification parts are gone (no parameters the loss cannot reach); norm_f stays.
+  assert not set(upernet.UNUSED_BACKBONE_PARTS) & set(backbone)
+  assert "norm_f" in backbone and "pyramid" not in nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  # The pretraining (224 px) table: 14x14 patch rows, no cls row.
+  assert backbone["pos_embed"].shape == (14 * 14, 48)
 
 
-# About 7 s each; the registers layout (several extra tokens inside the sequence) is in the fast tier.
-@pytest.mark.parametrize("layout", [pytest.param("middle", marks=pytest.mark.slow), "registers"])
-def test_features_are_the_streams_after_the_out_indices_blocks(layout):
-  """Feature k equals the un-normed token stream of a backbone cut after block out_indices[k],
-  with the extra tokens removed and patch (r, c) at [r, c]."""
-  config = tiny_config(layout, out_indices=(0, 1, 2, 3))
-  model = upernet.create_segmenter(config, rngs=nnx.Rngs(0))
-  images = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
-  features = jax.jit(lambda images: model.features(images))(images)
-  backbone_params = nnx.to_pure_dict(nnx.state(model.backbone, nnx.Param))
-  grid, num_patches = (4, 4), 16
-  extras = tokens.extra_token_indices(num_patches, config.backbone.token_layout, config.backbone.num_registers)
-  order = tokens.sequence_order(num_patches, config.backbone.token_layout, config.backbone.num_registers)
-  for level in (1, 3):
-    blocks = level + 1
-    cut_config = dataclasses.replace(config.backbone, depth=blocks)
-    cut = nnx.eval_shape(lambda cut_config=cut_config: VisionMamba(cut_config, rngs=nnx.Rngs(0)))
-    params = dict(backbone_params)
-    params["layers"] = jax.tree.map(lambda x, blocks=blocks: x[:blocks], params["layers"])
-    cut_params = nnx.state(cut, nnx.Param)
-    nnx.replace_by_pure_dict(cut_params, {k: v for k, v in params.items() if k in nnx.to_pure_dict(cut_params)})
-    nnx.update(cut, cut_params)
-    ((hidden, residual),) = jax.jit(lambda images, cut=cut, blocks=blocks: cut.run_blocks(images, (blocks,)))(images)
-    stream = np.asarray(residual + hidden)[0]  # (length, D) in sequence order
-    expected = np.zeros((*grid, stream.shape[-1]), np.float32)
-    for position, source in enumerate(order):
-      if position not in extras:
-        expected[source // grid[1], source % grid[1]] = stream[position]
-    np.testing.assert_allclose(np.asarray(features[level])[0], expected, rtol=1e-5, atol=1e-5)
+def test_the_patch_convolution_floors_sizes_that_are_not_multiples_of_the_patch():
+  config = tiny_config("head")
+  model = nnx.eval_shape(lambda: upernet.UperNet(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  images = jax.ShapeDtypeStruct((1, 70, 100, 3), jnp.float32)
+  logits = jax.eval_shape(lambda state, images: nnx.merge(graphdef, state)(images), state, images)
+  assert logits.shape == (1, 4, 6, 5)
+
+
+def test_the_simple_pyramid_is_an_opt_in_neck():
+  """neck="simple_pyramid": levels at 4x, 2x, 1x and 1/2x the grid; logits at 1/4, auxiliary at 1/32."""
+  config = tiny_config("head", neck="simple_pyramid")
+  model = nnx.eval_shape(lambda: upernet.UperNet(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  images = jax.ShapeDtypeStruct((2, 64, 96, 3), jnp.float32)
+  logits, aux_logits = jax.eval_shape(
+    lambda state, images: nnx.merge(graphdef, state).forward(images, train=True, key=jax.random.key(0)), state, images
+  )
+  assert logits.shape == (2, 16, 24, 5) and aux_logits.shape == (2, 2, 3, 5)
+  with pytest.raises(SettingError) as error:
+    tiny_config("head", neck="fpn")
+  assert error.value.setting == "neck"
 
 
 def test_window_starts_follow_mmseg():
@@ -145,10 +143,14 @@ def test_sliding_window_on_an_image_that_fits_one_window_is_whole_image_inferenc
   np.testing.assert_array_equal(np.asarray(slid), np.asarray(whole))
 
 
-def test_warm_start_from_a_classifier_resizes_positions_and_reports_fresh_heads(caplog):
+def test_warm_start_from_a_classifier_drops_the_cls_row_and_keeps_the_norm_scales(caplog):
+  """As the reference's load_state_dict(strict=False): an RMSNorm classifier under a LayerNorm
+  segmentation backbone gives its scales, the biases stay fresh; the cls row of pos_embed is
+  dropped and a table of another grid is resized (torch's bicubic) to the 14x14 pretraining grid."""
   from shufflemamba_jax.weights import params as params_lib
 
   config = tiny_config("middle")
+  config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, norm="layernorm"))
   classifier = variants.create_model(
     "vim_tiny", rngs=nnx.Rngs(1), embed_dim=48, depth=4, img_size=32, num_classes=7, remat=False
   )
@@ -162,28 +164,16 @@ def test_warm_start_from_a_classifier_resizes_positions_and_reports_fresh_heads(
   assert set(flat) == set(params_lib.flatten(target))
   np.testing.assert_array_equal(flat["backbone.layers.mixer.in_proj.kernel"], saved["layers.mixer.in_proj.kernel"])
   np.testing.assert_array_equal(flat["backbone.patch_embed.kernel"], saved["patch_embed.kernel"])
-  # 2x2 -> 4x4 patch grid, the cls slot (middle) carried over.
-  expected = tokens.resize_position_embedding(
-    saved["pos_embed"], old_grid=(2, 2), new_grid=(4, 4), token_layout="middle"
-  )
+  np.testing.assert_array_equal(flat["backbone.norm_f.scale"], saved["norm_f.scale"])
+  # 2x2 -> 14x14 patch grid; the middle cls row (index 2 of 5) is dropped.
+  patches = np.delete(np.asarray(saved["pos_embed"]), 2, axis=0)
+  expected = tokens.resize_patch_positions(jnp.asarray(patches), (2, 2), (14, 14))
   np.testing.assert_allclose(flat["backbone.pos_embed"], np.asarray(expected), rtol=1e-6)
-  assert {name.split(".")[0] for name in fresh} == {"pyramid", "decode_head", "aux_head"}
+  assert {name.split(".")[0] for name in fresh} == {"decode_head", "aux_head", "backbone"}
+  assert [name for name in fresh if name.startswith("backbone.")] == [
+    "backbone.layers.norm.bias",
+    "backbone.norm_f.bias",
+  ]
   assert all((flat[name] == 0.5).all() for name in fresh)
-  assert "initialized fresh (not in a classifier): aux_head, decode_head, pyramid" in caplog.text
-  assert "left out the classifier's head.bias, head.kernel, norm_f.scale" in caplog.text
-
-
-def test_the_pyramid_follows_the_patch_grid_for_other_patch_sizes():
-  """8-pixel patches: levels at strides 2, 4, 8 and 16, logits at 1/2 of the image."""
-  backbone = variants.model_config("shufflemamba_tiny", embed_dim=48, depth=4, img_size=64, patch_size=8)
-  config = upernet.UperNetConfig(backbone=backbone, num_classes=5, channels=32, aux_channels=16, aux_level=2)
-  model = nnx.eval_shape(lambda: upernet.UperNet(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
-  images = jax.ShapeDtypeStruct((2, 64, 48, 3), jnp.float32)
-  logits, aux_logits = jax.eval_shape(
-    lambda state, images: nnx.merge(graphdef, state).forward(images, train=True, key=jax.random.key(0)), state, images
-  )
-  assert logits.shape == (2, 32, 24, 5) and aux_logits.shape == (2, 8, 6, 5)
-  with pytest.raises(SettingError) as error:
-    upernet.UperNetConfig(backbone=variants.model_config("shufflemamba_tiny", img_size=60, patch_size=10))
-  assert error.value.setting == "patch_size"
+  assert "initialized fresh (not in a classifier): aux_head, backbone.layers.norm.bias" in caplog.text
+  assert "left out the classifier's cls_token, head.bias, head.kernel" in caplog.text

@@ -120,3 +120,38 @@ def forward(state_dict, images, token_layout, eps=1e-5):
   else:
     features = features.flatten(1)
   return features @ sd["head.weight"].T + sd["head.bias"]
+
+
+def bicubic_resize(grid, size):
+  """(1, C, h, w) -> (1, C, *size): the reference's position-table resize (models_openmm.resize_pos_embed)."""
+  if tuple(grid.shape[-2:]) == tuple(size):
+    return grid
+  return F.interpolate(grid, size=size, mode="bicubic", align_corners=False)
+
+
+def segmentation_backbone(state_dict, images, out_indices, pos_grid, eps=1e-5):
+  """The reference segmentation backbone (`Backbone_VideoMamba.forward`, evaluation mode).
+
+  Patch tokens only; the (1, h*w, D) `pos_embed` of the `pos_grid` (h, w) is resized bicubically
+  to the grid seen; at each block of `out_indices` but the last of the stack the map is the
+  block's mixer output, at the last `norm_f(residual + hidden)`. Returns one (batch, D, h', w')
+  float64 map per index, for NCHW float64 images (any size: the patch conv floors).
+  """
+  sd = {name: torch.as_tensor(value).double() for name, value in state_dict.items()}
+  images = torch.as_tensor(images).double()
+  depth = len([name for name in sd if name.startswith("layers.") and name.endswith(".norm.weight")])
+  proj = sd["patch_embed.proj.weight"]
+  patches = F.conv2d(images, proj, sd["patch_embed.proj.bias"], stride=proj.shape[-1])
+  batch, width, rows, cols = patches.shape
+  table = sd["pos_embed"].reshape(1, *pos_grid, width).permute(0, 3, 1, 2)
+  positions = bicubic_resize(table, (rows, cols)).flatten(2).transpose(1, 2)
+  hidden = patches.flatten(2).transpose(1, 2) + positions
+  residual, maps = None, []
+  for i in range(depth):
+    residual = hidden if residual is None else residual + hidden
+    hidden = bidirectional_mixer(norm(residual, sd, f"layers.{i}.norm.", eps), sd, f"layers.{i}.mixer.")
+    if i == depth - 1:
+      hidden = norm(residual + hidden, sd, "norm_f.", eps)
+    if i in out_indices:
+      maps.append(hidden.transpose(1, 2).reshape(batch, width, rows, cols))
+  return maps

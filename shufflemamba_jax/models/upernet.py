@@ -1,15 +1,17 @@
 """UperNet semantic segmentation on a Vim / ShuffleMamba backbone, as a Flax NNX module.
 
-The reference recipe (ShuffleMamba's `upernet_shufflemamba_8xb2-160k_ade20k-512x512_*` configs):
-token streams taken after four blocks (`out_indices`, [5, 11, 17, 23] for depth 24), the extra
-tokens (cls or registers) dropped and the patches laid back on their grid (1/16 of the image);
-the plain-backbone simple pyramid of the ViT / BEiT UperNets turns the four 1/16 maps into 1/4,
-1/8, 1/16 and 1/32 (with patch size p: strides p/4, p/2, p and 2p); the UperNet decode head
-(pyramid pooling on the last level, then an FPN) and an FCN auxiliary head predict per-pixel
-class logits. BatchNorm uses the plain statistics of the batch it sees: under `jit` with a
-sharded batch that is the whole global batch, i.e. PyTorch's SyncBatchNorm. Convolution
-weights follow mmcv's ConvModule init (Kaiming normal, fan out), the classifiers mmseg's
-(normal 0.01); other layers keep Flax's defaults.
+The reference (huangzizheng01/ShuffleMamba: `models_openmm.py::Backbone_VideoMamba` and the
+`upernet_*_8xb2-160k_ade20k-512x512_*` configs, `neck=None`): the backbone scans patch tokens only
+(no cls token, no registers), with the pretraining position table (14x14 for 224 px) resized on
+every call to the grid it sees, bicubic as torch computes it. At each `out_indices` block but the
+last, the map is that block's mixer output (no residual added, no norm); at the last block of the
+stack it is `norm_f(residual + drop_path(hidden))`. The four maps stay at the patch grid (1/16 of
+the image) and go straight into the UperNet decode head (pyramid pooling on the last, then an
+FPN); an FCN auxiliary head reads the fourth (`in_index=3`). The BEiT-style simple pyramid (1/4 to
+1/32) is kept as an opt-in `neck="simple_pyramid"`; the reference has none. BatchNorm uses the
+plain statistics of the batch it sees: under `jit` with a sharded batch that is the whole global
+batch, i.e. PyTorch's SyncBatchNorm. Convolution weights follow mmcv's ConvModule init (Kaiming
+normal, fan out), the classifiers mmseg's (normal 0.01); other layers keep Flax's defaults.
 
 `slide_inference` is the evaluation-time tiling of large images into overlapping crops.
 """
@@ -30,9 +32,10 @@ from shufflemamba_jax.models import tokens
 from shufflemamba_jax.models.vim import DTYPES, VisionMamba, VisionMambaConfig
 
 NUM_LEVELS = 4
-# The backbone's classification parts, unused by a segmenter (the features are the raw token
-# streams, as in the ViT / BEiT / Vim UperNet backbones) and deleted from it.
-UNUSED_BACKBONE_PARTS = ("head", "neck", "norm_neck", "norm_f")
+# The classifier's parts that the reference segmentation backbone does not have: it scans patch
+# tokens only (deleted from the backbone; a classifier's values for them are left out at warm start).
+UNUSED_BACKBONE_PARTS = ("head", "neck", "norm_neck", "cls_token", "pos_embed_cls")
+NECKS = ("none", "simple_pyramid")
 
 
 def default_out_indices(depth: int) -> tuple[int, ...]:
@@ -44,13 +47,19 @@ def default_out_indices(depth: int) -> tuple[int, ...]:
 class UperNetConfig:
   """Every setting of a `UperNet` segmenter; a bad value raises a SettingError naming it.
 
-  `backbone` is the VisionMambaConfig of the backbone (its num_classes is unused); `out_indices`
-  None means `default_out_indices(backbone.depth)`; `aux_level` is the pyramid level (0 = 1/4,
-  ..., 3 = 1/32 with 16-pixel patches) the auxiliary head reads, 3 as in the reference configs (`in_index=3`).
+  `backbone` is the VisionMambaConfig of the backbone (its num_classes, token_layout and
+  num_registers are unused: the backbone scans patches only); `pos_embed_size` is the image size
+  (pixels, square) of the stored position table, the pretraining resolution (224: a 14x14 table
+  for 16-pixel patches), resized on every call to the grid seen; `out_indices` None means
+  `default_out_indices(backbone.depth)`; `neck` "none" (the reference) feeds the four patch-grid
+  maps to the heads, "simple_pyramid" turns them into 4x, 2x, 1x and 1/2x the grid first;
+  `aux_level` is the map (0-3) the auxiliary head reads, 3 as in the reference (`in_index=3`).
   """
 
   backbone: VisionMambaConfig
   num_classes: int = 150
+  pos_embed_size: int = 224
+  neck: str = "none"
   out_indices: tuple[int, ...] | None = None
   channels: int = 512
   pool_scales: tuple[int, ...] = (1, 2, 3, 6)
@@ -63,8 +72,13 @@ class UperNetConfig:
   def __post_init__(self):
     if not isinstance(self.backbone, VisionMambaConfig):
       raise checks.SettingError("backbone", self.backbone, "must be a VisionMambaConfig")
-    for name in ("num_classes", "channels", "aux_channels"):
+    for name in ("num_classes", "channels", "aux_channels", "pos_embed_size"):
       checks.integer(name, getattr(self, name))
+    if self.pos_embed_size % self.backbone.patch_size:
+      raise checks.SettingError(
+        "pos_embed_size", self.pos_embed_size, f"must be divisible by patch_size {self.backbone.patch_size}"
+      )
+    checks.one_of("neck", self.neck, NECKS)
     indices = self.resolved_out_indices
     depth = self.backbone.depth
     if (
@@ -87,9 +101,14 @@ class UperNetConfig:
       raise checks.SettingError("aux_level", self.aux_level, f"must be a pyramid level in [0, {NUM_LEVELS})")
     checks.number("norm_momentum", self.norm_momentum, 0.0, 1.0)
     checks.number("norm_eps", self.norm_eps, 0.0)
-    if self.backbone.patch_size % 4:
+    if self.neck == "simple_pyramid" and self.backbone.patch_size % 4:
       # The simple pyramid upsamples the patch grid 4x for its finest level.
       raise checks.SettingError("patch_size", self.backbone.patch_size, "the simple pyramid needs a multiple of 4")
+
+  @property
+  def pos_grid(self) -> tuple[int, int]:
+    """The stored position table's patch grid, (rows, columns)."""
+    return (self.pos_embed_size // self.backbone.patch_size,) * 2
 
   @property
   def resolved_out_indices(self) -> tuple[int, ...]:
@@ -262,65 +281,88 @@ class FCNHead(nnx.Module):
 
 
 class UperNet(nnx.Module):
-  """A Vim / ShuffleMamba backbone with the simple pyramid, a UperNet decode head and an FCN
-  auxiliary head.
+  """A Vim / ShuffleMamba backbone (patch tokens only), a UperNet decode head and an FCN
+  auxiliary head, as the reference builds them (optionally with the simple-pyramid neck).
 
-  `model(images)` with images (batch, H, W, 3) (H, W multiples of 2 p, p the patch size), any
-  float dtype, returns float32 logits (batch, 4 H / p, 4 W / p, num_classes), i.e. H / 4 for
-  p = 16; `model.forward(images, train=True, key=k)` returns (logits, auxiliary logits at
-  pyramid level `aux_level`: (batch, H / 32, W / 32, num_classes) for p = 16 and level 3) with drop
-  path, dropout and batch statistics on (the running statistics update in place). Parameters
-  live under `backbone` (named as in the classifier, so classification checkpoints load into
-  it), `pyramid`, `decode_head` and `aux_head`.
+  `model(images)` with images (batch, H, W, 3), any float dtype and any size of at least one
+  patch (the patch convolution floors, as the reference's does: a 500-pixel side gives 31
+  patches), returns float32 logits (batch, H // p, W // p, num_classes), p the patch size (4x
+  finer with the simple pyramid); `segment_logits` resizes them to the image.
+  `model.forward(images, train=True, key=k)` returns (logits, auxiliary logits) with drop path,
+  dropout and batch statistics on (the running statistics update in place). Parameters live
+  under `backbone` (named as in the classifier, so classification checkpoints load into it; its
+  `pos_embed` is the patch-only (pos_grid rows x columns, D) table), `pyramid` (opt-in),
+  `decode_head` and `aux_head`.
   """
 
   def __init__(self, config: UperNetConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.backbone = VisionMamba(config.backbone, rngs=rngs)
-    for name in UNUSED_BACKBONE_PARTS:
+    for name in UNUSED_BACKBONE_PARTS + ("pos_embed",):
       if hasattr(self.backbone, name):
         delattr(self.backbone, name)
-    self.pyramid = SimplePyramid(config, rngs=rngs)
+    grid = config.pos_grid
+    self.backbone.pos_embed = nnx.Param(
+      nnx.initializers.normal(0.02)(
+        rngs.params(), (grid[0] * grid[1], config.backbone.embed_dim), DTYPES[config.backbone.param_dtype]
+      )
+    )
+    if config.neck == "simple_pyramid":
+      self.pyramid = SimplePyramid(config, rngs=rngs)
     self.decode_head = UperHead(config, rngs=rngs)
     self.aux_head = FCNHead(config, rngs=rngs)
 
-  def features(self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> list[jax.Array]:
-    """The token streams after the `out_indices` blocks as patch maps, 4 x (batch, H/p, W/p, D) float32.
+  def embed(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+    """Images (batch, H, W, 3) -> (patch tokens (batch, h * w, D) with positions added, (h, w))."""
+    backbone = self.backbone
+    config = backbone.config
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be (batch, height, width, 3), got shape {images.shape}")
+    if images.shape[1] < config.patch_size or images.shape[2] < config.patch_size:
+      raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is smaller than a {config.patch_size} patch")
+    patches = backbone.patch_embed(images.astype(DTYPES[config.dtype]))
+    grid = tuple(patches.shape[1:3])
+    positions = tokens.resize_patch_positions(backbone.pos_embed[...], self.config.pos_grid, grid)
+    sequence = patches.reshape(patches.shape[0], -1, patches.shape[-1]) + positions.astype(patches.dtype)
+    return sequence.astype(DTYPES[config.dtype]), grid
 
-    Each is the residual stream after the block (its input plus its output, before any final
-    norm), with the extra tokens removed and the patches back in raster order on their grid.
+  def features(self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> list[jax.Array]:
+    """The four backbone maps, 4 x (batch, H // p, W // p, D) float32, as the reference reads them.
+
+    At an `out_indices` block before the last of the stack: the block's mixer output (no
+    residual, no norm); at the last block: `norm_f(residual + drop_path(mixer output))`.
     """
-    backbone = self.backbone.config
+    depth = self.config.backbone.depth
+    sequence, grid = self.embed(images)
     stops = tuple(index + 1 for index in self.config.resolved_out_indices)
-    streams = self.backbone.run_blocks(images, stops, train=train, key=key)
-    grid = (images.shape[1] // backbone.patch_size, images.shape[2] // backbone.patch_size)
-    num_patches = grid[0] * grid[1]
-    extras = tokens.extra_token_indices(num_patches, backbone.token_layout, backbone.num_registers)
-    patch_positions = np.setdiff1d(np.arange(num_patches + len(extras)), extras)
+    streams = self.backbone.run_layers(sequence, stops, train=train, key=key)
     maps = []
-    for hidden, residual in streams:
-      stream = residual + hidden.astype(jnp.float32)
-      maps.append(jnp.take(stream, patch_positions, axis=1).reshape(stream.shape[0], *grid, stream.shape[-1]))
+    for stop, (hidden, residual) in zip(stops, streams):
+      tapped = self.backbone.final_norm(hidden, residual, train=train, key=key) if stop == depth else hidden
+      maps.append(tapped.astype(jnp.float32).reshape(tapped.shape[0], *grid, tapped.shape[-1]))
     return maps
 
-  def _check_size(self, images: jax.Array) -> None:
-    stride = 2 * self.config.backbone.patch_size  # The coarsest level's.
-    if images.shape[1] % stride or images.shape[2] % stride:
-      raise ValueError(
-        f"image size {images.shape[1]}x{images.shape[2]} is not a multiple of {stride} (the 1/2 grid level)"
-      )
+  def _levels(self, images: jax.Array, train: bool, key: jax.Array | None) -> list[jax.Array]:
+    dtype = DTYPES[self.config.backbone.dtype]
+    maps = [x.astype(dtype) for x in self.features(images, train=train, key=key)]
+    if self.config.neck == "simple_pyramid":
+      stride = 2 * self.config.backbone.patch_size  # The coarsest level's.
+      if images.shape[1] % stride or images.shape[2] % stride:
+        raise ValueError(
+          f"image size {images.shape[1]}x{images.shape[2]} is not a multiple of {stride}, which the simple "
+          "pyramid's 1/2-grid level needs"
+        )
+      return self.pyramid(maps, train)
+    return maps
 
   def forward(
     self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None
   ) -> tuple[jax.Array, jax.Array]:
-    """(decode head logits at stride p / 4, auxiliary head logits at its level), both float32."""
-    self._check_size(images)
+    """(decode head logits, auxiliary head logits at map `aux_level`), both float32."""
     if train and key is None:
       raise ValueError("training mode needs a PRNG key: model.forward(images, train=True, key=...)")
-    dtype = DTYPES[self.config.backbone.dtype]
     backbone_key = jax.random.fold_in(key, 0) if train else None
-    maps = [x.astype(dtype) for x in self.features(images, train=train, key=backbone_key)]
-    levels = self.pyramid(maps, train)
+    levels = self._levels(images, train, backbone_key)
     decode_key = jax.random.fold_in(key, 1) if train else None
     aux_key = jax.random.fold_in(key, 2) if train else None
     logits = self.decode_head(levels, train=train, key=decode_key)
@@ -328,11 +370,8 @@ class UperNet(nnx.Module):
     return logits, aux_logits
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    """Evaluation logits (batch, 4 H / p, 4 W / p, num_classes) float32; the auxiliary head is skipped."""
-    self._check_size(images)
-    dtype = DTYPES[self.config.backbone.dtype]
-    levels = self.pyramid([x.astype(dtype) for x in self.features(images)], False)
-    return self.decode_head(levels, train=False, key=None)
+    """Evaluation logits (batch, H // p, W // p, num_classes) float32; the auxiliary head is skipped."""
+    return self.decode_head(self._levels(images, False, None), train=False, key=None)
 
 
 def segment_logits(model: UperNet, images: jax.Array) -> jax.Array:

@@ -15,6 +15,8 @@ the importer call first.
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -172,38 +174,76 @@ def adapt(
   return flat
 
 
+def segmenter_backbone_positions(pos_embed, classifier: vim.VisionMambaConfig, config: upernet.UperNetConfig):
+  """A classifier's position table as a segmenter's: its patch rows on `config.pos_grid`.
+
+  A table of s * s rows is patch-only (a register classifier's); one of s * s + 1 rows has a cls
+  row at the index of the classifier's layout ("middle", else ShuffleMamba's head), which the
+  reference segmentation backbone drops (`load_pretrained`). A table saved for another square
+  grid is resized with torch's bicubic, which the reference would refuse. Returns (pos_grid rows
+  x columns, D) float32, or `pos_embed` unchanged when its rows form no square grid (`fill` then
+  reports the shapes).
+  """
+  rows = np.shape(pos_embed)[0] if np.ndim(pos_embed) == 2 else 0
+  patches = np.asarray(pos_embed)
+  side = math.isqrt(rows)
+  if rows and side * side != rows:
+    side = math.isqrt(rows - 1)
+    if side * side != rows - 1:
+      return pos_embed
+    layout = "middle" if classifier.token_layout == "middle" else "head"
+    patches, _ = tokens.split_position_table(patches, side * side, layout)
+  if not side:
+    return pos_embed
+  return np.asarray(tokens.resize_patch_positions(jnp.asarray(patches, jnp.float32), (side, side), config.pos_grid))
+
+
 def segmenter_from_classifier(
   flat: Mapping[str, Any], target: Mapping, config: upernet.UperNetConfig, *, source: str
 ) -> tuple[dict, list[str]]:
   """Warm start of a segmenter: a classifier's parameters as the backbone, the rest left fresh.
 
+  As the reference's `load_state_dict(strict=False)`: the classifier's cls token, registers and
+  head are left out, and where the norms differ (an RMSNorm classifier under the reference's
+  LayerNorm segmentation backbones) the scales are taken and the biases stay at their
+  initialization (zero), or are dropped the other way round.
+
   Args:
-    flat: {name: array} of a VisionMamba classifier (see the module docstring).
-    target: the segmenter's parameters (nested, concrete values), where `backbone.*` is the
-      classifier's tree without its classification parts (head, neck, final norm).
-    config: the segmenter's UperNetConfig; the position table is resized to its backbone grid.
+    flat: {name: array} of a VisionMamba classifier (see the module docstring); a cls row of
+      its position table is found by `config.backbone.token_layout` (middle for Vim, else head).
+    target: the segmenter's parameters (nested, concrete values).
+    config: the segmenter's UperNetConfig; the position table becomes its `pos_grid`.
     source: where `flat` comes from, named in messages and errors.
 
   Returns:
     (a nested dict like `target`: the classifier's backbone under `backbone` and the target's
-    own values elsewhere; the sorted names of the parameters left as initialized, i.e. the
-    pyramid's and the heads'). Both the fresh parts and the classifier's dropped classification
-    parts are logged. Anything else that does not fit raises `fill`'s ValueError.
+    own values elsewhere; the sorted names of the parameters left as initialized: the heads',
+    the neck's and any norm bias). Both the fresh parts and the classifier's dropped parts are
+    logged. Anything else that does not fit raises `fill`'s ValueError.
   """
   target = flatten(target)
   prefix = "backbone."
-  backbone_target = unflatten({name[len(prefix) :]: v for name, v in target.items() if name.startswith(prefix)})
+  backbone_target = {name[len(prefix) :]: v for name, v in target.items() if name.startswith(prefix)}
   unused = sorted(name for name in flat if name.split(".")[0] in upernet.UNUSED_BACKBONE_PARTS)
+  norm_bias = lambda name: name.endswith(".bias") and name.split(".")[-2].startswith("norm")
+  stacked = lambda name: re.sub(rf"^{vim.LAYERS}\.\d+\.", f"{vim.LAYERS}.", name)  # Blocks one at a time.
+  unused += sorted(name for name in flat if norm_bias(name) and stacked(name) not in backbone_target)
   backbone = {name: value for name, value in flat.items() if name not in unused}
-  backbone = adapt(backbone, backbone_target, config.backbone, source=source, new_head=False)
-  filled = {prefix + name: value for name, value in flatten(fill(backbone_target, backbone, source=source)).items()}
+  if "pos_embed" in backbone:
+    backbone["pos_embed"] = segmenter_backbone_positions(backbone["pos_embed"], config.backbone, config)
   fresh = sorted(name for name in target if not name.startswith(prefix))
+  for name in backbone_target:
+    if norm_bias(name) and name not in {stacked(saved) for saved in backbone}:
+      backbone[name] = np.asarray(backbone_target[name])
+      fresh.append(prefix + name)
+  filled = fill(unflatten(backbone_target), backbone, source=source)
+  filled = {prefix + name: value for name, value in flatten(filled).items()}
   if unused:
     _log.info("%s: left out the classifier's %s.", source, ", ".join(unused))
-  parts = ", ".join(sorted({name.split(".")[0] for name in fresh}))
+  parts = ", ".join(sorted({name.split(".")[0] if name.split(".")[0] != "backbone" else name for name in fresh}))
   _log.info("%s: initialized fresh (not in a classifier): %s.", source, parts)
-  filled.update({name: np.asarray(target[name]) for name in fresh})
-  return unflatten(filled), fresh
+  filled.update({name: np.asarray(target[name]) for name in fresh if not name.startswith(prefix)})
+  return unflatten(filled), sorted(fresh)
 
 
 def model_with_params(

@@ -69,7 +69,16 @@ def cross_entropy(
 
 
 # UperNetConfig fields set by config.seg.<name>.
-_SEGMENTER_FIELDS = ("out_indices", "channels", "pool_scales", "dropout", "aux_channels", "aux_level")
+_SEGMENTER_FIELDS = (
+  "out_indices",
+  "pos_embed_size",
+  "neck",
+  "channels",
+  "pool_scales",
+  "dropout",
+  "aux_channels",
+  "aux_level",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +135,20 @@ class SegmentationTask:
     windows = {name: pair(name) for name in ("eval_crop", "eval_stride")}
     if windows["eval_stride"] is not None and windows["eval_crop"] is None:
       raise checks.SettingError("config.seg.eval_stride", seg.eval_stride, "needs config.seg.eval_crop")
-    if windows["eval_crop"] is not None and any(side % (2 * backbone.patch_size) for side in windows["eval_crop"]):
+    if windows["eval_crop"] is not None and min(windows["eval_crop"]) < backbone.patch_size:
       raise checks.SettingError(
-        "config.seg.eval_crop", seg.eval_crop, f"must be multiples of {2 * backbone.patch_size} (2 x patch_size)"
+        "config.seg.eval_crop", seg.eval_crop, f"must be at least one patch ({backbone.patch_size} pixels) a side"
+      )
+    pyramid = segmenter.neck == "simple_pyramid"
+    if (
+      pyramid
+      and windows["eval_crop"] is not None
+      and any(side % (2 * backbone.patch_size) for side in windows["eval_crop"])
+    ):
+      raise checks.SettingError(
+        "config.seg.eval_crop",
+        seg.eval_crop,
+        f"must be multiples of {2 * backbone.patch_size} (2 x patch_size) for the simple pyramid",
       )
     scalars = {name: float(seg[name]) for name in ("aux_weight", "warmup_factor", "poly_power")}
     return cls(
