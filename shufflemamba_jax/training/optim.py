@@ -110,19 +110,25 @@ def create_optimizer(
 # Semantic segmentation (the ADE20K UperNet recipe).
 # ---------------------------------------------------------------------------------------------
 
-# Parameters that never decay in the segmentation recipe: its paramwise_cfg's custom keys
-# (pos_embed, cls_token, norm, A_log, D), plus the backward direction's A_b_log and D_b and the
-# registers' pos_embed_cls, which the reference's substring match misses by its naming alone.
-SEGMENTATION_NO_DECAY_NAMES = ("pos_embed", "pos_embed_cls", "cls_token", "A_log", "A_b_log", "D", "D_b")
+# The segmentation recipe's paramwise_cfg custom_keys (decay_mult 0), which mmengine matches as
+# substrings of the full PyTorch name ("backbone.layers.3.mixer.A_log"). The match is kept
+# exactly, quirks included: ".A_log" misses the backward direction's A_b_log, which decays,
+# ".D" catches D_b, and "norm" misses the heads' BatchNorms, which mmcv names `bn` (they decay).
+SEGMENTATION_NO_DECAY_KEYS = (".pos_embed", ".cls_token", "norm", ".A_log", ".D")
 
 
 def segmentation_decays(path: tuple[str, ...], ndim: int) -> bool:
-  """Whether a segmenter parameter decays: everything (biases included, as mmseg's paramwise_cfg
-  leaves them) except the names above and any part whose name contains "norm" (the backbone's
-  norms and every BatchNorm here, which this code names `norm`; mmseg names a ConvModule's `bn`,
-  so the reference decays the heads' BatchNorms)."""
+  """Whether a segmenter parameter decays under the reference's substring rule (see above).
+
+  Backbone names are ours and the reference's alike up to the leaf (`.kernel` / `.scale` for
+  `.weight`, which no key names); the heads' and the opt-in pyramid's are not named in the
+  reference, whose head modules contain none of the keys: they always decay.
+  """
   del ndim
-  return not any(name in SEGMENTATION_NO_DECAY_NAMES or "norm" in name for name in map(str, path))
+  names = [str(part) for part in path]
+  if names[0] != "backbone":
+    return True
+  return not any(key in "backbone." + ".".join(names[1:]) for key in SEGMENTATION_NO_DECAY_KEYS)
 
 
 def segmentation_weight_decay_mask(params: Any):
