@@ -96,8 +96,9 @@ def test_cross_entropy_ignores_the_ignore_index(avg_non_ignore):
 
 @pytest.mark.parametrize("avg_non_ignore", [False, True])
 def test_cross_entropy_weighs_each_pixel_by_its_class(avg_non_ignore):
-  """mmseg's class_weight: each counted pixel's loss times its label's weight, divided by the
-  pixel count (not by the summed weights); a wrong number of weights is an error."""
+  """mmseg 1.x's class_weight: each counted pixel's loss times its label's weight, divided by the
+  summed weights (an ignored pixel weighs 1 there without avg_non_ignore, as with no class
+  weights; test_mmseg_oracle.py checks mmseg itself); a wrong number of weights is an error."""
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(2, 5, 6, NUM_CLASSES)).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, (2, 5, 6))
@@ -111,7 +112,8 @@ def test_cross_entropy_weighs_each_pixel_by_its_class(avg_non_ignore):
   log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
   safe = np.where(keep, labels, 0)
   picked = np.take_along_axis(log_probs, safe[..., None], -1)[..., 0] * weights[safe]
-  expected = -picked[keep].sum() / (keep.sum() if avg_non_ignore else keep.size)
+  divisor = weights[safe][keep].sum() + (0 if avg_non_ignore else (~keep).sum())
+  expected = -picked[keep].sum() / divisor
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
   unweighted = segmentation.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), avg_non_ignore=avg_non_ignore)
   ones = segmentation.cross_entropy(

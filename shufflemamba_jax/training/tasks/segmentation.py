@@ -46,9 +46,11 @@ def cross_entropy(
       add nothing.
     avg_non_ignore: False divides by every pixel (mmseg's CrossEntropyLoss default, which the
       reference recipe uses); True by the counted pixels only.
-    class_weight: (num_classes,) weights, each pixel's loss multiplied by its label's weight
-      before the division (mmseg's `class_weight`, which divides by the pixel count, not by the
-      summed weights); None weighs every class 1.
+    class_weight: (num_classes,) weights, each pixel's loss multiplied by its label's weight,
+      and the sum divided by the pixels' summed weights (mmseg 1.x's `class_weight`, PyTorch's
+      weighted mean). mmseg 1.2.2 fails on ignored pixels there (issue #3734); here they weigh 1
+      in the divisor without avg_non_ignore, as without class weights, and 0 with it. None
+      weighs every class 1.
 
   Returns:
     A float32 scalar.
@@ -59,13 +61,14 @@ def cross_entropy(
   safe_labels = jnp.where(valid, labels, 0)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   picked = jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+  count = jnp.sum(valid) if avg_non_ignore else valid.size
   if class_weight is not None:
     if len(class_weight) != num_classes:
       raise ValueError(f"class_weight has {len(class_weight)} weights for {num_classes} classes")
-    picked = picked * jnp.asarray(class_weight, jnp.float32)[safe_labels]
+    weights = jnp.where(valid, jnp.asarray(class_weight, jnp.float32)[safe_labels], 0.0)
+    picked, count = picked * weights, jnp.sum(weights) + (0 if avg_non_ignore else jnp.sum(~valid))
   total = -jnp.sum(jnp.where(valid, picked, 0.0))
-  count = jnp.sum(valid) if avg_non_ignore else valid.size
-  return total / jnp.maximum(count, 1)
+  return total / jnp.maximum(count, jnp.finfo(jnp.float32).tiny)
 
 
 # UperNetConfig fields set by config.seg.<name>.
@@ -326,16 +329,19 @@ def intersect_and_union(
   """Per-class pixel areas of a batch, mmseg's `intersect_and_union` summed over the batch.
 
   Args:
-    predictions, labels: (batch, H, W) integers. Pixels labelled `ignore_index` (or outside
-      [0, num_classes)) count nowhere.
+    predictions, labels: (batch, H, W) integers. Pixels labelled `ignore_index` count nowhere;
+      a label outside [0, num_classes) counts only its pixel's prediction (mmseg's IoUMetric).
     mask: (batch,) 1 for real examples and 0 for padding, or None.
 
   Returns:
     {"area_intersect", "area_union", "area_pred_label", "area_label"}: (num_classes,) int32.
   """
-  valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+  # As mmseg's IoUMetric: only `ignore_index` pixels are masked, so a label outside the classes
+  # still counts its pixel's prediction (torch.histc drops the label itself).
+  counted = labels != ignore_index
   if mask is not None:
-    valid = valid & (mask.reshape(-1, *([1] * (labels.ndim - 1))) > 0)
+    counted = counted & (mask.reshape(-1, *([1] * (labels.ndim - 1))) > 0)
+  valid = counted & (labels >= 0) & (labels < num_classes)
   # Uncounted pixels go to an extra bin, num_classes, which is cut off.
   outside = jnp.int32(num_classes)
 
@@ -345,7 +351,7 @@ def intersect_and_union(
   predictions = jnp.clip(predictions.astype(jnp.int32), 0, num_classes - 1)
   labels = labels.astype(jnp.int32)
   area_intersect = histogram(labels, valid & (predictions == labels))
-  area_pred_label = histogram(predictions, valid)
+  area_pred_label = histogram(predictions, counted)
   area_label = histogram(labels, valid)
   return {
     "area_intersect": area_intersect,
