@@ -3,6 +3,15 @@
   python -m shufflemamba_jax.convert --from-pytorch vim_t_midclstok_76p1acc.pth \
       --variant vim_tiny --out /ckpt/vim_tiny [--img-size 256] [--num-classes 100] [--set depth=12 ...]
   python -m shufflemamba_jax.convert --to-pytorch /ckpt/vim_tiny --out vim_tiny.safetensors
+  python -m shufflemamba_jax.convert --from-pytorch upernet_shufflemamba_base.pth --out /ckpt/seg \
+      [--set out_indices=(5,11,17,23) --set pool_scales=(1,2,3,6)]
+
+An mmseg EncoderDecoder checkpoint of the reference's UperNet (`backbone.*`, `decode_head.*`,
+`auxiliary_head.*`, BatchNorm statistics included; official .pth files wrap it under
+"state_dict") is recognized as a segmenter: its sizes come from its tensors (width, depth,
+LayerNorm or RMSNorm, position grid, classes, head widths) and other settings from --set; it is
+written as a segmentation workdir evaluated as the reference's test_cfg (slide, 512 / 341), and
+--to-pytorch of a segmenter writes that layout back, loadable with strict=True.
 
 An import writes OUT as a workdir with one checkpoint, step 0 (see `weights.checkpoint`), which
 `load_model`, `predict --checkpoint`, `--config.init_from` and evaluation read like a training
@@ -20,17 +29,36 @@ import sys
 _log = logging.getLogger("shufflemamba_jax.convert")
 
 
-def import_checkpoint(args) -> None:
-  from shufflemamba_jax import models  # pylint: disable=g-import-not-at-top
-  from shufflemamba_jax.weights import checkpoint, pytorch  # pylint: disable=g-import-not-at-top
+# A converted reference segmenter evaluates as the reference's test_cfg does: slide mode, 512
+# windows every 341 pixels (the run config `predict` and evaluation read).
+SEGMENTER_RUN_CONFIG = {"seg": {"eval_crop": [512, 512], "eval_stride": [341, 341]}}
 
+
+def import_checkpoint(args, parser) -> None:
+  from shufflemamba_jax import models  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.weights import checkpoint, mmseg, pytorch  # pylint: disable=g-import-not-at-top
+
+  state_dict = pytorch.read_state_dict(
+    args.from_pytorch, checkpoint_key=args.checkpoint_key, allow_pickle=args.allow_pickle
+  )
+  if mmseg.is_segmenter_state_dict(state_dict):
+    if args.variant or args.img_size or args.num_classes:
+      raise ValueError(
+        f"{args.from_pytorch} is an mmseg segmenter: its sizes come from its tensors; "
+        "give other settings with --set NAME=VALUE (not --variant, --img-size, --num-classes)"
+      )
+    config = mmseg.segmenter_config(state_dict, dict(args.set))
+    params, model_state = mmseg.import_segmenter(state_dict, config, source=args.from_pytorch)
+    state = {"params": params, "model_state": model_state}
+    _save(checkpoint, args.out, state, config, run_config=SEGMENTER_RUN_CONFIG)
+    _log.info("Wrote %s (an mmseg UperNet segmenter, settings %s).", args.out, dict(args.set))
+    return
+  if not args.variant:
+    parser.error("--from-pytorch of a classifier needs --variant (e.g. vim_tiny)")
   overrides = {
     name: value for name, value in (("img_size", args.img_size), ("num_classes", args.num_classes)) if value is not None
   }
   config = models.model_config(args.variant, **dict(args.set), **overrides)
-  state_dict = pytorch.read_state_dict(
-    args.from_pytorch, checkpoint_key=args.checkpoint_key, allow_pickle=args.allow_pickle
-  )
   params = pytorch.import_params(
     state_dict,
     config,
@@ -38,11 +66,15 @@ def import_checkpoint(args) -> None:
     resize_positions="img_size" in overrides,
     new_head_seed=args.seed if "num_classes" in overrides else None,
   )
-  with checkpoint.Checkpointer(checkpoint.checkpoint_directory(args.out), async_save=False) as saver:
-    if saver.latest_step() is not None:
-      raise FileExistsError(f"{args.out} already holds a checkpoint; choose an empty --out")
-    saver.save(0, {"params": params}, model=config, force=True)
+  _save(checkpoint, args.out, {"params": params}, config)
   _log.info("Wrote %s (variant %s, settings %s, overrides %s).", args.out, args.variant, dict(args.set), overrides)
+
+
+def _save(checkpoint, out: str, state: dict, config, run_config: dict | None = None) -> None:
+  with checkpoint.Checkpointer(checkpoint.checkpoint_directory(out), async_save=False) as saver:
+    if saver.latest_step() is not None:
+      raise FileExistsError(f"{out} already holds a checkpoint; choose an empty --out")
+    saver.save(0, state, model=config, config=run_config, force=True)
 
 
 def _setting(text: str) -> tuple[str, object]:
@@ -57,10 +89,14 @@ def _setting(text: str) -> tuple[str, object]:
 
 
 def export_checkpoint(args) -> None:
-  from shufflemamba_jax.weights import checkpoint, pytorch  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.weights import checkpoint, mmseg, pytorch  # pylint: disable=g-import-not-at-top
 
   saved = checkpoint.read_weights(args.to_pytorch, args.step, ema=args.ema)
-  state_dict = pytorch.export_state_dict(saved.ema if saved.ema is not None else saved.params)
+  params = saved.ema if saved.ema is not None else saved.params
+  if saved.is_segmenter:
+    state_dict = mmseg.export_segmenter(params, saved.model_state, pool_scales=saved.model_config.pool_scales)
+  else:
+    state_dict = pytorch.export_state_dict(params)
   pytorch.write_state_dict(args.out, state_dict)
   _log.info("Wrote %d tensors of step %d to %s.", len(state_dict), saved.step, args.out)
 
@@ -79,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     "--to-pytorch", metavar="DIR", help="our checkpoint (converted weights or a training workdir) to export"
   )
   parser.add_argument("--out", required=True, help="import: new directory; export: .pth, .safetensors or .npz file")
-  parser.add_argument("--variant", help="model variant (import only), e.g. vim_tiny")
+  parser.add_argument("--variant", help="model variant (classifier import only), e.g. vim_tiny")
   parser.add_argument(
     "--set",
     type=_setting,
@@ -103,11 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     _log.addHandler(logging.StreamHandler())
     _log.setLevel(logging.INFO)
     _log.propagate = False
-  if args.from_pytorch and not args.variant:
-    parser.error("--from-pytorch needs --variant (e.g. vim_tiny)")
   try:
     if args.from_pytorch:
-      import_checkpoint(args)
+      import_checkpoint(args, parser)
     else:
       export_checkpoint(args)
   except (ValueError, KeyError, OSError, ImportError) as error:

@@ -23,8 +23,11 @@ from shufflemamba_jax.models import upernet, variants
 from shufflemamba_jax.training.tasks import segmentation
 from shufflemamba_jax.weights import mmseg as mmseg_weights
 from shufflemamba_jax.weights import params as params_lib
+from shufflemamba_jax.weights import pytorch
 
 torch = pytest.importorskip("torch")
+import torch_reference  # noqa: E402
+
 mmcv = pytest.importorskip("mmcv", reason="mmcv-lite (pip install -r requirements.txt) is the oracle's dependency")
 
 # mmseg 1.2.2 asserts MMCV_MIN <= mmcv < MMCV_MAX = 2.2.0 in its __init__, but the only mmcv
@@ -468,3 +471,135 @@ def test_class_weighted_cross_entropy_divides_by_the_summed_weights_as_mmseg_1x(
   expected = mmseg_loss(logits, labels, class_weight=class_weight, avg_non_ignore=avg_non_ignore)
   ours = our_loss(logits, labels, class_weight=class_weight, avg_non_ignore=avg_non_ignore)
   np.testing.assert_allclose(ours, expected, rtol=1e-5)
+
+
+# ---- the whole segmenter: reference backbone + mmseg heads, converted checkpoints ----------
+
+SEG_OUT_INDICES, SEG_POS_GRID = (0, 1, 2, 3), (3, 3)  # A 3x3 pretraining table, resized to each grid.
+
+
+def reference_segmenter_state_dict(seed: int) -> dict[str, np.ndarray]:
+  """A random reference segmenter in the official names, float32 as official files are:
+  `backbone.*` of Backbone_VideoMamba (LayerNorm, patch tokens only) and mmseg's heads."""
+  backbone = variants.model_config(
+    "shufflemamba_tiny", embed_dim=IN_CHANNELS, depth=4, d_state=8, img_size=64, norm="layernorm", remat=False
+  )
+  config = upernet.UperNetConfig(backbone=backbone, num_classes=NUM_CLASSES, pos_embed_size=48)
+  model = upernet.UperNet(config, rngs=nnx.Rngs(seed))
+  flat = params_lib.flatten(nnx.to_pure_dict(nnx.state(model.backbone, nnx.Param)))
+  rng = np.random.default_rng(seed)
+  for name in flat:  # Non-trivial norms: LayerNorm scales and biases both matter.
+    if name.split(".")[0].startswith("norm") or ".norm." in name:
+      flat[name] = flat[name] + rng.normal(scale=0.2, size=flat[name].shape).astype(np.float32)
+  state_dict = {f"backbone.{n}": v for n, v in pytorch.export_state_dict(params_lib.unflatten(flat)).items()}
+  heads = state_dict_of(*(randomize(head, seed + i) for i, head in enumerate(mmseg_heads())))
+  state_dict.update({n: v.astype(np.float32) if v.dtype == np.float64 else v for n, v in heads.items()})
+  return state_dict
+
+
+def reference_encode_decode(state_dict, images: np.ndarray) -> np.ndarray:
+  """mmseg's EncoderDecoder.encode_decode of the reference (neck=None), float64: the backbone
+  (tests/torch_reference.py), UPerHead, logits resized to the input. NCHW in and out."""
+  backbone = {n[len("backbone.") :]: v for n, v in state_dict.items() if n.startswith("backbone.")}
+  decode_head, aux_head = load_into_mmseg(
+    {n: v.astype(np.float64) if v.dtype == np.float32 else v for n, v in state_dict.items()}, *mmseg_heads()
+  )
+  with torch.no_grad():
+    maps = torch_reference.segmentation_backbone(backbone, images, SEG_OUT_INDICES, SEG_POS_GRID)
+    logits = decode_head.forward(maps)
+    return torch.nn.functional.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False).numpy()
+
+
+def reference_slide_inference(state_dict, images: np.ndarray, crop, stride) -> np.ndarray:
+  """mmseg 1.2.2's EncoderDecoder.slide_inference, line by line (NCHW, float64)."""
+  (h_stride, w_stride), (h_crop, w_crop) = stride, crop
+  batch, _, h_img, w_img = images.shape
+  h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+  w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+  preds = np.zeros((batch, NUM_CLASSES, h_img, w_img))
+  count = np.zeros((batch, 1, h_img, w_img))
+  for h_idx in range(h_grids):
+    for w_idx in range(w_grids):
+      y1, x1 = h_idx * h_stride, w_idx * w_stride
+      y2, x2 = min(y1 + h_crop, h_img), min(x1 + w_crop, w_img)
+      y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+      preds[:, :, y1:y2, x1:x2] += reference_encode_decode(state_dict, images[:, :, y1:y2, x1:x2])
+      count[:, :, y1:y2, x1:x2] += 1
+  assert (count > 0).all()
+  return preds / count
+
+
+def convert(*args: str) -> None:
+  from shufflemamba_jax import convert as convert_command  # pylint: disable=g-import-not-at-top
+
+  assert convert_command.main(list(args)) == 0
+
+
+def test_a_converted_reference_segmenter_gives_the_reference_logits_and_converts_back(tmp_path):
+  """The official checkpoint layout in (`convert --from-pytorch` of an mmseg .pth), our whole-image
+  and sliding-window logits equal to the reference backbone + mmseg heads (windows placed by
+  mmseg's loop: clamped to the image, smaller for a side under the crop, sides that are not
+  multiples of the patch), and `--to-pytorch` gives the same tensors back."""
+  from shufflemamba_jax.weights import checkpoint  # pylint: disable=g-import-not-at-top
+
+  state_dict = reference_segmenter_state_dict(seed=21)
+  source = tmp_path / "upernet.pth"
+  torch.save({"meta": {}, "state_dict": {n: torch.from_numpy(np.array(v)) for n, v in state_dict.items()}}, source)
+  convert("--from-pytorch", str(source), "--out", str(tmp_path / "workdir"), "--set", "img_size=64")
+  saved = checkpoint.read_weights(str(tmp_path / "workdir"))
+  assert saved.is_segmenter and saved.run_config["seg"]["eval_stride"] == [341, 341]
+  config = saved.model_config
+  assert (config.backbone.embed_dim, config.backbone.depth, config.backbone.norm) == (IN_CHANNELS, 4, "layernorm")
+  assert (config.num_classes, config.channels, config.aux_channels, config.pos_grid) == (
+    NUM_CLASSES,
+    CHANNELS,
+    AUX_CHANNELS,
+    SEG_POS_GRID,
+  )
+  model = saved.model()
+  rng = np.random.default_rng(22)
+  whole = rng.standard_normal((2, 3, 64, 80))
+  ours = jax.jit(lambda x: upernet.segment_logits(model, x))(jnp.asarray(whole.transpose(0, 2, 3, 1), jnp.float32))
+  expected = reference_encode_decode(state_dict, whole)
+  np.testing.assert_allclose(
+    np.asarray(ours).transpose(0, 3, 1, 2), expected, rtol=1e-4, atol=1e-4 * abs(expected).max()
+  )
+  crop, stride = (48, 48), (32, 32)
+  for size in ((80, 56), (40, 100)):  # 40 rows: one window of 40 (2 patches and 8 floored pixels).
+    image = rng.standard_normal((1, 3, *size))
+    slid = jax.jit(
+      lambda x: upernet.slide_inference(
+        lambda crops: upernet.segment_logits(model, crops), x, crop_size=crop, stride=stride, num_classes=NUM_CLASSES
+      )
+    )(jnp.asarray(image.transpose(0, 2, 3, 1), jnp.float32))
+    expected = reference_slide_inference(state_dict, image, crop, stride)
+    np.testing.assert_allclose(
+      np.asarray(slid).transpose(0, 3, 1, 2), expected, rtol=1e-4, atol=1e-4 * abs(expected).max(), err_msg=str(size)
+    )
+  convert("--to-pytorch", str(tmp_path / "workdir"), "--out", str(tmp_path / "back.pth"))
+  back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
+  assert list(back) == list(state_dict)
+  for name, value in state_dict.items():
+    np.testing.assert_array_equal(back[name].numpy(), value, err_msg=name)
+
+
+def test_a_segmenter_checkpoint_names_what_does_not_fit():
+  state_dict = reference_segmenter_state_dict(seed=23)
+  with pytest.raises(ValueError, match=r"--set embed_dim=64 contradicts the checkpoint's tensors, which give 32"):
+    mmseg_weights.segmenter_config(state_dict, {"embed_dim": 64})
+  with pytest.raises(ValueError, match=r"--set colour: not a setting"):
+    mmseg_weights.segmenter_config(state_dict, {"colour": 1})
+  with pytest.raises(ValueError, match=r"4 pooling branches"):
+    mmseg_weights.segmenter_config(state_dict, {"pool_scales": (1, 2)})
+  config = mmseg_weights.segmenter_config(state_dict, {"img_size": 64})
+  broken = dict(state_dict)
+  broken["backbone.layers.2.mixer.x_proj.weight"] = broken["backbone.layers.2.mixer.x_proj.weight"][:, :-1]
+  shapes = r"backbone\.layers\.2\.mixer\.x_proj\.weight: \(18, 63\) in the checkpoint, \(18, 64\) in the model"
+  with pytest.raises(ValueError, match=shapes):
+    mmseg_weights.import_segmenter(broken, config, source="upernet.pth")
+  params, _ = mmseg_weights.import_segmenter(state_dict, config, source="upernet.pth")
+  with pytest.raises(ValueError, match=r"decode_head\.fpn_bottleneck\.bn\.running_var"):
+    mmseg_weights.import_segmenter(
+      {n: v for n, v in state_dict.items() if n != "decode_head.fpn_bottleneck.bn.running_var"}, config, source="x"
+    )
+  assert params_lib.flatten(params)["backbone.pos_embed"].shape == (9, IN_CHANNELS)

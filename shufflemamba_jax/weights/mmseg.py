@@ -35,8 +35,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
-from shufflemamba_jax.models import upernet
+from shufflemamba_jax.models import upernet, vim
+from shufflemamba_jax.weights import params as params_lib
+from shufflemamba_jax.weights import pytorch
 
 # mmseg's UPerHead default, which UperNetConfig shares (a dataclass keeps a field's default on the class).
 DEFAULT_POOL_SCALES: tuple[int, ...] = upernet.UperNetConfig.pool_scales
@@ -238,3 +241,128 @@ def head_sizes(state_dict: Mapping[str, Any]) -> HeadSizes:
   aux = "auxiliary_head.convs.0.conv.weight"
   aux_channels = shape(aux)[0] if aux in state_dict else None
   return HeadSizes(num_classes, in_channels, channels, num_pool_scales, aux_channels)
+
+
+# ---- The whole segmenter: an mmseg EncoderDecoder state dict of the reference ---------------
+
+BACKBONE_PREFIX = "backbone."
+
+
+def is_segmenter_state_dict(state_dict: Mapping[str, Any]) -> bool:
+  """Whether a state dict is an mmseg EncoderDecoder's (a backbone under `backbone.` and a
+  decode head), rather than a classifier's."""
+  return "decode_head.conv_seg.weight" in state_dict and any(name.startswith(BACKBONE_PREFIX) for name in state_dict)
+
+
+def _backbone_sizes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """The VisionMambaConfig sizes the reference's `Backbone_VideoMamba` tensors imply."""
+
+  def shape(name: str) -> tuple[int, ...]:
+    if BACKBONE_PREFIX + name not in state_dict:
+      raise ValueError(f"{BACKBONE_PREFIX}{name}: missing; it gives the backbone's sizes")
+    return tuple(np.shape(state_dict[BACKBONE_PREFIX + name]))
+
+  width, _, patch, _ = shape("patch_embed.proj.weight")
+  depth = 0
+  while f"{BACKBONE_PREFIX}layers.{depth}.norm.weight" in state_dict:
+    depth += 1
+  if not depth:
+    raise ValueError(f"{BACKBONE_PREFIX}layers.0.norm.weight: missing; the backbone has no blocks")
+  rows = shape("pos_embed")[-2]
+  side = int(round(rows**0.5))
+  if side * side != rows:
+    raise ValueError(f"{BACKBONE_PREFIX}pos_embed: {rows} rows are not a square patch grid (patch tokens only)")
+  inner = shape("layers.0.mixer.in_proj.weight")[0] // 2
+  return dict(
+    embed_dim=width,
+    patch_size=patch,
+    depth=depth,
+    d_state=shape("layers.0.mixer.A_log")[1],
+    d_conv=shape("layers.0.mixer.conv1d.weight")[-1],
+    expand=inner // width,
+    dt_rank=shape("layers.0.mixer.dt_proj.weight")[1],
+    norm="layernorm" if f"{BACKBONE_PREFIX}layers.0.norm.bias" in state_dict else "rmsnorm",
+    pos_embed_size=side * patch,
+  )
+
+
+def segmenter_config(state_dict: Mapping[str, Any], settings: Mapping[str, Any] | None = None) -> upernet.UperNetConfig:
+  """The UperNetConfig of an mmseg state dict of the reference: sizes from the tensors (width,
+  depth, patch, SSM sizes, LayerNorm or RMSNorm, position grid, classes, head widths), every
+  other setting from `settings` (VisionMambaConfig or UperNetConfig field names, e.g.
+  out_indices, pool_scales, img_size, drop_path_rate), else the defaults.
+
+  Raises a ValueError naming a setting that contradicts the tensors or is no field of either.
+  """
+  settings = dict(settings or {})
+  inferred = _backbone_sizes(state_dict)
+  heads = head_sizes(state_dict)
+  inferred.update(num_classes=heads.num_classes, channels=heads.channels)
+  if heads.aux_channels is not None:
+    inferred["aux_channels"] = heads.aux_channels
+  for name, value in settings.items():
+    if name in inferred and value != inferred[name]:
+      raise ValueError(f"--set {name}={value!r} contradicts the checkpoint's tensors, which give {inferred[name]!r}")
+  merged = {**inferred, **settings}
+  backbone_fields = {field.name for field in dataclasses.fields(vim.VisionMambaConfig)} - {"num_classes"}
+  segmenter_fields = {field.name for field in dataclasses.fields(upernet.UperNetConfig)} - {"backbone"}
+  unknown = sorted(set(merged) - backbone_fields - segmenter_fields)
+  if unknown:
+    raise ValueError(f"--set {unknown[0]}: not a setting of the backbone (VisionMambaConfig) or of UperNetConfig")
+  # The reference backbone scans patches only and trains in float32; the crop is 512 pixels.
+  backbone = dict(token_layout="head", slws_max_prob=0.0, img_size=512)
+  backbone.update({name: value for name, value in merged.items() if name in backbone_fields})
+  pool_scales = tuple(merged.get("pool_scales", DEFAULT_POOL_SCALES))
+  if len(pool_scales) != heads.num_pool_scales:
+    raise ValueError(
+      f"pool_scales {pool_scales}: the checkpoint has {heads.num_pool_scales} pooling branches; "
+      "give their scales with --set pool_scales=(...)"
+    )
+  fields = {name: value for name, value in merged.items() if name in segmenter_fields}
+  fields = {name: tuple(value) if isinstance(value, list) else value for name, value in fields.items()}
+  return upernet.UperNetConfig(backbone=vim.VisionMambaConfig(**backbone), **fields)
+
+
+def import_segmenter(state_dict: Mapping[str, Any], config: upernet.UperNetConfig, *, source: str) -> tuple[dict, dict]:
+  """(parameters, model state) nested dicts of our UperNet of `config`, from the reference's
+  mmseg state dict (strictly: every missing, unused and mis-shaped tensor is one ValueError)."""
+  heads, rest = split_heads(state_dict)
+  head_params, head_state = heads_from_mmseg(heads, pool_scales=config.pool_scales)
+  backbone = {name[len(BACKBONE_PREFIX) :]: value for name, value in rest.items() if name.startswith(BACKBONE_PREFIX)}
+  flat = {BACKBONE_PREFIX + name: value for name, value in pytorch.to_flat(backbone).items()}
+  flat.update({name: value for name, value in rest.items() if not name.startswith(BACKBONE_PREFIX)})
+  flat.update(head_params)
+  model = params_lib.abstract_model(config)
+  describe = _describer(config.pool_scales)
+  params = params_lib.fill(params_lib.param_tree(model), flat, source=source, describe=describe)
+  state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+  return params, params_lib.fill(state, head_state, source=source, describe=describe)
+
+
+def _describer(pool_scales: Sequence[int]):
+  """`params.fill`'s describe for a segmenter: mmseg's names for the heads, the reference's for the backbone."""
+
+  def describe(name: str, shape) -> tuple[str, tuple]:
+    if name.startswith(BACKBONE_PREFIX):
+      official, official_shape = pytorch.describe_official(name[len(BACKBONE_PREFIX) :], shape)
+      return BACKBONE_PREFIX + official, official_shape
+    return describe_mmseg(name, shape, pool_scales=pool_scales)
+
+  return describe
+
+
+def export_segmenter(
+  params: Mapping[str, Any], model_state: Mapping[str, Any], *, pool_scales: Sequence[int] = DEFAULT_POOL_SCALES
+) -> dict[str, np.ndarray]:
+  """The reference's mmseg state dict (`backbone.*`, `decode_head.*`, `auxiliary_head.*`) of our
+  UperNet's nested (parameters, model state), loadable with `strict=True` into the official
+  EncoderDecoder (no neck)."""
+  flat_params, flat_state = params_lib.flatten(params), params_lib.flatten(model_state)
+  if any(name.startswith("pyramid.") for name in flat_params):
+    raise ValueError("a segmenter with the simple-pyramid neck has no counterpart in the reference (neck=None)")
+  backbone = {name[len(BACKBONE_PREFIX) :]: v for name, v in flat_params.items() if name.startswith(BACKBONE_PREFIX)}
+  state_dict = {
+    BACKBONE_PREFIX + name: value for name, value in pytorch.export_state_dict(params_lib.unflatten(backbone)).items()
+  }
+  state_dict.update(heads_to_mmseg(flat_params, flat_state, pool_scales=pool_scales))
+  return state_dict

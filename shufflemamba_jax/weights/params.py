@@ -83,13 +83,13 @@ def fill(
   missing, mismatched, filled = [], [], {}
   for name, leaf in flatten(target).items():
     shape = tuple(leaf.shape)
-    if name in unused or not name.startswith(vim.LAYERS + "."):
+    parts = name.split(".")
+    if name in unused or vim.LAYERS not in parts:
       entries = [(name, shape, unused.pop(name, None))]
-    else:  # A block parameter given one block at a time.
-      rest = name[len(vim.LAYERS) + 1 :]
-      entries = [
-        (f"{vim.LAYERS}.{i}.{rest}", shape[1:], unused.pop(f"{vim.LAYERS}.{i}.{rest}", None)) for i in range(shape[0])
-      ]
+    else:  # A block parameter (of a classifier, or of a segmenter's `backbone`) given one block at a time.
+      cut = parts.index(vim.LAYERS) + 1
+      names = [".".join([*parts[:cut], str(i), *parts[cut:]]) for i in range(shape[0])]
+      entries = [(block, shape[1:], unused.pop(block, None)) for block in names]
     values = []
     for entry, entry_shape, value in entries:
       if value is None:
