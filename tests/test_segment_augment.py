@@ -101,3 +101,79 @@ def test_bad_settings_name_themselves(settings, name):
   with pytest.raises(SettingError) as error:
     segment_augment.SegmentationAugmentation(**settings)
   assert error.value.setting == name
+
+
+# Equality with mmcv / OpenCV (the training augmentation of mmseg 1.2.2 with mmcv 2.x).
+
+
+def nearest_rounding_cases():
+  """(source, target) lengths where floor(x * (1 / (target / source))), OpenCV's float64 index,
+  differs from the exact floor(x * source / target) somewhere."""
+  target = np.arange(1, 300)
+  x = np.arange(300)[:, None]
+  found = []
+  for source in range(1, 300):
+    differs = (np.floor(x * (1.0 / (target / source))) != x * source // target) & (x < target)
+    found += [(source, int(t)) for t in target[differs.any(axis=0)]]
+  return found
+
+
+def test_label_resize_equals_cv2_nearest():
+  cv2 = pytest.importorskip("cv2")
+  rng = np.random.default_rng(0)
+  rounding = nearest_rounding_cases()
+  assert len(rounding) > 1000
+  resize = tf.function(
+    segment_augment.resize_nearest,
+    input_signature=[tf.TensorSpec([None, None], tf.uint8), tf.TensorSpec([2], tf.int32)],
+  )
+  sizes = [rounding[i] + rounding[j] for i, j in rng.integers(0, len(rounding), (150, 2))]
+  for _ in range(150):
+    source = rng.integers(1, 700, 2)
+    target = source * rng.uniform(0.25, 4.0) + 0.5 if rng.random() < 0.7 else rng.integers(1, 1400, 2)
+    sizes.append((source[0], int(max(target[0], 1)), source[1], int(max(target[1], 1))))
+  for source_h, target_h, source_w, target_w in sizes:
+    label = rng.integers(0, 256, (source_h, source_w), dtype=np.uint8)
+    expected = cv2.resize(label, (int(target_w), int(target_h)), interpolation=cv2.INTER_NEAREST)
+    np.testing.assert_array_equal(
+      resize(tf.constant(label), tf.constant([target_h, target_w], tf.int32)).numpy(), expected
+    )
+
+
+def test_random_resize_size_equals_mmcv():
+  """mmcv's RandomResize(scale=(2048, 512), ratio_range, keep_ratio=True): int(scale * ratio)
+  per side, then rescale_size; for given ratios (mmcv's own sampling set to them)."""
+  mmcv = pytest.importorskip("mmcv")
+  from mmcv.transforms import RandomResize
+
+  rng = np.random.default_rng(0)
+  heights, widths = rng.integers(16, 2600, 4000), rng.integers(16, 2600, 4000)
+  ratios = rng.uniform(0.5, 2.0, 4000)
+  ratios[:1000] = rng.integers(1024, 4097, 1000) / 2048  # 2048 * ratio an integer, or just below one.
+  ratios[1000:2000] = np.nextafter(rng.integers(256, 1025, 1000) / 512, 0)
+  expected = []
+  for height, width, ratio in zip(heights, widths, ratios):
+    scale = RandomResize._random_sample_ratio((2048, 512), (ratio, ratio))
+    new_w, new_h = mmcv.rescale_size((int(width), int(height)), scale)
+    expected.append((new_h, new_w))
+  ours = segment_augment.rescale_size(tf.constant(heights), tf.constant(widths), (2048, 512), tf.constant(ratios))
+  np.testing.assert_array_equal(np.stack([x.numpy() for x in ours], axis=1), expected)
+
+
+def test_train_resize_of_labels_equals_mmcv_random_resize():
+  """The label map after mmcv's RandomResize (the real transform, ratio_range (r, r)) is ours."""
+  pytest.importorskip("mmcv")
+  from mmcv.transforms import RandomResize
+
+  rng = np.random.default_rng(1)
+  for _ in range(40):
+    height, width = (int(x) for x in rng.integers(20, 700, 2))
+    ratio = float(rng.uniform(0.5, 2.0))
+    label = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    results = RandomResize((2048, 512), ratio_range=(ratio, ratio), keep_ratio=True).transform(
+      {"img": np.zeros((height, width, 3), np.uint8), "gt_seg_map": label}
+    )
+    size = segment_augment.rescale_size(height, width, (2048, 512), ratio)
+    _, ours = segment_augment.resize_pair(tf.zeros([height, width, 3], tf.uint8), tf.constant(label), size)
+    assert results["img_shape"] == tuple(int(x) for x in size)
+    np.testing.assert_array_equal(ours.numpy(), results["gt_seg_map"])

@@ -64,22 +64,43 @@ class SegmentationAugmentation:
 
 
 def rescale_size(height, width, scale, ratio=1.0):
-  """mmcv's keep-ratio rescale: the largest size with long side <= max(scale) * ratio and short
-  side <= min(scale) * ratio. Returns int32 (new height, new width)."""
-  height, width = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  long_edge, short_edge = float(max(scale)) * ratio, float(min(scale)) * ratio
+  """mmcv's keep-ratio rescale after RandomResize's ratio: the scale becomes
+  (int(long * ratio), int(short * ratio)) (mmcv's `_random_sample_ratio`), then the factor is
+  min(long' / max(h, w), short' / min(h, w)) and each side int(side * factor + 0.5) (mmcv's
+  `rescale_size`), in float64 as Python computes it. `height`, `width` and `ratio` may be tensors
+  of one shape. Returns int32 (new height, new width)."""
+  height, width = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  ratio = tf.cast(ratio, tf.float64)
+  long_edge, short_edge = tf.floor(float(max(scale)) * ratio), tf.floor(float(min(scale)) * ratio)
   factor = tf.minimum(long_edge / tf.maximum(height, width), short_edge / tf.minimum(height, width))
   return tf.cast(height * factor + 0.5, tf.int32), tf.cast(width * factor + 0.5, tf.int32)
 
 
+def _nearest_indices(source, target):
+  """OpenCV's INTER_NEAREST source index of each target index: floor(x * (1 / (target / source)))
+  in float64 (as cv::resizeNN computes it), at most source - 1."""
+  inverse_scale = 1.0 / (tf.cast(target, tf.float64) / tf.cast(source, tf.float64))
+  index = tf.cast(tf.floor(tf.cast(tf.range(target), tf.float64) * inverse_scale), tf.int32)
+  return tf.minimum(index, source - 1)
+
+
+def resize_nearest(label: tf.Tensor, size) -> tf.Tensor:
+  """cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST), which mmcv's imresize
+  and imrescale use for label maps: (H, W, ...) to `size` = (height, width)."""
+  shape = tf.shape(label)
+  rows = _nearest_indices(shape[0], size[0])
+  columns = _nearest_indices(shape[1], size[1])
+  return tf.gather(tf.gather(label, rows, axis=0), columns, axis=1)
+
+
 def resize_pair(image: tf.Tensor, label: tf.Tensor | None, size):
-  """Image bilinear (uint8 out), label nearest; `label` may be None."""
+  """Image bilinear (uint8 out; TF's half-pixel bilinear, rounded), label as cv2's
+  INTER_NEAREST; `label` may be None."""
   resized = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear")
   resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
   if label is None:
     return resized, None
-  label = tf.image.resize(label[..., None], size, method="nearest")[..., 0]
-  return resized, label
+  return resized, resize_nearest(label, size)
 
 
 def eval_resize(image: tf.Tensor, scale) -> tf.Tensor:
@@ -198,7 +219,7 @@ def augment_train_pair(image, label, seed, settings: SegmentationAugmentation):
     (uint8 (crop, crop, 3), uint8 (crop, crop)).
   """
   resize_seed, crop_seed, flip_seed, photo_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
-  ratio = tf.random.stateless_uniform([], resize_seed, *settings.ratio_range)
+  ratio = tf.random.stateless_uniform([], resize_seed, *settings.ratio_range, dtype=tf.float64)
   shape = tf.shape(label)
   image, label = resize_pair(image, label, rescale_size(shape[0], shape[1], settings.scale, ratio))
   image, label = random_crop(image, label, crop_seed, settings.crop_size, settings.cat_max_ratio)
