@@ -9,6 +9,20 @@ two); padding to the crop size with the mean color and label 255 (the mean color
 once normalized, as mmseg pads after normalizing). Evaluation: resize to the scale keeping the
 ratio (labels nearest) and padding to a fixed canvas, so that batches have one shape.
 
+Equal to mmseg 1.2.2 with mmcv 2.x bit for bit, given the same random choices (checked with
+opencv-python 5.1 on x86 with AVX2; tests/test_segment_augment.py): the resized size
+(RandomResize truncates scale * ratio to integers, then mmcv's rescale_size in float64); the
+label map's resize (cv2's INTER_NEAREST: source index floor(x * (1 / (target / source))) in
+float64); PhotoMetricDistortion in uint8, each step truncated, saturation and hue each through
+OpenCV's uint8 HSV and back (its fixed-point RGB2HSV; its float32 HSV2RGB with the fused
+multiply-add, the truncation of its SIMD loop and the rounding of each row's last width % 32
+pixels, which OpenCV's build on another SIMD width would place elsewhere; all 2^24 inputs of
+each conversion checked once against cv2.cvtColor). Not equal: the image's bilinear resize is
+TF's float bilinear (half-pixel centres, rounded) where cv2's INTER_LINEAR uses 11-bit
+fixed-point weights: at most 1 gray level apart, about 0.1 on average (8-13% of values differ by
+1 on ADE20K-like sizes and ratios 0.5 to 2); and the random numbers come from stateless seeds,
+not numpy's generator (the same distributions).
+
 Every random choice uses `tf.random.stateless_*` ops on a seed of shape (2,), so an example is
 a pure function of (image, label, seed). Images are uint8 (height, width, 3) throughout and
 labels uint8 (height, width); normalization happens on the device.
