@@ -7,7 +7,10 @@ position embeddings, class token, norms, A_log and D); gradient clipping at glob
 (power 1) decay to 0 at 160k iterations; global batch 16 of 512x512 crops; drop path 0.2 (B, L)
 or 0.3 (M, Reg-L), SLWS off; the backbone initialized from a
 classification checkpoint (ours or converted official weights) with its position table resized to
-the 32x32 grid; evaluation by sliding 512 windows every 341 pixels on images resized to (2048, 512).
+the 32x32 grid; evaluation as mmseg's: each image resized to fit (2048, 512) keeping its ratio
+(unpadded), 512 windows every 341 pixels clamped to it, the logits resized to the original size
+and scored against the original label map (--config.seg.tta=True: the 6-ratio x flip
+test-time augmentation).
 
 Run (ADE20K prepared by `python -m shufflemamba_jax.prepare ade20k --manual_dir=...` first; the
 classifier from configs/imagenet.py or `python -m shufflemamba_jax.convert`):
@@ -50,7 +53,7 @@ def get_config(arg: str | None = None):
   config.dataset = "ade20k"
   config.image_size = 512
   config.batch_size = 16  # 8 GPUs x 2 in the reference.
-  config.eval_batch_size = 8
+  config.eval_batch_size = 8  # Up to 8 consecutive images of one size evaluated together.
   config.total_steps = 160_000
   config.num_epochs = 0  # total_steps decides.
   config.log_every_steps = 50
