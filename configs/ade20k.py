@@ -19,8 +19,10 @@ dropout 0.1; AdamW betas (0.9, 0.999), weight decay 0.01 except names containing
 .cls_token, norm, .A_log or .D (mmengine's substring match: A_b_log and the heads' BatchNorms,
 named `bn` there, do decay); linear warmup over 1500 iterations from 1e-6 of the peak, then poly
 (power 1) to 0 at 160k; global batch 16 (8 GPUs x 2) of 512x512 crops; float32 (no --amp); SLWS
-off (shuffle_rate 0); evaluation by sliding 512 windows every 341 pixels on images resized to fit
-(2048, 512). `--config.model.dtype=bfloat16` is a documented option, not the recipe.
+off (shuffle_rate 0); evaluation as mmseg's: each image resized to fit (2048, 512) keeping its
+ratio (unpadded), 512 windows every 341 pixels clamped to it, the logits resized to the original
+size and scored against the original label map (--config.seg.tta=True: the 6-ratio x flip
+test-time augmentation). `--config.model.dtype=bfloat16` is a documented option, not the recipe.
 
 Run (ADE20K prepared by `python -m shufflemamba_jax.prepare ade20k --manual_dir=...` first; the
 classifier from configs/imagenet.py or `python -m shufflemamba_jax.convert`):
@@ -61,7 +63,7 @@ def get_config(arg: str | None = None):
   config.dataset = "ade20k"
   config.image_size = 512
   config.batch_size = 16  # 8 GPUs x 2 in the reference.
-  config.eval_batch_size = 8
+  config.eval_batch_size = 8  # Up to 8 consecutive images of one size evaluated together.
   config.total_steps = 160_000
   config.num_epochs = 0  # total_steps decides.
   config.log_every_steps = 50

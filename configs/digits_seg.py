@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
   config.seed = 0
 
   config.batch_size = 16
-  config.eval_batch_size = 400  # The whole validation split in one batch.
+  config.eval_batch_size = 400  # The whole validation split (400 canvases of one size) in one batch.
   config.total_steps = 800
   config.num_epochs = 0  # total_steps decides.
   config.log_every_steps = 50
@@ -72,7 +72,6 @@ def get_config(arg: str | None = None):
   config.seg_aug.hflip_prob = 0.0
   config.seg_aug.photometric = False
   config.seg_aug.eval_scale = (32, 32)
-  config.seg_aug.eval_canvas = (32, 32)
 
   config.lr = 5e-3
   config.weight_decay = 0.01

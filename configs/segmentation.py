@@ -55,9 +55,17 @@ def get_config():
   config.seg.warmup_steps = 1500
   config.seg.warmup_factor = 1e-6
   config.seg.poly_power = 1.0
-  # Evaluation: sliding windows of eval_crop (height, width) every eval_stride; None = whole image.
+  # Evaluation (mmseg's test_cfg): sliding windows of eval_crop (height, width) every eval_stride,
+  # clamped to the image (a side under the crop gives a smaller window), overlaps averaged;
+  # eval_crop None = the whole image in one pass. Logits are then resized to the original size
+  # and scored against the original label map.
   config.seg.eval_crop = (512, 512)
   config.seg.eval_stride = (341, 341)
+  # Test-time augmentation (mmseg's tta_pipeline + SegTTAModel): True = the original image resized
+  # by each ratio 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 (of its own size, keeping the ratio), each with
+  # and without a horizontal flip; the 12 softmaxes, flipped back and resized to the original
+  # size, are averaged. False = one view at seg_aug.eval_scale.
+  config.seg.tta = False
 
   # ---- Label-map augmentation (shufflemamba_jax.data.segment_augment) ------------------------
   config.seg_aug = ml_collections.ConfigDict()
@@ -67,9 +75,9 @@ def get_config():
   config.seg_aug.cat_max_ratio = 0.75  # Largest share of one class in a crop (10 tries).
   config.seg_aug.hflip_prob = 0.5
   config.seg_aug.photometric = True  # Brightness, contrast, saturation and hue distortion.
-  # Evaluation: resize to fit eval_scale keeping the ratio, then pad to the fixed eval_canvas
-  # (height, width) so that batches have one shape (padding is ignored).
+  # Evaluation: the image resized to fit eval_scale (long, short) keeping its ratio, never padded
+  # (mmseg's test pipeline `Resize(scale=(2048, 512), keep_ratio=True)`); images are evaluated
+  # one by one at their own sizes (same-sized neighbours together, up to eval_batch_size).
   config.seg_aug.eval_scale = (2048, 512)
-  config.seg_aug.eval_canvas = (512, 2048)
   config.lock()
   return config

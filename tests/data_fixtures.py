@@ -62,11 +62,12 @@ def imagenet_data(tmp_path_factory):
   return str(root / "tfds"), labels
 
 
-def write_ade20k_zip(manual_dir: str, seed: int = 0) -> dict[str, np.ndarray]:
+def write_ade20k_zip(manual_dir: str, seed: int = 0, validation_sizes=None) -> dict[str, np.ndarray]:
   """Writes ADEChallengeData2016.zip in the real layout; returns {split/stem: 0..150 label map}.
 
   Every image is split into vertical bands, one class each (0 included, the "other" class); the
   image's gray level in a band is 1.5 x its class, so a decoded image shows its label map.
+  validation_sizes: the (height, width) of each validation image; None = two of random sizes.
   """
   import zipfile  # pylint: disable=g-import-not-at-top
 
@@ -77,10 +78,13 @@ def write_ade20k_zip(manual_dir: str, seed: int = 0) -> dict[str, np.ndarray]:
   epath.Path(manual_dir).mkdir(parents=True, exist_ok=True)
   labels = {}
   with (epath.Path(manual_dir) / "ADEChallengeData2016.zip").open("wb") as file, zipfile.ZipFile(file, "w") as archive:
-    for folder, prefix, count in (("training", "ADE_train", 3), ("validation", "ADE_val", 2)):
-      for k in range(1, count + 1):
+    counts = {"training": 3, "validation": 2 if validation_sizes is None else len(validation_sizes)}
+    for folder, prefix in (("training", "ADE_train"), ("validation", "ADE_val")):
+      for k in range(1, counts[folder] + 1):
         stem = f"{prefix}_{k:08d}"
         height, width = int(rng.integers(40, 70)), int(rng.integers(40, 70))
+        if folder == "validation" and validation_sizes is not None:
+          height, width = validation_sizes[k - 1]
         classes = rng.choice(151, 3, replace=False)
         classes[0] = 0 if k == 1 else classes[0]  # Some "other" pixels to be ignored.
         label = np.repeat(classes, -(-width // 3))[:width][None, :].repeat(height, 0).astype(np.uint8)

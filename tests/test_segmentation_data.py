@@ -102,7 +102,7 @@ def test_digits_seg_builds_the_same_dataset_every_time(tmp_path):
     assert set(np.unique(first["label"])) <= set(range(digits_seg.NUM_CLASSES))
 
 
-SEG_AUG = dict(scale=(128, 64), crop_size=48, eval_scale=(64, 64), eval_canvas=(64, 64))
+SEG_AUG = dict(scale=(128, 64), crop_size=48, eval_scale=(64, 64))
 
 
 def test_segmentation_train_stream_is_uint8_crops_and_resumes_exactly(digits_seg_data_dir):
@@ -120,17 +120,16 @@ def test_segmentation_train_stream_is_uint8_crops_and_resumes_exactly(digits_seg
     np.testing.assert_array_equal(resumed[name], batches[2][name])
 
 
-def test_segmentation_eval_stream_pads_with_ignored_examples(digits_seg_data_dir):
+def test_segmentation_eval_stream_is_one_unpadded_example_at_a_time(digits_seg_data_dir):
   from shufflemamba_jax.data import pipeline
 
-  dataset = pipeline.create_eval_dataset(
-    dataset="digits_seg", data_dir=digits_seg_data_dir, global_batch_size=48, seg_aug=SEG_AUG
+  dataset = pipeline.create_segmentation_eval_dataset(
+    dataset="digits_seg", data_dir=digits_seg_data_dir, seg_aug=SEG_AUG, process_index=0, process_count=3
   )
-  batches = list(dataset.as_numpy_iterator())
-  assert len(batches) == 9  # ceil(400 / 48)
-  masks = np.concatenate([b["mask"] for b in batches])
-  assert masks.sum() == 400 and not masks[400:].any()
-  last = batches[-1]
-  assert last["image"].shape == (48, 64, 64, 3) and last["label"].shape == (48, 64, 64)
-  assert (last["label"][last["mask"] == 0] == 255).all()
-  assert (last["label"][last["mask"] == 1] != 255).any()
+  examples = list(dataset.as_numpy_iterator())
+  assert len(examples) == 134  # The first of three shares of 400: ceil(400 / 3).
+  for example in examples[:5]:
+    (view,) = example["views"]
+    assert view.shape == (64, 64, 3) and view.dtype == np.uint8  # The 32x32 canvas at eval_scale.
+    assert example["label"].shape == (32, 32) and example["mask"] == 1.0  # The original label map.
+    assert set(np.unique(example["label"])) <= set(range(digits_seg.NUM_CLASSES))

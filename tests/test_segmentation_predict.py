@@ -1,5 +1,5 @@
 """The predict command on a segmentation checkpoint: a colour-coded label map per image, at the
-image's size, equal to evaluation's prediction for an image at the evaluation scale."""
+image's size, equal to evaluation's prediction (`ImageSegmenter` on the image at eval_scale)."""
 
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ NUM_CLASSES = 11
 RUN_CONFIG = {
   "dataset": "digits_seg",
   "seg": {"eval_crop": [32, 32], "eval_stride": [16, 16]},
+  # A run saved before seg_aug.eval_canvas was removed names it: predict ignores it.
   "seg_aug": {"eval_scale": [64, 64], "eval_canvas": [64, 64]},
 }
 
@@ -54,8 +55,9 @@ def test_predict_writes_colour_label_maps(segmenter_dir, tmp_path, capsys):
   assert "at_scale.png ->" in capsys.readouterr().out
 
   written = np.asarray(Image.open(out / "at_scale.png"))
-  logits = segmentation.predict_logits(model, device.IMAGENET(at_scale[None]), crop_size=(32, 32), stride=(16, 16))
-  expected = segmentation.colorize(np.asarray(logits.argmax(-1))[0], NUM_CLASSES)
+  window_fn = lambda windows: upernet.segment_logits(model, device.IMAGENET(windows))
+  evaluation = segmentation.ImageSegmenter(window_fn, NUM_CLASSES, crop_size=(32, 32), stride=(16, 16))
+  expected = segmentation.colorize(np.asarray(evaluation.scores([at_scale[None]], (64, 64)).argmax(-1))[0], NUM_CLASSES)
   np.testing.assert_array_equal(written, expected)
 
   resized = np.asarray(Image.open(out / "other.png"))

@@ -36,12 +36,7 @@ RUN = {
 }
 # The config evaluates whole 32x32 canvases; this evaluates them upscaled to 48x48 in four
 # overlapping 32x32 windows, the ADE20K recipe's way.
-SLIDING_WINDOWS = {
-  "seg.eval_crop": (32, 32),
-  "seg.eval_stride": (16, 16),
-  "seg_aug.eval_scale": (48, 48),
-  "seg_aug.eval_canvas": (48, 48),
-}
+SLIDING_WINDOWS = {"seg.eval_crop": (32, 32), "seg.eval_stride": (16, 16), "seg_aug.eval_scale": (48, 48)}
 
 
 def seg_config(data_dir, **overrides):

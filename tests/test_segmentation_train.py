@@ -17,7 +17,7 @@ from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import optim, steps
 from shufflemamba_jax.training.tasks import segmentation
 
-SEG_AUG = dict(scale=(64, 32), crop_size=32, eval_scale=(64, 64), eval_canvas=(64, 64))
+SEG_AUG = dict(scale=(64, 32), crop_size=32, eval_scale=(64, 64))
 
 
 def tiny_segmenter():

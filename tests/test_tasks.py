@@ -33,7 +33,7 @@ def test_the_dataset_chooses_the_task_unless_config_task_does():
 @pytest.mark.parametrize("task", list(tasks.TASKS.values()), ids=list(tasks.TASKS))
 def test_every_task_has_every_member_of_the_protocol(task):
   members = [name for name in vars(base.Task) if not name.startswith("_")]
-  assert {"name", "ranking_metrics", "eval_sums", "reduce", "predict"} <= set(members) | set(base.Task.__annotations__)
+  assert {"name", "ranking_metrics", "evaluation", "reduce", "predict"} <= set(members) | set(base.Task.__annotations__)
   for name in members + list(base.Task.__annotations__):
     assert hasattr(task, name), f"{task.__name__} lacks {name}"
 

@@ -2,7 +2,8 @@
 
 `settings(config)` checks the pipeline's config fields, `prepare` builds a dataset with TFDS's
 own builder (`python -m shufflemamba_jax.prepare`), `create_train_dataset` and
-`create_eval_dataset` stream local batches.
+`create_eval_dataset` stream local batches
+(`create_segmentation_eval_dataset` one example at a time for label maps).
 
 Training order. The split is cut into V = `data_shards` contiguous shards
 (`tfds.even_splits(split, V)[v]`; the default 0 means V = process_count, one shard per process).
@@ -56,7 +57,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from shufflemamba_jax import checks
-from shufflemamba_jax.data import IGNORE_INDEX, augment, decodable, segment_augment
+from shufflemamba_jax.data import augment, decodable, segment_augment
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -620,6 +621,34 @@ def _options():
 # ---------------------------------------------------------------------------------------------
 
 
+def _split_examples(builder, process_split: str, decoders, padding_example: dict, preprocess, warning: str):
+  """The examples of `process_split` in file order (as TFDS reads them with shuffle_files=False),
+  each `preprocess(example)`, an undecodable image (see `decodable`) never decoded but replaced by
+  `padding_example` (mask 0) under its own id."""
+  instructions = builder.info.splits[process_split].file_instructions
+  lookup = decodable.Lookup(builder, _files(instructions))
+  lookup.warn(warning)
+  features = builder.info.features
+
+  def keyed_example(record, position, index):
+    example = features.deserialize_example(record, decoders=decoders)
+    return tf.cond(
+      lookup.contains(decodable.key(position, index)),
+      lambda: {**padding_example, "example_id": _example_id(example)},
+      lambda: preprocess(example),
+    )
+
+  dataset = tf.data.Dataset.from_tensor_slices(
+    (
+      tf.constant([os.fspath(instruction.filename) for instruction in instructions], tf.string),
+      np.asarray([lookup.positions[os.fspath(instruction.filename)] for instruction in instructions], np.int64),
+      np.asarray([instruction.skip for instruction in instructions], np.int64),
+      np.asarray([_take(instruction) for instruction in instructions], np.int64),
+    )
+  ).flat_map(_keyed_records)
+  return dataset.map(keyed_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 def create_eval_dataset(
   config=None,
   *,
@@ -634,16 +663,17 @@ def create_eval_dataset(
 
   Every process yields the same number of batches, ceil(ceil(N / process_count) / local_batch),
   so multi-host evaluation steps stay in lockstep; the padding (and any undecodable image, see
-  `decodable`) has mask 0.
+  `decodable`) has mask 0. Classification datasets only: label maps are evaluated image by image
+  at their own sizes (`create_segmentation_eval_dataset`).
 
   Returns:
     tf.data.Dataset of dicts: image uint8 (local_batch, S, S, 3) (S = image_size or
     config.image_size; normalized on the device), label int32, mask float32 (1 real, 0 padding),
-    example_id int64 (-1 for padding), each (local_batch,). Segmentation datasets: image uint8
-    (local_batch, H, W, 3) and label uint8 (local_batch, H, W) (255 = ignored and padding),
-    (H, W) = seg_aug.eval_canvas (see `segment_augment.eval_pair`).
+    example_id int64 (-1 for padding), each (local_batch,).
   """
   values = settings(config, **overrides)
+  if values["dataset"] in SEGMENTATION_DATASETS:
+    raise ValueError(f"{values['dataset']} holds label maps: its evaluation stream is create_segmentation_eval_dataset")
   split = split or values["eval_split"]
   image_size = int(image_size or values["image_size"])
   local_batch = _local_batch_size(global_batch_size, process_count)
@@ -662,56 +692,67 @@ def create_eval_dataset(
       "example_id": _example_id(example),
     }
 
-  decoders = {"image": tfds.decode.SkipDecoding()}
   padding_example = {
     "image": tf.zeros([image_size, image_size, 3], tf.uint8),
     "label": tf.constant(0, tf.int32),
     "mask": tf.constant(0.0, tf.float32),
     "example_id": tf.constant(-1, tf.int64),
   }
-  if values["dataset"] in SEGMENTATION_DATASETS:
-    if image_size != values["image_size"]:
-      raise checks.SettingError(
-        "eval_image_size", image_size, "is for classification; a label map is evaluated at config.seg_aug.eval_scale"
-      )
-    seg_aug = values["segmentation_augmentation"]
-    decoders["label"] = tfds.decode.SkipDecoding()
-    canvas = tuple(seg_aug.eval_canvas)
-
-    def preprocess_pair(example):
-      image = decodable.decode_window(example["image"], decodable.full_window)
-      label = tf.io.decode_png(example["label"], channels=1)[..., 0]
-      image, label = segment_augment.eval_pair(image, label, seg_aug)
-      return {"image": image, "label": label, "mask": tf.constant(1.0, tf.float32), "example_id": _example_id(example)}
-
-    padding_example.update(
-      image=tf.zeros([*canvas, 3], tf.uint8), label=tf.fill(canvas, tf.constant(IGNORE_INDEX, tf.uint8))
-    )
-    preprocess = preprocess_pair  # Label maps instead of class labels.
-  instructions = builder.info.splits[process_split].file_instructions
-  lookup = decodable.Lookup(builder, _files(instructions))
-  lookup.warn("has mask 0 in evaluation")
-  features = builder.info.features
-
-  def keyed_example(record, position, index):
-    example = features.deserialize_example(record, decoders=decoders)
-    # An undecodable image is never decoded: it becomes padding, under its own id.
-    return tf.cond(
-      lookup.contains(decodable.key(position, index)),
-      lambda: {**padding_example, "example_id": _example_id(example)},
-      lambda: preprocess(example),
-    )
-
-  # The split's records in file order, as TFDS reads them with shuffle_files=False.
-  dataset = tf.data.Dataset.from_tensor_slices(
-    (
-      tf.constant([os.fspath(instruction.filename) for instruction in instructions], tf.string),
-      np.asarray([lookup.positions[os.fspath(instruction.filename)] for instruction in instructions], np.int64),
-      np.asarray([instruction.skip for instruction in instructions], np.int64),
-      np.asarray([_take(instruction) for instruction in instructions], np.int64),
-    )
-  ).flat_map(_keyed_records)
-  dataset = dataset.map(keyed_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  decoders = {"image": tfds.decode.SkipDecoding()}
+  dataset = _split_examples(builder, process_split, decoders, padding_example, preprocess, "has mask 0 in evaluation")
   padding = tf.data.Dataset.from_tensors(padding_example).repeat(num_batches * local_batch - local_examples)
   dataset = dataset.concatenate(padding).batch(local_batch, drop_remainder=True)
+  return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)
+
+
+def create_segmentation_eval_dataset(
+  config=None,
+  *,
+  split: str | None = None,
+  ratios: tuple[float, ...] | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  **overrides,
+):
+  """Finite evaluation stream of one label-map dataset's `split`: this process's share, one
+  example per element (images differ in size; mmseg evaluates with batch size 1).
+
+  Process k of P reads `tfds.even_splits(split, P)[k]`, so the processes together read the split
+  once; they need not stay in lockstep (their totals are summed once at the end). The image is
+  resized as mmseg's test pipeline (or its tta_pipeline, `ratios` not None) resizes it,
+  `segment_augment.eval_views` with config.seg_aug.eval_scale, and never padded; the label map
+  keeps its original size, where predictions are scored. An undecodable image (see `decodable`)
+  gives an element with mask 0 and empty (0 x 0) views and label.
+
+  Returns:
+    tf.data.Dataset of dicts: views, a tuple of uint8 (h_i, w_i, 3) images (one, or one per
+    ratio); label uint8 (H, W), the original map (255 = ignored); mask float32 () (1 real, 0
+    undecodable); example_id int64 ().
+  """
+  values = settings(config, **overrides)
+  checks.one_of("config.dataset", values["dataset"], SEGMENTATION_DATASETS)
+  split = split or values["eval_split"]
+  builder = get_builder(values["dataset"], values["data_dir"])
+  process_split = _process_split(split, process_index, process_count)
+  scale = tuple(values["segmentation_augmentation"].eval_scale)
+  ratios = None if ratios is None else tuple(float(ratio) for ratio in ratios)
+  num_views = 1 if ratios is None else len(ratios)
+
+  def preprocess(example):
+    image = decodable.decode_window(example["image"], decodable.full_window)
+    return {
+      "views": segment_augment.eval_views(image, scale, ratios),
+      "label": tf.io.decode_png(example["label"], channels=1)[..., 0],
+      "mask": tf.constant(1.0, tf.float32),
+      "example_id": _example_id(example),
+    }
+
+  padding_example = {
+    "views": tuple(tf.zeros([0, 0, 3], tf.uint8) for _ in range(num_views)),
+    "label": tf.zeros([0, 0], tf.uint8),
+    "mask": tf.constant(0.0, tf.float32),
+    "example_id": tf.constant(-1, tf.int64),
+  }
+  decoders = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
+  dataset = _split_examples(builder, process_split, decoders, padding_example, preprocess, "has mask 0 in evaluation")
   return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)

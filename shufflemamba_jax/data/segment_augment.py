@@ -6,8 +6,9 @@ ratio (image bilinear, labels nearest); a random crop whose most frequent class 
 RandomCrop); horizontal flip with probability 0.5; photometric distortion (brightness,
 contrast, saturation and hue, each with probability 0.5, contrast before or after the other
 two); padding to the crop size with the mean color and label 255 (the mean color becomes 0
-once normalized, as mmseg pads after normalizing). Evaluation: resize to the scale keeping the
-ratio (labels nearest) and padding to a fixed canvas, so that batches have one shape.
+once normalized, as mmseg pads after normalizing). Evaluation (`eval_views`): the image alone,
+resized keeping its ratio to fit the scale (mmseg's test pipeline), or by each test-time
+augmentation ratio (its tta_pipeline), never padded; the label map stays at its original size.
 
 Equal to mmseg 1.2.2 with mmcv 2.x bit for bit, given the same random choices (checked with
 opencv-python 5.1 on x86 with AVX2; tests/test_segment_augment.py): the resized size
@@ -56,16 +57,14 @@ class SegmentationAugmentation:
   saturation_range: tuple[float, float] = (0.5, 1.5)
   hue_delta: int = 18  # OpenCV hue units: 180 is the full circle; shifts in [-hue_delta, hue_delta).
   fill_color: tuple[int, int, int] = tuple(round(255 * m) for m in IMAGENET_MEAN)
-  # Evaluation: resize to fit eval_scale (long, short) keeping the ratio, then pad to the fixed
-  # (height, width) eval_canvas (an image that does not fit is resized down to fit it).
+  # Evaluation: the image resized to fit eval_scale (long, short) keeping its ratio, unpadded.
   eval_scale: tuple[int, int] = (2048, 512)
-  eval_canvas: tuple[int, int] = (512, 2048)
 
   def __post_init__(self):
     def field(name):
       return f"config.seg_aug.{name}"
 
-    for name in ("scale", "eval_scale", "eval_canvas"):
+    for name in ("scale", "eval_scale"):
       checks.size_pair(field(name), getattr(self, name))
     checks.integer(field("crop_size"), self.crop_size)
     for name in ("ratio_range", "contrast_range", "saturation_range"):
@@ -119,10 +118,45 @@ def resize_pair(image: tf.Tensor, label: tf.Tensor | None, size):
   return resized, resize_nearest(label, size)
 
 
+def keep_ratio_size(height, width, scale):
+  """mmcv's `rescale_size` in float64 as mmcv computes it in Python: factor = min(max(scale) / long
+  side, min(scale) / short side), new side = int(side * factor + 0.5). `scale` is a pair of (int)
+  tensors or numbers in either order. Returns int32 (new height, new width)."""
+  height, width = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  first, second = tf.cast(scale[0], tf.float64), tf.cast(scale[1], tf.float64)
+  factor = tf.minimum(
+    tf.maximum(first, second) / tf.maximum(height, width), tf.minimum(first, second) / tf.minimum(height, width)
+  )
+  return tf.cast(height * factor + 0.5, tf.int32), tf.cast(width * factor + 0.5, tf.int32)
+
+
+def ratio_size(height, width, ratio: float):
+  """The size mmcv's `Resize(scale_factor=ratio, keep_ratio=True)` gives an image of (height,
+  width): the scale (int(width * ratio + 0.5), int(height * ratio + 0.5)) of the image itself (not
+  of eval_scale), then `keep_ratio_size` within it. Returns int32 (new height, new width)."""
+  h64, w64 = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  scale = (tf.cast(w64 * ratio + 0.5, tf.int32), tf.cast(h64 * ratio + 0.5, tf.int32))
+  return keep_ratio_size(height, width, scale)
+
+
 def eval_resize(image: tf.Tensor, scale) -> tf.Tensor:
-  """Evaluation: uint8 image resized (bilinear, keep ratio) to fit `scale` = (long, short)."""
+  """Evaluation: uint8 image resized (bilinear, keep ratio, mmcv's sizes) to fit `scale` = (long, short)."""
   shape = tf.shape(image)
-  return resize_pair(image, None, rescale_size(shape[0], shape[1], scale))[0]
+  return resize_pair(image, None, keep_ratio_size(shape[0], shape[1], scale))[0]
+
+
+def eval_views(image: tf.Tensor, scale, ratios: tuple[float, ...] | None = None) -> tuple[tf.Tensor, ...]:
+  """The evaluation inputs of one uint8 (H, W, 3) image, unpadded uint8 (h, w, 3) each.
+
+  ratios None: one view, mmseg's test pipeline `Resize(scale=scale, keep_ratio=True)`. Otherwise
+  one view per ratio, its tta_pipeline `Resize(scale_factor=ratio, keep_ratio=True)` of the
+  original image (`ratio_size`; the flips are made on the device). The label map is not
+  resized: predictions are scored at the original size.
+  """
+  if ratios is None:
+    return (eval_resize(image, scale),)
+  shape = tf.shape(image)
+  return tuple(resize_pair(image, None, ratio_size(shape[0], shape[1], ratio))[0] for ratio in ratios)
 
 
 def _crop_offsets(shape, crop_size, seed):
@@ -315,24 +349,6 @@ def pad_to(image, label, size, fill_color):
   image.set_shape([height, width, 3])
   label.set_shape([height, width])
   return image, label
-
-
-def eval_pair(image, label, settings: SegmentationAugmentation):
-  """Evaluation transform of one example: resized to fit `eval_scale` (keep ratio; image
-  bilinear, label nearest), down further if needed to fit `eval_canvas`, and padded to it.
-
-  Metrics are then computed at this resolution (mmseg resizes the logits back to the original
-  label size instead; batches of one fixed shape need one size). Returns (uint8 (H, W, 3),
-  uint8 (H, W)), (H, W) = eval_canvas.
-  """
-  shape = tf.shape(label)
-  height, width = rescale_size(shape[0], shape[1], settings.eval_scale)
-  canvas_h, canvas_w = settings.eval_canvas
-  factor = tf.minimum(1.0, tf.minimum(canvas_h / tf.cast(height, tf.float32), canvas_w / tf.cast(width, tf.float32)))
-  height = tf.minimum(tf.cast(tf.cast(height, tf.float32) * factor + 0.5, tf.int32), canvas_h)
-  width = tf.minimum(tf.cast(tf.cast(width, tf.float32) * factor + 0.5, tf.int32), canvas_w)
-  image, label = resize_pair(image, label, (height, width))
-  return pad_to(image, label, settings.eval_canvas, settings.fill_color)
 
 
 def augment_train_pair(image, label, seed, settings: SegmentationAugmentation):

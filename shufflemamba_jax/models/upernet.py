@@ -375,14 +375,63 @@ class UperNet(nnx.Module):
 
 
 def segment_logits(model: UperNet, images: jax.Array) -> jax.Array:
-  """Whole-image inference: logits (batch, H, W, num_classes) float32 at the images' resolution."""
+  """Whole-image inference: logits (batch, H, W, num_classes) float32 at the images' resolution.
+
+  `model(images)` gives logits on a coarser grid (the patch grid's, floored for a side that is not
+  a multiple of the patch size, as the official patch convolution does); they are resized
+  bilinearly (align_corners=False) to the full (H, W), as mmseg's `encode_decode` resizes to the
+  window's own size.
+  """
   return resize_bilinear(model(images), images.shape[1:3])
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
-  """Start offsets of mmseg's sliding windows along one axis (the last one flush with the end)."""
+  """Start offsets of mmseg's sliding windows along one axis, in its loop order.
+
+  A transcription of EncoderDecoder.slide_inference: grids = max(length - crop + stride - 1, 0)
+  // stride + 1; window i ends at min(i * stride + crop, length) and starts `crop` before that
+  end, clamped at 0. Every window is min(crop, length) long; the last one ends flush with the end.
+  """
   count = max(length - crop + stride - 1, 0) // stride + 1
-  return sorted({max(min(i * stride + crop, length) - crop, 0) for i in range(count)})
+  return [max(min(i * stride + crop, length) - crop, 0) for i in range(count)]
+
+
+def window_boxes(
+  size: tuple[int, int], crop_size: tuple[int, int] | None, stride: tuple[int, int] | None
+) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+  """((window height, window width), [(top, left), ...]) of mmseg's slide mode over an image of
+  `size` (height, width), rows outer and columns inner as its loop; the windows are clamped to the
+  image (a side under the crop gives a smaller window). crop_size None ("whole" mode) is one
+  window, the image itself; stride None is the crop."""
+  height, width = size
+  if crop_size is None:
+    return (height, width), [(0, 0)]
+  stride = stride or crop_size
+  tops = window_starts(height, crop_size[0], stride[0])
+  lefts = window_starts(width, crop_size[1], stride[1])
+  return (min(crop_size[0], height), min(crop_size[1], width)), [(top, left) for top in tops for left in lefts]
+
+
+def cut_windows(images, window: tuple[int, int], starts: list[tuple[int, int]]):
+  """(batch, H, W, ...) -> (len(starts) * batch, *window, ...): window-major (all images' first
+  window, then all their second, ...); numpy or JAX arrays."""
+  stack = np.concatenate if isinstance(images, np.ndarray) else jnp.concatenate
+  return stack([images[:, top : top + window[0], left : left + window[1]] for top, left in starts], axis=0)
+
+
+def merge_windows(
+  window_logits: jax.Array, size: tuple[int, int], window: tuple[int, int], starts: list[tuple[int, int]]
+) -> jax.Array:
+  """mmseg's slide merge: window logits (len(starts) * batch, *window, C) in `cut_windows` order,
+  summed into place on a (batch, *size, C) float32 canvas and divided by each pixel's window count."""
+  num_classes = window_logits.shape[-1]
+  per_window = window_logits.astype(jnp.float32).reshape(len(starts), -1, *window, num_classes)
+  total = jnp.zeros((per_window.shape[1], *size, num_classes), jnp.float32)
+  count = np.zeros(size, np.float32)
+  for index, (top, left) in enumerate(starts):
+    total = total.at[:, top : top + window[0], left : left + window[1]].add(per_window[index])
+    count[top : top + window[0], left : left + window[1]] += 1
+  return total / jnp.asarray(count)[None, :, :, None]
 
 
 def slide_inference(
@@ -399,26 +448,19 @@ def slide_inference(
     logits_fn: (n, h, w, 3) -> (n, h, w, num_classes) logits at the input resolution (e.g.
       `functools.partial(segment_logits, model)`); called once on every window of every image,
       stacked on the batch axis.
-    images: (batch, H, W, 3). Sizes are static: windows are fixed slices.
-    crop_size, stride: (height, width) of the windows and of their steps; an image smaller than
-      the crop is one window of its own size.
+    images: (batch, H, W, 3). Sizes are static: windows are fixed slices (`window_boxes`).
+    crop_size, stride: (height, width) of the windows and of their steps; a side shorter than
+      the crop gives windows of that side.
 
   Returns:
     (batch, H, W, num_classes) float32.
   """
-  batch, height, width = images.shape[:3]
-  crop_h, crop_w = min(crop_size[0], height), min(crop_size[1], width)
-  windows = [
-    (top, left) for top in window_starts(height, crop_h, stride[0]) for left in window_starts(width, crop_w, stride[1])
-  ]
-  crops = jnp.concatenate([images[:, top : top + crop_h, left : left + crop_w] for top, left in windows], axis=0)
-  crop_logits = logits_fn(crops).astype(jnp.float32).reshape(len(windows), batch, crop_h, crop_w, num_classes)
-  total = jnp.zeros((batch, height, width, num_classes), jnp.float32)
-  count = np.zeros((height, width), np.float32)
-  for index, (top, left) in enumerate(windows):
-    total = total.at[:, top : top + crop_h, left : left + crop_w].add(crop_logits[index])
-    count[top : top + crop_h, left : left + crop_w] += 1
-  return total / jnp.asarray(count)[None, :, :, None]
+  size = tuple(images.shape[1:3])
+  window, starts = window_boxes(size, crop_size, stride)
+  window_logits = logits_fn(cut_windows(images, window, starts))
+  if window_logits.shape[-1] != num_classes:
+    raise ValueError(f"logits_fn gave {window_logits.shape[-1]} classes, not num_classes={num_classes}")
+  return merge_windows(window_logits, size, window, starts)
 
 
 @nnx.jit(static_argnums=0)

@@ -92,12 +92,10 @@ class Run:
 
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
-  """Scores parameter trees on the eval split: `task`'s sums, jitted, summed over the split."""
+  """Scores parameter trees on the eval split: the task's `evaluation` totals, then its `reduce`."""
 
   task: base.Task
-  eval_step: Any
-  dataset: Any  # The tf.data eval stream of this process.
-  mesh: jax.sharding.Mesh
+  totals: Any  # totals(params, model_state) -> {name: numpy array}, summed over every process.
 
   def run(self, trees: dict, model_state) -> tuple[dict, dict]:
     """({<prefix>_<metric>, num_examples}, {<prefix>_<detail>: per-class values}) of each
@@ -105,7 +103,7 @@ class Evaluator:
     record, details = {}, {}
     for prefix, params in trees.items():
       if params is not None:
-        totals = steps.run_evaluation(self.eval_step, params, model_state, self.dataset.as_numpy_iterator(), self.mesh)
+        totals = self.totals(params, model_state)
         scalars, per_class = self.task.reduce(totals)
         record.update({f"{prefix}_{name}": value for name, value in scalars.items()})
         details.update({f"{prefix}_{name}": value for name, value in per_class.items()})
@@ -114,10 +112,8 @@ class Evaluator:
 
 
 def _evaluator(config, settings: Settings, graphdef, rest, num_classes: int, mesh, **dataset_options) -> Evaluator:
-  sums = settings.task.eval_sums(graphdef, rest, num_classes, settings.input_transform)
-  process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-  dataset = pipeline.create_eval_dataset(config, global_batch_size=config.eval_batch_size, **process, **dataset_options)
-  return Evaluator(settings.task, steps.make_eval_step(sums), dataset, mesh)
+  task, transform = settings.task, settings.input_transform
+  return Evaluator(task, task.evaluation(config, graphdef, rest, num_classes, transform, mesh, **dataset_options))
 
 
 def _mesh(config):

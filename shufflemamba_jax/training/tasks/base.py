@@ -1,9 +1,11 @@
 """What the training loop asks of a task (`Task`), and what every task shares.
 
 A task owns its model (and warm start), the train state's extra collections, its loss and train
-metrics, its evaluation (per-batch sums under `jit` on the global batch, so already summed over
-every process, then one reduction of the totals) with its metric names, and what `predict`
-writes. The trainer knows none of them: it calls these methods (big_vision's evaluators).
+metrics, its evaluation (`evaluation`: the split's totals, summed over every process, then one
+reduction of them) with its metric names, and what `predict` writes. Classification sums fixed-
+shape global batches under `jit` (`batched_evaluation`); segmentation scores each process's
+images at their own sizes and sums once at the end. The trainer knows none of them: it calls
+these methods (big_vision's evaluators).
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import jax
 import optax
 from flax import nnx
 
 from shufflemamba_jax import checks
-from shufflemamba_jax.data import device
+from shufflemamba_jax.data import device, pipeline
 from shufflemamba_jax.models import variants, vim
-from shufflemamba_jax.training import optim
+from shufflemamba_jax.training import optim, steps
 
 # Prefixes of the evaluation records of the parameters and of their EMA.
 EVAL_PREFIXES = ("eval", "ema_eval")
@@ -51,14 +54,32 @@ class Task(Protocol):
     """Jitted `train_step(state, batch) -> (state, metrics)`; options: num_classes, seed,
     input_transform, ema_decay, state_shardings, batch_sharding."""
 
-  def eval_sums(self, graphdef, rest, num_classes: int, transform: device.DeviceTransform) -> Callable:
-    """`sums(params, model_state, batch) -> {name: array}`, traced under `jit`: a global batch's
-    share of the evaluation totals (padding examples, mask 0, count for nothing)."""
+  def evaluation(
+    self, config, graphdef, rest, num_classes: int, transform: device.DeviceTransform, mesh, **options
+  ) -> Callable[[Any, Any], dict]:
+    """`totals(params, model_state) -> {name: numpy array, num_examples}`: the evaluation totals of
+    the split (options: split, image_size; None = the config's), summed over every process. Every
+    process calls it (it may run collectives); params and model_state are sharded over `mesh`."""
 
   def reduce(self, totals: dict) -> tuple[dict, dict]: ...  # (scalar metrics, per-class details) of a split.
 
   @staticmethod
   def predict(saved, paths: list[str], options) -> int: ...  # Writes predictions of `paths`; the exit code.
+
+
+def batched_evaluation(sums: Callable, config, mesh, **options) -> Callable[[Any, Any], dict]:
+  """`totals(params, model_state)` of `sums(params, model_state, batch) -> {name: array}` (traced
+  under `jit`: a global batch's share of the totals; padding examples, mask 0, count for nothing)
+  over the eval stream's global batches of config.eval_batch_size (`pipeline.create_eval_dataset`,
+  each process reading its share; options: split, image_size), plus num_examples."""
+  process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+  dataset = pipeline.create_eval_dataset(config, global_batch_size=config.eval_batch_size, **process, **options)
+  eval_step = steps.make_eval_step(sums)
+
+  def totals(params, model_state) -> dict:
+    return steps.run_evaluation(eval_step, params, model_state, dataset.as_numpy_iterator(), mesh)
+
+  return totals
 
 
 def best_metrics(task: Task) -> tuple[str, ...]:

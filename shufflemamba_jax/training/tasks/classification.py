@@ -86,7 +86,12 @@ class ClassificationTask:
       **common,
     )
 
+  def evaluation(self, config, graphdef, rest, num_classes: int, transform: device.DeviceTransform, mesh, **options):
+    """Batched sums of `eval_sums` over the split's global batches (`base.batched_evaluation`)."""
+    return base.batched_evaluation(self.eval_sums(graphdef, rest, num_classes, transform), config, mesh, **options)
+
   def eval_sums(self, graphdef, rest, num_classes: int, transform: device.DeviceTransform) -> Callable:
+    """`sums(params, model_state, batch)`, traced under `jit` on a global batch."""
     del num_classes
 
     def sums(params, model_state, batch):

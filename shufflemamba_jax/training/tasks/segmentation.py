@@ -1,16 +1,20 @@
 """Semantic segmentation: a UperNet on a Vim backbone with mmseg's ADE20K recipe.
 
 The train state carries the BatchNorm statistics (`model_state`); mmseg's warmup + poly
-schedule; cross-entropy with an ignored label (decode + auxiliary head). Evaluation sums per-class
-areas (mmseg's `intersect_and_union`) over the split and divides once, so a class's IoU is its
+schedule; cross-entropy with an ignored label (decode + auxiliary head). Evaluation is mmseg's
+(`ImageSegmenter`, `evaluate_split`): each image resized keeping its ratio, unpadded, slid over
+by clamped windows (or whole), the logits resized to the original size and scored against the
+original label map, optionally with test-time augmentation; the per-class areas (mmseg's
+`intersect_and_union`) are summed over the split and divided once, so a class's IoU is its
 total intersection over its total union. `predict` writes colour-coded label maps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +32,8 @@ from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 from shufflemamba_jax.weights import params as params_lib
 
 AREAS = ("area_intersect", "area_union", "area_pred_label", "area_label")
+# The reference tta_pipeline's `img_ratios` (mmseg's configs/_base_/datasets/ade20k.py).
+TTA_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def cross_entropy(
@@ -97,6 +103,7 @@ class SegmentationTask:
   poly_power: float
   eval_crop: tuple[int, int] | None  # Sliding-window evaluation; None = the whole image.
   eval_stride: tuple[int, int] | None
+  tta: bool  # mmseg's test-time augmentation: TTA_RATIOS x (no flip, horizontal flip).
 
   name = "segmentation"
   ranking_metrics = ("miou", "macc", "aacc")
@@ -153,10 +160,23 @@ class SegmentationTask:
         seg.eval_crop,
         f"must be multiples of {2 * backbone.patch_size} (2 x patch_size) for the simple pyramid",
       )
+    if not isinstance(seg.tta, bool):
+      raise checks.SettingError("config.seg.tta", seg.tta, "must be True (mmseg's 6 ratios x 2 flips) or False")
     scalars = {name: float(seg[name]) for name in ("aux_weight", "warmup_factor", "poly_power")}
     return cls(
-      segmenter, config.dataset, class_weight=class_weight, warmup_steps=seg.warmup_steps, **scalars, **windows
+      segmenter,
+      config.dataset,
+      class_weight=class_weight,
+      warmup_steps=seg.warmup_steps,
+      tta=seg.tta,
+      **scalars,
+      **windows,
     )
+
+  @property
+  def tta_ratios(self) -> tuple[float, ...] | None:
+    """The resize ratios of the evaluation views: TTA_RATIOS with TTA, else None (one view)."""
+    return TTA_RATIOS if self.tta else None
 
   def model_config(self, num_classes: int) -> upernet.UperNetConfig:
     return dataclasses.replace(self.segmenter, num_classes=num_classes)
@@ -206,17 +226,38 @@ class SegmentationTask:
     del rest, num_classes  # The BatchNorm statistics travel in the train state.
     return make_train_step(graphdef, tx, schedule, aux_weight=self.aux_weight, class_weight=self.class_weight, **common)
 
-  def eval_sums(self, graphdef, rest, num_classes: int, transform: device.DeviceTransform):
+  def evaluation(self, config, graphdef, rest, num_classes: int, transform: device.DeviceTransform, mesh, **options):
+    """`totals(params, model_state)`: mmseg's evaluation of the split (`evaluate_split`), each
+    process scoring its own share image by image, the areas summed over the processes once.
+
+    options: split (default config.eval_split) and image_size, which must be None or
+    config.image_size (a label map is evaluated at config.seg_aug.eval_scale).
+    """
     del rest  # The statistics are the train state's model_state.
+    image_size = options.pop("image_size", None)
+    if image_size is not None and image_size != config.image_size:
+      raise checks.SettingError(
+        "eval_image_size", image_size, "is for classification; a label map is evaluated at config.seg_aug.eval_scale"
+      )
+    process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    dataset = pipeline.create_segmentation_eval_dataset(config, ratios=self.tta_ratios, **process, **options)
+    local_mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("batch",))
+    window_fn = model_window_fn(graphdef, transform)
+    max_batch = max(config.eval_batch_size // jax.process_count(), 1)
 
-    def sums(params, model_state, batch):
-      """`intersect_and_union` of the global batch: the areas of the evaluation logits."""
-      model = nnx.merge(graphdef, params, model_state)
-      images = transform(batch["image"])
-      logits = predict_logits(model, images, crop_size=self.eval_crop, stride=self.eval_stride)
-      return intersect_and_union(jnp.argmax(logits, axis=-1), batch["label"], num_classes, mask=batch["mask"])
+    def totals(params, model_state) -> dict:
+      state = local_replica({"params": params, "model_state": model_state}, mesh, local_mesh)
+      segmenter = ImageSegmenter(
+        functools.partial(window_fn, state["params"], state["model_state"]),
+        num_classes,
+        crop_size=self.eval_crop,
+        stride=self.eval_stride,
+        tta=self.tta,
+        mesh=local_mesh,
+      )
+      return sum_over_processes(evaluate_split(segmenter, dataset.as_numpy_iterator(), max_batch=max_batch))
 
-    return sums
+    return totals
 
   def reduce(self, totals: dict) -> tuple[dict, dict]:
     """{miou, macc, aacc} and {iou: {class name: IoU}} (NaN for a class absent from labels and
@@ -300,22 +341,169 @@ def make_train_step(
   return steps.jit_train_step(train_step, donate, state_shardings, batch_sharding)
 
 
-def predict_logits(
-  model: upernet.UperNet,
-  images: jax.Array,
-  *,
-  crop_size: tuple[int, int] | None = None,
-  stride: tuple[int, int] | None = None,
-) -> jax.Array:
-  """Evaluation logits (batch, H, W, num_classes) float32 at the images' resolution: sliding
-  windows of `crop_size` every `stride` (mmseg's "slide" mode) or, with crop_size None, the whole
-  image at once ("whole" mode)."""
-  whole = lambda x: upernet.segment_logits(model, x)
-  if crop_size is None:
-    return whole(images)
-  return upernet.slide_inference(
-    whole, images, crop_size=crop_size, stride=stride or crop_size, num_classes=model.config.num_classes
-  )
+def model_window_fn(graphdef, transform: device.DeviceTransform) -> Callable:
+  """`window_fn(*state, windows)`, jitted: uint8 windows (n, h, w, 3) -> logits (n, h, w,
+  num_classes) float32 of the model `nnx.merge(graphdef, *state)` (`upernet.segment_logits`: the
+  coarse logits resized to each window's full size). It compiles once per window shape."""
+
+  def window_fn(*args):
+    *state, windows = args
+    return upernet.segment_logits(nnx.merge(graphdef, *state), transform(windows))
+
+  return jax.jit(window_fn)
+
+
+def local_replica(tree, mesh: jax.sharding.Mesh, local_mesh: jax.sharding.Mesh):
+  """`tree` (arrays sharded over `mesh`, e.g. FSDP parameters) whole on every device of
+  `local_mesh` (this process's devices): one all-gather that every process runs, after which each
+  process evaluates its images alone, with no collective per image."""
+  replicated = jax.jit(lambda x: x, out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))(tree)
+  local = jax.tree.map(lambda x: x.addressable_data(0), replicated)
+  return jax.device_put(local, jax.sharding.NamedSharding(local_mesh, jax.P()))
+
+
+@functools.partial(jax.jit, static_argnames=("count", "size", "window", "starts", "original", "flip", "softmax"))
+def _view_scores(window_logits, *, count, size, window, starts, original, flip, softmax):
+  """One view's scores at the original size (mmseg's slide merge + `postprocess_result`)."""
+  logits = upernet.merge_windows(window_logits[:count], size, window, list(starts))
+  if flip:
+    # Back to the image's orientation before resizing, as mmseg. A gather, not `[:, :, ::-1]`:
+    # XLA's CPU simplifier aborts on that reverse here ("Invalid binary instruction opcode map").
+    logits = jnp.take(logits, np.arange(size[1] - 1, -1, -1), axis=2)
+  logits = upernet.resize_bilinear(logits, original)
+  return jax.nn.softmax(logits, axis=-1) if softmax else logits
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes",))
+def _areas(scores, labels, num_classes):
+  return intersect_and_union(jnp.argmax(scores, axis=-1), labels, num_classes)
+
+
+class ImageSegmenter:
+  """mmseg's inference of whole images at any size (EncoderDecoder.slide_inference or whole mode,
+  then `postprocess_result`), and with `tta` its SegTTAModel.
+
+  window_fn: uint8 windows (n, h, w, 3) on the device -> float32 logits (n, h, w, num_classes)
+  at the windows' own size (`model_window_fn`, or any function: tests pass stubs). It compiles
+  per window shape: in slide mode every window of an image whose sides reach the crop is the
+  crop, so ADE20K's images share one shape; merging the windows and resizing to the original
+  size compile once per (view size, original size), without the model. Windows are cut on the
+  host (numpy slices) and, with `mesh` (this process's devices, axis "batch"), split over its
+  devices (padded with blank windows to a multiple of them: in evaluation each window is
+  computed alone, BatchNorm included, so padding changes nothing).
+  """
+
+  def __init__(
+    self,
+    window_fn: Callable[[jax.Array], jax.Array],
+    num_classes: int,
+    *,
+    crop_size: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    tta: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+  ):
+    self.window_fn, self.num_classes = window_fn, num_classes
+    self.crop_size, self.stride, self.tta = crop_size, stride, tta
+    self.devices = 1 if mesh is None else mesh.size
+    self.sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.P("batch"))
+    self.replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.P())
+
+  def scores(self, views: Sequence[np.ndarray], original: tuple[int, int]) -> jax.Array:
+    """Per-pixel scores (batch, *original, num_classes) float32 of a batch of images of one size.
+
+    views: uint8 (batch, h_v, w_v, 3) each, the images resized (one view, or one per TTA ratio).
+    Without TTA: the logits of the one view (windows averaged), resized bilinearly
+    (align_corners=False) to `original`. With TTA: every view and its horizontal flip, each one's
+    logits flipped back, resized to `original` and softmaxed, averaged (SegTTAModel.merge_preds;
+    views in its order, ratio outer and flip inner). argmax gives the prediction either way.
+    """
+    total, parts = None, 0
+    for view in views:
+      size = tuple(view.shape[1:3])
+      window, starts = upernet.window_boxes(size, self.crop_size, self.stride)
+      for flip in (False, True) if self.tta else (False,):
+        windows = upernet.cut_windows(view[:, :, ::-1] if flip else view, window, starts)
+        count = windows.shape[0]
+        padding = -count % self.devices
+        if padding:
+          windows = np.concatenate([windows, np.zeros((padding, *windows.shape[1:]), windows.dtype)])
+        logits = self.window_fn(jax.device_put(np.ascontiguousarray(windows), self.sharding))
+        part = _view_scores(
+          logits,
+          count=count,
+          size=size,
+          window=window,
+          starts=tuple(starts),
+          original=tuple(original),
+          flip=flip,
+          softmax=self.tta,
+        )
+        total, parts = (part if total is None else total + part), parts + 1
+    return total / parts if self.tta else total
+
+  def areas(self, scores: jax.Array, labels: np.ndarray) -> dict[str, jax.Array]:
+    """`intersect_and_union` of argmax(scores) against uint8 labels (batch, *original) (255 ignored)."""
+    return _areas(scores, jax.device_put(labels, self.replicated), self.num_classes)
+
+
+def evaluate_split(segmenter: ImageSegmenter, examples: Iterable[dict], *, max_batch: int = 1) -> dict:
+  """The areas of `examples` (create_segmentation_eval_dataset's elements), summed on the host.
+
+  Each real (mask 1) example is scored at its original label size; consecutive examples whose
+  views and labels have the same shapes go through together, up to `max_batch` (the embedded
+  digits_seg set: all 400 at once), which computes the same areas as one at a time. Returns
+  {area_*: (num_classes,) int64, num_examples: int64}.
+  """
+  totals = {name: np.zeros(segmenter.num_classes, np.int64) for name in AREAS}
+  pending, group, group_key = [], [], None
+  num_examples = 0
+
+  def collect(limit: int):
+    # Fetched in arrears, so the device keeps working while the host reads the next images.
+    while len(pending) > limit:
+      for name, value in jax.device_get(pending.pop(0)).items():
+        totals[name] += np.asarray(value, np.int64)
+
+  def flush():
+    views = [np.stack([example["views"][v] for example in group]) for v in range(len(group[0]["views"]))]
+    labels = np.stack([example["label"] for example in group])
+    pending.append(segmenter.areas(segmenter.scores(views, labels.shape[1:3]), labels))
+    collect(8)
+
+  for example in examples:
+    if not example["mask"]:
+      continue  # An undecodable image: counted nowhere.
+    key = (tuple(view.shape for view in example["views"]), example["label"].shape)
+    if group and (key != group_key or len(group) == max_batch):
+      flush()
+      group = []
+    group.append(example)
+    group_key = key
+    num_examples += 1
+  if group:
+    flush()
+  collect(0)
+  return {**totals, "num_examples": np.int64(num_examples)}
+
+
+def sum_over_processes(totals: dict) -> dict:
+  """`totals` (int64 numpy arrays of this process) summed over every process, once per evaluation.
+
+  JAX runs with 32-bit integers here, so each int64 travels as two int32 halves (bits 24 and up,
+  and the low 24 bits) and is put back together on the host: exact below 2**55.
+  """
+  if jax.process_count() == 1:
+    return totals
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  halves = {name: (np.asarray(value) >> 24, np.asarray(value) & (2**24 - 1)) for name, value in totals.items()}
+  halves = {name: (high.astype(np.int32), low.astype(np.int32)) for name, (high, low) in halves.items()}
+  gathered = multihost_utils.process_allgather(halves)
+  return {
+    name: (np.sum(np.asarray(high, np.int64), axis=0) << 24) + np.sum(np.asarray(low, np.int64), axis=0)
+    for name, (high, low) in gathered.items()
+  }
 
 
 def intersect_and_union(
@@ -415,45 +603,27 @@ def colorize(labels: np.ndarray, num_classes: int, *, ignore_index: int = IGNORE
   return image
 
 
-class Segmenter:
-  """Label maps of a UperNet for single uint8 images, as evaluation computes them: one compilation
-  for the padded evaluation canvas, and one small one per original image size."""
-
-  def __init__(self, model, transform: device.DeviceTransform, crop_size=None, stride=None):
-    self.graphdef, self.state = nnx.split(model)
-
-    def logits(state, image):
-      model = nnx.merge(self.graphdef, state)
-      return predict_logits(model, transform(image[None]), crop_size=crop_size, stride=stride)[0]
-
-    def labels(logits, size):
-      return jnp.argmax(upernet.resize_bilinear(logits[None], size)[0], axis=-1)
-
-    self.logits = jax.jit(logits)
-    self.labels = jax.jit(labels, static_argnums=1)
-
-  def __call__(self, canvas: np.ndarray, resized: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """canvas: uint8 (H, W, 3) padded evaluation input whose top-left `resized` (height, width) is
-    the image; returns int32 (size) class indices at the original `size` (height, width)."""
-    logits = self.logits(self.state, canvas)[: resized[0], : resized[1]]
-    return np.asarray(self.labels(logits, tuple(size)))
-
-
 def segment_images(saved, paths: list[str], output_dir: str) -> int:
-  """Writes OUTPUT_DIR/<name>.png, the colour-coded label map of each image; returns the exit code."""
+  """Writes OUTPUT_DIR/<name>.png, the colour-coded label map of each image at its own size, as
+  evaluation predicts it (the run's eval_scale, windows and TTA); returns the exit code."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only for reading images)
 
   from shufflemamba_jax.data import segment_augment  # pylint: disable=g-import-not-at-top
 
   run_config = saved.run_config
-  seg_aug = {k: tuple(v) if isinstance(v, list) else v for k, v in run_config.get("seg_aug", {}).items()}
+  # Only the fields that exist today: a run saved before seg_aug.eval_canvas was removed names it.
+  known = {field.name for field in dataclasses.fields(segment_augment.SegmentationAugmentation)}
+  seg_aug = {k: tuple(v) if isinstance(v, list) else v for k, v in run_config.get("seg_aug", {}).items() if k in known}
   settings = segment_augment.SegmentationAugmentation(**seg_aug)
   seg = run_config.get("seg", {})
-  windows = [tuple(seg[name]) if seg.get(name) else None for name in ("eval_crop", "eval_stride")]
-  transform = device.DeviceTransform.of_run(run_config)
+  crop_size, stride = [tuple(seg[name]) if seg.get(name) else None for name in ("eval_crop", "eval_stride")]
+  tta = bool(seg.get("tta", False))
   model = saved.model()
-  segmenter = Segmenter(model, transform, *windows)
+  graphdef, state = nnx.split(model)
+  window_fn = functools.partial(model_window_fn(graphdef, device.DeviceTransform.of_run(run_config)), state)
   num_classes = model.config.num_classes
+  segmenter = ImageSegmenter(window_fn, num_classes, crop_size=crop_size, stride=stride, tta=tta)
+  ratios = TTA_RATIOS if tta else None
   output = epath.Path(output_dir)
   output.mkdir(parents=True, exist_ok=True)
   unreadable = []
@@ -464,11 +634,8 @@ def segment_images(saved, paths: list[str], output_dir: str) -> int:
       unreadable.append(path)
       continue
     size = tuple(int(side) for side in image.shape[:2])
-    # A blank label map marks where the resized image lies on the padded canvas.
-    canvas, mask = segment_augment.eval_pair(image, tf.zeros(size, tf.uint8), settings)
-    mask = mask.numpy() != IGNORE_INDEX
-    resized = (int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum()))
-    labels = segmenter(canvas.numpy(), resized, size)
+    views = [view.numpy()[None] for view in segment_augment.eval_views(image, settings.eval_scale, ratios)]
+    labels = np.asarray(jnp.argmax(segmenter.scores(views, size), axis=-1))[0]
     target = output / (epath.Path(path).stem + ".png")
     target.write_bytes(tf.io.encode_png(colorize(labels, num_classes)).numpy())
     print(f"{path} -> {target}")
