@@ -4,11 +4,16 @@ The embedded default for semantic segmentation, as `digits` is for classificatio
 CANVAS x CANVAS image holds 1 or 2 digits (as many as drawn), each upscaled SCALE times
 (nearest), at random positions where they do not overlap (drawn together, so a second digit is
 not crowded out by where the first one landed). At SCALE 2 a digit is 16x16 pixels, the size
-the `digits` classifier reads. A pixel of a digit's stroke (gray level at least
-STROKE_LEVEL of 16) is labelled with that digit's class (0-9), every other pixel with
-BACKGROUND (10). Training canvases use only the digits of `digits`' training split, validation
-canvases only its validation digits, and everything is drawn from fixed seeds, so every machine
-builds the same dataset. Importing this module registers the builder.
+the `digits` classifier reads. A digit's region, its strokes (gray level at least STROKE_LEVEL
+of 16) grown by one source pixel in every direction (3x3 dilation on the 8x8 digit, so 2 canvas
+pixels), is labelled with that digit's class (0-9), every other pixel with BACKGROUND (10).
+Version 2's bare strokes, 1-2 canvas pixels wide, could not be resolved by the reference
+segmenter, whose logits are at the patch grid (4x4 patches here): even class proportions that
+are exact per patch, resized bilinearly, score 70.8% validation mIoU on them, and 90.2% on the
+grown regions (the ceiling computed from the labels alone). Training canvases use only the
+digits of `digits`' training split, validation canvases only its validation digits, and
+everything is drawn from fixed seeds, so every machine builds the same dataset. Importing this
+module registers the builder.
 """
 
 import numpy as np
@@ -41,9 +46,16 @@ def canvas(rng: np.random.Generator, gray: np.ndarray, labels: np.ndarray, pool:
     index = int(rng.choice(pool))
     digit = np.kron(gray[index], np.ones((SCALE, SCALE), gray.dtype))
     image[top : top + size, left : left + size] = np.round(digit * (255.0 / 16.0)).astype(np.uint8)
-    stroke = digit >= STROKE_LEVEL
-    label[top : top + size, left : left + size][stroke] = labels[index]
+    region = np.kron(grow(gray[index] >= STROKE_LEVEL), np.ones((SCALE, SCALE), bool))
+    label[top : top + size, left : left + size][region] = labels[index]
   return np.repeat(image[..., None], 3, axis=-1), label
+
+
+def grow(mask: np.ndarray) -> np.ndarray:
+  """A boolean (h, w) mask grown by one pixel in all 8 directions (3x3 binary dilation)."""
+  padded = np.pad(mask, 1)
+  h, w = mask.shape
+  return np.any([padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], axis=0)
 
 
 def place(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
@@ -74,17 +86,19 @@ def load_gray_digits():
 class DigitsSeg(tfds.core.GeneratorBasedBuilder):
   """Canvases of 1-2 upscaled scikit-learn digits with per-pixel labels (train 2000, validation 400)."""
 
-  VERSION = tfds.core.Version("2.0.0")
+  VERSION = tfds.core.Version("3.0.0")
   RELEASE_NOTES = {
     "1.0.0": "64x64 canvases, 1-3 digits at 3x, 11 classes (10 = background).",
     "2.0.0": "32x32 canvases of 1-2 digits at 2x (the classifier's digit size), placed together.",
+    "3.0.0": "Each digit's label is its strokes grown by one source pixel (resolvable at 1/4 of the canvas).",
   }
 
   def _info(self):
     return self.dataset_info_from_configs(
       description=(
         "Semantic segmentation on scikit-learn's bundled 8x8 handwritten digits: 32x32 canvases of "
-        "1-2 non-overlapping 16x16 digits; stroke pixels labelled 0-9, background 10."
+        "1-2 non-overlapping 16x16 digits; each digit's strokes grown by one source pixel labelled 0-9, "
+        "background 10."
       ),
       features=tfds.features.FeaturesDict(
         {
