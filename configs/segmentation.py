@@ -59,8 +59,10 @@ def get_config():
   # clamped to the image (a side under the crop gives a smaller window), overlaps averaged;
   # eval_crop None = the whole image in one pass. Logits are then resized to the original size
   # and scored against the original label map.
-  config.seg.eval_crop = (512, 512)
-  config.seg.eval_stride = (341, 341)
+  # Typed references, so that a config setting None (whole mode) still takes a pair on the
+  # command line (--config.seg.eval_crop="(32, 32)").
+  config.seg.eval_crop = config_dict.FieldReference((512, 512), field_type=tuple)
+  config.seg.eval_stride = config_dict.FieldReference((341, 341), field_type=tuple)
   # Test-time augmentation (mmseg's tta_pipeline + SegTTAModel): True = the original image resized
   # by each ratio 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 (of its own size, keeping the ratio), each with
   # and without a horizontal flip; the 12 softmaxes, flipped back and resized to the original

@@ -40,11 +40,42 @@ def config_with(path, data_dir, overrides):
   return config
 
 
-def main_command(workdir, data_dir, overrides, *flags):
-  """The command line of a digits run with `--config.name=value` overrides."""
-  command = [sys.executable, "-m", "shufflemamba_jax.main", f"--config={DIGITS_CONFIG}", f"--workdir={workdir}"]
+def main_command(workdir, data_dir, overrides, *flags, config=DIGITS_CONFIG):
+  """The command line of a run of `config` (the digits one by default) with `--config.name=value`
+  overrides."""
+  command = [sys.executable, "-m", "shufflemamba_jax.main", f"--config={config}", f"--workdir={workdir}"]
   command += [f"--config.data_dir={data_dir}", *flags]
   return command + [f"--config.{name}={value}" for name, value in overrides.items()]
+
+
+def run_two_processes(workdir, data_dir, overrides, *flags, config=DIGITS_CONFIG, dataset="digits"):
+  """The command line as 2 processes x 4 CPU devices on 127.0.0.1, joined by jax.distributed."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  from shufflemamba_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  # Prepared once beforehand, as for any multi-host run: two processes must not both build it.
+  pipeline.get_dataset_info(dataset, data_dir)
+  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
+  coordinator = (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2")
+  workers = [
+    subprocess.Popen(
+      main_command(workdir, data_dir, overrides, *coordinator, f"--process_id={rank}", *flags, config=config),
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for rank in range(2)
+  ]
+  outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output[-4000:]
 
 
 def without_timings(records):

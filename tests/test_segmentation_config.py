@@ -113,3 +113,11 @@ def test_classification_rejects_segmentation_metrics():
   config = _parse("digits.py", "--config.best_metric=eval_miou")
   with pytest.raises(SettingError, match=r"config\.best_metric"):
     trainer.Settings.from_config(config)
+
+
+def test_whole_mode_configs_take_windows_on_the_command_line():
+  """digits_seg evaluates whole canvases (eval_crop None); the field still takes a pair."""
+  assert _parse("digits_seg.py").seg.eval_crop is None
+  config = _parse("digits_seg.py", "--config.seg.eval_crop=(32, 32)", "--config.seg.eval_stride=(16, 16)")
+  settings = trainer.Settings.from_config(config)
+  assert (settings.task.eval_crop, settings.task.eval_stride) == ((32, 32), (16, 16))

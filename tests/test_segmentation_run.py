@@ -19,7 +19,7 @@ from shufflemamba_jax.training import trainer
 from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 from shufflemamba_jax.weights import params as params_lib
 
-from digits_runs import ROOT, config_with, stop_with_sigterm_after_first_metrics, without_timings
+from digits_runs import ROOT, config_with, run_two_processes, stop_with_sigterm_after_first_metrics, without_timings
 
 pytest.importorskip("tensorflow_datasets")
 
@@ -149,3 +149,31 @@ def test_a_converted_official_segmenter_evaluates_and_predicts(tmp_path, digits_
   out = tmp_path / "labels"
   assert predict.main(["--checkpoint", workdir, "--output-dir", str(out), str(image)]) == 0
   assert tf.io.decode_png(tf.io.read_file(str(out / "canvas.png"))).shape == (40, 56, 3)
+
+
+@pytest.mark.slow  # Two command-line processes and one in-process evaluation: about a minute on 2 cores.
+def test_two_processes_evaluate_a_segmenter_like_one_process(tmp_path, digits_seg_data_dir):
+  """--mode=evaluate on 2 processes x 4 devices, sliding windows: each process scores its share
+  of the split image by image and the per-class areas are summed over the processes once, so the
+  metrics equal one process with 8 devices exactly; process 0 alone writes the record."""
+  overrides = {**SLIDING_WINDOWS, "mesh.data": 8, "eval_batch_size": 64}
+  config = seg_config(digits_seg_data_dir, **overrides)
+  segmenter_config = trainer.Settings.from_config(config).task.model_config(digits_seg.NUM_CLASSES)
+  model = upernet.create_segmenter(segmenter_config, rngs=nnx.Rngs(5))
+  state = {
+    "params": params_lib.param_tree(model),
+    "model_state": nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))),
+  }
+  workdir = tmp_path / "run"
+  with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(str(workdir)), async_save=False) as saver:
+    saver.save(0, jax.tree.map(np.asarray, state), model=segmenter_config, force=True)
+  (workdir / metrics_lib.METRICS_FILE).touch()  # A training workdir: evaluate mode appends its record.
+  expected = trainer.evaluate(config, str(workdir))
+  assert expected["num_examples"] == 400
+  run_two_processes(
+    str(workdir), digits_seg_data_dir, {**RUN, **overrides}, "--mode=evaluate", config=CONFIG, dataset="digits_seg"
+  )
+  records = metrics_lib.read_metrics(str(workdir))
+  assert len(records) == 2  # One per evaluation: in-process, then the two processes' one.
+  for name in ("eval_miou", "eval_macc", "eval_aacc", "num_examples"):
+    assert records[1][name] == expected[name], name

@@ -15,7 +15,14 @@ from shufflemamba_jax.training import metrics as metrics_lib
 from shufflemamba_jax.training import trainer
 from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 
-from digits_runs import ROOT, SHORT, main_command, stop_with_sigterm_after_first_metrics, without_timings
+from digits_runs import (
+  ROOT,
+  SHORT,
+  main_command,
+  run_two_processes,
+  stop_with_sigterm_after_first_metrics,
+  without_timings,
+)
 from digits_runs import digits_config as _digits_config
 
 
@@ -234,35 +241,6 @@ def test_meshes_give_the_losses_of_one_device(tmp_path, data_dir, data, fsdp, si
   else:
     workdir = _five_step_run(str(tmp_path / f"mesh_{data}x{fsdp}"), data_dir, data, fsdp)
   np.testing.assert_allclose(_losses(workdir), single_device_losses, rtol=2e-4, atol=2e-5)
-
-
-def run_two_processes(workdir, data_dir, overrides, *flags):
-  """The command line as 2 processes x 4 CPU devices on 127.0.0.1, joined by jax.distributed."""
-  import socket
-
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-  # Prepared once beforehand, as for any multi-host run: two processes must not both build it.
-  from shufflemamba_jax.data import pipeline
-
-  pipeline.get_dataset_info("digits", data_dir)
-  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
-  coordinator = (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2")
-  workers = [
-    subprocess.Popen(
-      main_command(workdir, data_dir, overrides, *coordinator, f"--process_id={rank}", *flags),
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for rank in range(2)
-  ]
-  outputs = [worker.communicate(timeout=600)[0] for worker in workers]
-  for worker, output in zip(workers, outputs):
-    assert worker.returncode == 0, output[-4000:]
 
 
 @pytest.mark.slow
