@@ -24,6 +24,10 @@ os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {F
 if OPT_LEVEL == "default":  # Also strips the flag that a parent test session's environment passed down.
   os.environ["XLA_FLAGS"] = " ".join(flag for flag in os.environ["XLA_FLAGS"].split() if flag != FAST_COMPILE)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The tests run on the CPU. With requirements-compile.txt installed, JAX would otherwise also start
+# the TPU and CUDA backends of libtpu and the CUDA plugin (and log their failure on a CPU host);
+# compiling for those chips needs only their topologies (shufflemamba_jax.parallel.targets).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="shufflemamba_jax_test_cache_")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
