@@ -10,6 +10,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from shufflemamba_jax.data import IMAGENET_MEAN, IMAGENET_STD
+from shufflemamba_jax.parallel.sharding import CHIPS
 
 
 def get_config():
@@ -111,6 +112,11 @@ def get_config():
   config.eps = 1e-8
   config.grad_clip = config_dict.placeholder(float)  # Global-norm clipping; None = off.
   config.grad_accum_steps = 1  # Micro-batches per optimizer step (inside one jitted step).
+  # The most examples one device of each chip computes at once (None: its whole share of the batch).
+  # On a chip whose share is larger, the step accumulates gradients over more micro-batches than
+  # grad_accum_steps, so that a recipe runs unchanged on chips with less memory
+  # (`python -m shufflemamba_jax.compile` checks a run against a chip; BENCHMARKS.md).
+  config.max_device_batch = ml_collections.ConfigDict({chip: config_dict.placeholder(int) for chip in CHIPS})
   config.ema_decay = 0.0  # EMA of the parameters, updated every step; 0 = off.
 
   # ---- Devices (shufflemamba_jax.parallel.sharding) -------------------------------------------

@@ -78,6 +78,31 @@ def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = 2**16) -> A
   return jax.tree.map(one, abstract_state)
 
 
+# Short names of the chips by the device_kind JAX reports (fields of config.max_device_batch).
+_TPU_CHIPS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v6 lite": "v6e"}
+CHIPS = ("v4", "v5e", "v5p", "v6e", "a100", "h100", "h200")
+
+
+def chip_name(device_kind: str) -> str | None:
+  """The short name (one of CHIPS) of a device kind, e.g. "TPU v5 lite" -> "v5e", "NVIDIA H100 80GB
+  HBM3" -> "h100"; None for any other device (the CPU)."""
+  if device_kind in _TPU_CHIPS:
+    return _TPU_CHIPS[device_kind]
+  gpu = device_kind.lower().removeprefix("nvidia ").split("-")[0].split(" ")[0]
+  return gpu if gpu in CHIPS else None
+
+
+def micro_batches(global_batch: int, mesh: Mesh, max_device_batch: int | None, at_least: int = 1) -> int:
+  """The fewest micro-batches (>= `at_least`) that split `global_batch` evenly over the mesh's
+  batch shards with at most `max_device_batch` examples per device in each (None: no limit)."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  per_device = global_batch // shards
+  steps = max(at_least, 1 if max_device_batch is None else -(-per_device // max_device_batch))
+  while per_device % steps:
+    steps += 1
+  return steps
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of arrays whose leading axis is the global batch."""
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -150,6 +150,10 @@ def _require(platform: str) -> None:
   reason = missing(platform)
   if reason:
     raise TargetError(reason)
+  if platform == "tpu":
+    # libtpu locks /tmp/libtpu_lockfile for the process that drives the chips; compiling drives none,
+    # and may run beside a training run on a TPU VM or beside another compile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   if platform == "cuda":
     # The plugin checks the CUDA libraries of a GPU machine when JAX starts its backends; compiling
     # needs none of them, and no GPU is to be used even if one is present.

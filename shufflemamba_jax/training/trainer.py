@@ -116,8 +116,27 @@ def _evaluator(config, settings: Settings, graphdef, rest, num_classes: int, mes
   return Evaluator(task, task.evaluation(config, graphdef, rest, num_classes, transform, mesh, **dataset_options))
 
 
-def _mesh(config):
-  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+def for_devices(config, mesh):
+  """`config` with grad_accum_steps raised where the mesh's chip computes at most
+  config.max_device_batch examples at once (the same config when nothing changes)."""
+  chip = sharding.chip_name(mesh.devices.flat[0].device_kind)
+  limit = None if chip is None else config.max_device_batch[chip]
+  steps = sharding.micro_batches(config.batch_size, mesh, limit, at_least=config.grad_accum_steps)
+  if steps == config.grad_accum_steps:
+    return config
+  logging.info(
+    "config.max_device_batch.%s=%d: %d micro-batches per step (config.grad_accum_steps=%d).",
+    *(chip, limit, steps, config.grad_accum_steps),
+  )
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.grad_accum_steps = steps
+  return config
+
+
+def mesh_of(config, devices=None):
+  """The run's mesh (config.mesh) over `devices` (default: all), checked against the eval batch."""
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
   sharding.check_batch_divisible(config.eval_batch_size, mesh, "config.eval_batch_size")
   return mesh
 
@@ -131,15 +150,29 @@ def _raise_if_nonfinite(state, step: int):
     )
 
 
-def _restore_or_create(config, task: base.Task, model_config, tx, mesh, checkpointer):
-  """(graphdef, rest, the train state's shardings, the train state): the latest checkpoint's, or a
-  new one created already sharded (and warm-started from config.init_from)."""
+def initial_state_fn(config, task: base.Task, model_config, tx):
+  """(graphdef, rest, initial_state): the model's static parts and the function that creates the
+  train state at step 0 (`jax.eval_shape` of it is the state's shapes, without allocating it)."""
   graphdef, _, rest = steps.split_model(params_lib.abstract_model(model_config))
 
   def initial_state():
     _, params, model_state = steps.split_model(task.create_model(model_config, nnx.Rngs(config.seed)))
     return steps.init_train_state(params, tx, ema_decay=config.ema_decay, model_state=nnx.to_pure_dict(model_state))
 
+  return graphdef, rest, initial_state
+
+
+def train_step_of(config, settings: Settings, graphdef, rest, tx, schedule, num_classes: int, shardings, mesh):
+  """The run's jitted train step (`Task.make_train_step` with the run's options)."""
+  options = dict(num_classes=num_classes, seed=config.seed, input_transform=settings.input_transform)
+  options.update(ema_decay=config.ema_decay, state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh))
+  return settings.task.make_train_step(graphdef, rest, tx, schedule, **options)
+
+
+def _restore_or_create(config, task: base.Task, model_config, tx, mesh, checkpointer):
+  """(graphdef, rest, the train state's shardings, the train state): the latest checkpoint's, or a
+  new one created already sharded (and warm-started from config.init_from)."""
+  graphdef, rest, initial_state = initial_state_fn(config, task, model_config, tx)
   abstract_state = jax.eval_shape(initial_state)
   # Created, restored and updated already sharded: FSDP over the mesh, never whole on one device.
   shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
@@ -178,13 +211,15 @@ def _run_length(config, num_train: int) -> tuple[int, int]:
 
 def setup(config, workdir: str) -> Run:
   """Builds the run of `config` in `workdir`: the latest checkpoint there is resumed."""
+  Settings.from_config(config)
+  mesh = mesh_of(config)
+  sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
+  config = for_devices(config, mesh)
   settings = Settings.from_config(config)
   task, workdir = settings.task, epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   info = pipeline.get_dataset_info(config.dataset, config.data_dir)
   epoch_steps, total_steps = _run_length(config, info.num_examples(config.train_split))
-  mesh = _mesh(config)
-  sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
   task.check_data(info.num_classes, config.dataset)
   model_config = task.model_config(info.num_classes)
   tx, schedule = task.optimizer(
@@ -204,9 +239,7 @@ def setup(config, workdir: str) -> Run:
     *(config.model.variant, task.name, sum(x.size for x in jax.tree.leaves(state["params"]))),
     *(total_steps, epoch_steps, config.batch_size),
   )
-  options = dict(num_classes=info.num_classes, seed=config.seed, input_transform=settings.input_transform)
-  options.update(ema_decay=config.ema_decay, state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh))
-  train_step = task.make_train_step(graphdef, rest, tx, schedule, **options)
+  train_step = train_step_of(config, settings, graphdef, rest, tx, schedule, info.num_classes, shardings, mesh)
   evaluator = _evaluator(config, settings, graphdef, rest, info.num_classes, mesh)
   batches = _train_batches(config, int(jax.device_get(state["step"])), mesh)
   writer = metrics_lib.MetricWriter(workdir)
@@ -393,7 +426,7 @@ def evaluate(config, path: str, split: str | None = None, image_size: int | None
   """
   settings, split = Settings.from_config(config), split or config.eval_split
   image_size = int(image_size or config.image_size)
-  mesh = _mesh(config)
+  mesh = mesh_of(config)
   info = pipeline.get_dataset_info(config.dataset, config.data_dir)
   graphdef, abstract_params, rest = steps.split_model(
     params_lib.abstract_model(settings.task.model_config(info.num_classes))

@@ -20,6 +20,7 @@ from flax import nnx
 from shufflemamba_jax import checks
 from shufflemamba_jax.data import device, pipeline
 from shufflemamba_jax.models import variants, vim
+from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import optim, steps
 
 # Prefixes of the evaluation records of the parameters and of their EMA.
@@ -63,6 +64,15 @@ class Task(Protocol):
 
   def reduce(self, totals: dict) -> tuple[dict, dict]: ...  # (scalar metrics, per-class details) of a split.
 
+  def batch_shapes(self, config, global_batch: int, split: str) -> dict[str, jax.ShapeDtypeStruct]:
+    """One global batch of `split` ("train" | "eval") as the input pipeline gives it to the steps."""
+
+  def trace_evaluation(
+    self, config, graphdef, rest, num_classes: int, transform: device.DeviceTransform, mesh, params, model_state
+  ) -> jax.stages.Traced:
+    """The program `evaluation` runs on each batch, traced on abstract `params` and `model_state`
+    (ShapeDtypeStructs sharded over `mesh` as in the train state), for ahead-of-time compilation."""
+
   @staticmethod
   def predict(saved, paths: list[str], options) -> int: ...  # Writes predictions of `paths`; the exit code.
 
@@ -80,6 +90,18 @@ def batched_evaluation(sums: Callable, config, mesh, **options) -> Callable[[Any
     return steps.run_evaluation(eval_step, params, model_state, dataset.as_numpy_iterator(), mesh)
 
   return totals
+
+
+def trace_batched_evaluation(task: Task, sums: Callable, config, mesh, params, model_state) -> jax.stages.Traced:
+  """`batched_evaluation`'s step of `sums` traced on one abstract global batch of
+  config.eval_batch_size (the task's `batch_shapes`), sharded over the mesh's batch axes."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch = {
+    name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding)
+    for name, x in task.batch_shapes(config, config.eval_batch_size, "eval").items()
+  }
+  with jax.set_mesh(mesh):  # As `steps.run_evaluation` calls it.
+    return steps.make_eval_step(sums).trace(params, model_state, batch)
 
 
 def best_metrics(task: Task) -> tuple[str, ...]:

@@ -90,6 +90,21 @@ class ClassificationTask:
     """Batched sums of `eval_sums` over the split's global batches (`base.batched_evaluation`)."""
     return base.batched_evaluation(self.eval_sums(graphdef, rest, num_classes, transform), config, mesh, **options)
 
+  def batch_shapes(self, config, global_batch: int, split: str) -> dict[str, jax.ShapeDtypeStruct]:
+    """uint8 images (batch, size, size, 3) and int32 labels; evaluation adds a float32 mask."""
+    size = config.image_size
+    shapes = {
+      "image": jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.uint8),
+      "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32),
+    }
+    if split == "eval":
+      shapes["mask"] = jax.ShapeDtypeStruct((global_batch,), jnp.float32)
+    return shapes
+
+  def trace_evaluation(self, config, graphdef, rest, num_classes, transform, mesh, params, model_state):
+    sums = self.eval_sums(graphdef, rest, num_classes, transform)
+    return base.trace_batched_evaluation(self, sums, config, mesh, params, model_state)
+
   def eval_sums(self, graphdef, rest, num_classes: int, transform: device.DeviceTransform) -> Callable:
     """`sums(params, model_state, batch)`, traced under `jit` on a global batch."""
     del num_classes

@@ -259,6 +259,32 @@ class SegmentationTask:
 
     return totals
 
+  def batch_shapes(self, config, global_batch: int, split: str) -> dict[str, jax.ShapeDtypeStruct]:
+    """Training: uint8 crops (batch, crop, crop, 3) and uint8 label maps (batch, crop, crop).
+    Evaluation cuts windows of each image instead: `trace_evaluation`."""
+    if split != "train":
+      raise ValueError(f"a segmentation evaluation batch is a batch of windows (trace_evaluation), not {split!r}")
+    crop = config.seg_aug.crop_size
+    return {
+      "image": jax.ShapeDtypeStruct((global_batch, crop, crop, 3), jnp.uint8),
+      "label": jax.ShapeDtypeStruct((global_batch, crop, crop), jnp.uint8),
+    }
+
+  def trace_evaluation(self, config, graphdef, rest, num_classes, transform, mesh, params, model_state):
+    """The model on one window per device of the first process (`evaluation` scores each
+    process's images on its own devices, with the parameters replicated there): eval_crop
+    windows, or whole images of config.image_size a side in whole mode (they vary with the image)."""
+    del rest, num_classes
+    local = [device for device in mesh.devices.flat if device.process_index == mesh.devices.flat[0].process_index]
+    local_mesh = jax.sharding.Mesh(np.asarray(local), ("batch",))
+    replicated = jax.sharding.NamedSharding(local_mesh, jax.P())
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), (params, model_state))
+    height, width = self.eval_crop or (config.image_size, config.image_size)
+    windows = jax.ShapeDtypeStruct(
+      (len(local), height, width, 3), jnp.uint8, sharding=jax.sharding.NamedSharding(local_mesh, jax.P("batch"))
+    )
+    return model_window_fn(graphdef, transform).trace(*state, windows)
+
   def reduce(self, totals: dict) -> tuple[dict, dict]:
     """{miou, macc, aacc} and {iou: {class name: IoU}} (NaN for a class absent from labels and
     predictions)."""
