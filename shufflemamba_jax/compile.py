@@ -13,8 +13,9 @@ is needed. What a device needs is the compiler's memory analysis: arguments + te
 - aliased (donated) bytes, per device. The evaluation runs while the train state stays alive, so its
 figure adds the state's bytes (the parameters it reads are then counted twice: a bound).
 
-Prints the per-device memory of each step and the device's capacity (a TPU chip's HBM; a GPU's
-memory times JAX's preallocated fraction, 0.75 unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise).
+Prints the per-device memory of each step and the device's capacity (the HBM the TPU compiler lets a
+program use; a GPU's memory times JAX's preallocated fraction, 0.75 unless XLA_PYTHON_CLIENT_MEM_FRACTION
+says otherwise).
 `--json` prints one object: target, device_kind, num_devices, num_processes, per_device_bytes (the
 larger step's), device_memory_bytes, fits, compile_s, flops (the train step's, where the compiler
 counts them: TPU), and train / eval objects with each step's argument, temp, output, alias and

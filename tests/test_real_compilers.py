@@ -10,7 +10,6 @@ limits fail to compile, which shows that the compilers really run.
 """
 
 import contextlib
-import os
 import re
 
 import jax
@@ -26,11 +25,6 @@ from test_collectives import COLLECTIVE
 from shufflemamba_jax.models import variants, vim
 from shufflemamba_jax.models.ssm import selective_scan
 from shufflemamba_jax.parallel import sharding, targets
-
-# A compile for topology devices uses no TPU, so libtpu's lock file (one process per TPU) is not needed;
-# without this, a run here failed with "Internal error when accessing libtpu multi-process lockfile" while
-# another process loaded libtpu.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 KERNEL_CALL = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 

@@ -25,13 +25,14 @@ import re
 import jax
 from etils import epath
 
-# libtpu names of each TPU generation, its HBM per chip (Cloud TPU's system architecture pages) and
-# whether a chip is one megacore device (two TensorCores) rather than two devices.
+# libtpu's name of each TPU generation, the HBM its compiler lets one program use (what libtpu 0.0.42
+# reports when it refuses a program: "exceeds available HBM (15.75G)" on v5e, whose chip has 16 GiB)
+# and whether a chip is one megacore device (two TensorCores) rather than two devices.
 _TPU = {
-  "v4": ("v4", 32 * 2**30, True),
-  "v5e": ("v5e", 16 * 2**30, False),
-  "v5p": ("v5p", 95 * 2**30, True),
-  "v6e": ("v6e", 32 * 2**30, False),
+  "v4": ("v4", int(30.75 * 2**30), True),
+  "v5e": ("v5e", int(15.75 * 2**30), False),
+  "v5p": ("v5p", int(95.74 * 2**30), True),
+  "v6e": ("v6e", int(31.25 * 2**30), False),
 }
 _GPU_TARGETS = epath.Path(__file__).parent / "gpu_targets"
 # JAX's GPU client takes this fraction of the GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says
