@@ -8,8 +8,7 @@ interrupted run keeps what it measured.
 
   python benchmarks/compile_memory.py --out=/tmp/memory.jsonl
   python benchmarks/compile_memory.py --out=/tmp/memory.jsonl --table_only
-  python benchmarks/compile_memory.py --out=/tmp/memory.jsonl --max_batch --variants=shufflemamba_base \
-      --search_targets=v5e:1x1,h100
+  python benchmarks/compile_memory.py --out=/tmp/max_batch.jsonl --max_batch
 """
 
 from __future__ import annotations
@@ -70,9 +69,10 @@ def _append(path: pathlib.Path, record: dict) -> None:
   print(json.dumps(record), flush=True)
 
 
-def largest_batch(variant: str, target: str, out: pathlib.Path, step: int = 16, high: int = 1024) -> int:
-  """The largest per-chip batch (a multiple of `step`) whose training step fits one chip, by
-  bisection over compiles; the ShuffleMamba-B recipe with the variant swapped in, chunked scan."""
+def largest_batch(variant: str, target: str, out: pathlib.Path, low: int, high: int, step: int) -> int:
+  """The largest per-chip batch, a multiple of `step` in [low, high), whose training step fits one
+  chip, by bisection over compiles (the ShuffleMamba-B recipe with the variant swapped in, chunked
+  scan, no micro-batches); `low` is checked first, `high` assumed not to fit."""
 
   def fits(batch: int) -> bool:
     overrides = {
@@ -83,13 +83,16 @@ def largest_batch(variant: str, target: str, out: pathlib.Path, step: int = 16, 
       "model.slws.group_size": batch,
       "mesh.data": 1,
       "model.scan_method": "chunked",
+      "max_device_batch.v5e": None,
     }
     record = measure("shufflemamba_base", target, **overrides)
     record["search"] = variant
     _append(out, record)
     return record["fits"]
 
-  low, high = 0, high // step  # fits(low * step) (0 trivially), not fits(high * step) assumed.
+  if not fits(low):
+    raise ValueError(f"{variant} on {target}: the lower bound {low} does not fit")
+  low, high = low // step, high // step
   while high - low > 1:
     middle = (low + high) // 2
     if fits(middle * step):
@@ -131,15 +134,20 @@ def main(argv=None) -> None:
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--table_only", action="store_true", help="Print the table of --out and stop.")
   parser.add_argument("--max_batch", action="store_true", help="Search the largest per-chip batch instead.")
-  parser.add_argument("--variants", default="shufflemamba_base,shufflemamba_large")
-  parser.add_argument("--search_targets", default="v5e:1x1,h100")
+  parser.add_argument(
+    "--search",
+    default="shufflemamba_base:v5e:1x1:128:256:16;shufflemamba_base:h100:256:1024:32;"
+    "shufflemamba_large:v5e:1x1:16:128:8;shufflemamba_large:h100:64:512:16",
+    help="';'-separated variant:target:low:high:step (target may hold a colon).",
+  )
   args = parser.parse_args(argv)
   jax.config.update("jax_platforms", "cpu")
   out = pathlib.Path(args.out)
   if args.max_batch:
-    for variant in args.variants.split(","):
-      for target in args.search_targets.split(","):
-        print(f"largest per-chip batch {variant} {target}: {largest_batch(variant, target, out)}", flush=True)
+    for search in args.search.split(";"):
+      variant, *target, low, high, step = search.split(":")
+      batch = largest_batch(variant, ":".join(target), out, int(low), int(high), int(step))
+      print(f"largest per-chip batch {variant} {':'.join(target)}: {batch}", flush=True)
     return
   if not args.table_only:
     for recipe in args.recipes.split(";"):

@@ -134,8 +134,9 @@ def check(config, target_name: str, evaluate: bool = True) -> dict:
   num_classes = len(pipeline.class_names(config.dataset))  # Known without the data.
   task.check_data(num_classes, config.dataset)
   model_config = task.model_config(num_classes)
-  # The schedule's lengths change values, not the program: any positive lengths compile the same step.
-  tx, schedule = task.optimizer(settings.optimizer, batch_size=config.batch_size, epoch_steps=1, total_steps=1)
+  # The schedule's lengths change its values, not the program; the dataset's size is not needed.
+  lengths = dict(epoch_steps=1, total_steps=10**9)
+  tx, schedule = task.optimizer(settings.optimizer, batch_size=config.batch_size, **lengths)
   graphdef, rest, initial_state = trainer.initial_state_fn(config, task, model_config, tx)
   abstract_state = jax.eval_shape(initial_state)
   shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
@@ -214,7 +215,7 @@ def _table(record: dict) -> str:
     if step in record:
       m = record[step]
       values = [m[f"{part}_bytes"] / GIB for part in ("argument", "temp", "output", "alias", "per_device")]
-      lines.append(f"{step:<6} " + " ".join(f"{value:>10.2f}" for value in values))
+      lines.append(f"{step:<6} " + " ".join(f"{value:>10.3f}" for value in values))
   capacity = record["device_memory_bytes"] / GIB
   verdict = "fits" if record["fits"] else "does NOT fit"
   lines.append(f"device memory {capacity:.2f} GiB: {verdict}; compiled in {record['compile_s']} s")

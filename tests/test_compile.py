@@ -135,3 +135,13 @@ def test_max_device_batch_of_the_chip_sets_the_micro_batches():
   assert trainer.for_devices(config, trainer.mesh_of(config, devices=jax.devices()[:4])) is config
   record = compile_lib.check(config, "v5e:2x2", evaluate=False)
   assert record["grad_accum_steps"] == 4 and record["fits"]
+
+
+@TPU
+def test_a_segmentation_run_compiles_its_window_evaluation():
+  """digits_seg: the segmenter's train step (BatchNorm statistics in the state) and its
+  evaluation, the model on one window per device of the first host, parameters replicated there."""
+  config = config_files.get_config("configs/digits_seg.py")
+  record = compile_lib.check(config, "v5e:2x2")
+  assert record["fits"] and record["num_devices"] == 4
+  assert 0 < record["eval"]["argument_bytes"] and record["eval"]["per_device_bytes"] > record["train"]["state_bytes"]

@@ -155,6 +155,10 @@ def _require(platform: str) -> None:
     # libtpu locks /tmp/libtpu_lockfile for the process that drives the chips; compiling drives none,
     # and may run beside a training run on a TPU VM or beside another compile.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Off a TPU VM, libtpu would ask the cloud metadata server about this host and log an error
+    # for each missing answer; compiling for a topology needs neither.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   if platform == "cuda":
     # The plugin checks the CUDA libraries of a GPU machine when JAX starts its backends; compiling
     # needs none of them, and no GPU is to be used even if one is present.
