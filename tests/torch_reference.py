@@ -5,6 +5,10 @@ both the JAX model and the weight converter. It reads a state dict with the OFFI
 of SPEC section 5 and takes NCHW images, like the official models; everything else (width, depth,
 d_state, dt_rank, norm kind, registers, neck) is inferred from the tensor shapes. Evaluation mode
 only: no drop path, no shuffle, no dropout.
+
+`ms_deform_attn` and `ms_deform_attn_module` transcribe Deformable DETR's multi-scale deformable
+attention (`ms_deform_attn_core_pytorch`, level by level through `grid_sample`) and the forward of
+its `MSDeformAttn` module with ViT-Adapter's `ratio`, from the official PyTorch code's maths.
 """
 
 from __future__ import annotations
@@ -155,3 +159,58 @@ def segmentation_backbone(state_dict, images, out_indices, pos_grid, eps=1e-5):
     if i in out_indices:
       maps.append(hidden.transpose(1, 2).reshape(batch, width, rows, cols))
   return maps
+
+
+def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
+  """Multi-scale deformable attention by `grid_sample`, one level at a time.
+
+  value (N, S, M, D), levels stacked row-major; spatial_shapes [(H, W), ...]; sampling_locations
+  (N, Lq, M, L, P, 2) normalised (x, y); attention_weights (N, Lq, M, L, P). Returns (N, Lq, M*D).
+  """
+  batch, _, heads, depth = value.shape
+  _, queries, _, levels, points, _ = sampling_locations.shape
+  maps = torch.split(value, [h * w for h, w in spatial_shapes], dim=1)
+  samples = []
+  for level, (h, w) in enumerate(spatial_shapes):
+    # (N, H*W, M, D) -> (N*M, D, H, W): one image per batch element and head.
+    image = maps[level].permute(0, 2, 3, 1).reshape(batch * heads, depth, h, w)
+    # grid_sample's grid spans [-1, 1] between the outer pixel edges (align_corners=False).
+    grid = (2 * sampling_locations[:, :, :, level] - 1).transpose(1, 2).reshape(batch * heads, queries, points, 2)
+    sampled = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    samples.append(sampled.reshape(batch, heads, depth, queries, points))
+  samples = torch.stack(samples, dim=-2)  # (N, M, D, Lq, L, P)
+  out = torch.einsum("nmdqlp,nqmlp->nqmd", samples, attention_weights)
+  return out.reshape(batch, queries, heads * depth)
+
+
+def ms_deform_attn_module(
+  state_dict, query, reference_points, input_flatten, spatial_shapes, n_heads, n_points, input_padding_mask=None
+):
+  """The forward of the official `MSDeformAttn` (ViT-Adapter's, with `ratio`) in float64.
+
+  state_dict holds the official names (`value_proj.weight` (out, in), `value_proj.bias`, ... for
+  value_proj, sampling_offsets, attention_weights, output_proj); query (N, Lq, C);
+  reference_points (N, Lq, L, 2) normalised (x, y), or broadcastable to it; input_flatten (N, S, C);
+  input_padding_mask (N, S) bool, True at padding. Returns (N, Lq, C).
+  """
+  sd = {name: torch.as_tensor(v).double() for name, v in state_dict.items()}
+  query, input_flatten = torch.as_tensor(query).double(), torch.as_tensor(input_flatten).double()
+  reference_points = torch.as_tensor(reference_points).double()
+
+  def linear(name, x):
+    return x @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+
+  batch, queries, _ = query.shape
+  length = input_flatten.shape[1]
+  levels = len(spatial_shapes)
+  value = linear("value_proj", input_flatten)
+  if input_padding_mask is not None:
+    value = value.masked_fill(torch.as_tensor(input_padding_mask)[..., None], 0.0)
+  value = value.reshape(batch, length, n_heads, -1)
+  offsets = linear("sampling_offsets", query).reshape(batch, queries, n_heads, levels, n_points, 2)
+  logits = linear("attention_weights", query).reshape(batch, queries, n_heads, levels * n_points)
+  weights = torch.softmax(logits, dim=-1).reshape(batch, queries, n_heads, levels, n_points)
+  # An offset of one is one pixel of its level: divided by (W_l, H_l).
+  normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float64)
+  locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+  return linear("output_proj", ms_deform_attn(value, spatial_shapes, locations, weights))
