@@ -36,15 +36,23 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Training config file, optionally with an argument: configs/imagenet.py:vim_tiny.", lock_config=True
-)
-_TARGET = flags.DEFINE_string(
-  "target", None, "Machine to compile for: v5e:2x4, v5p:2x2x2, v4:2x2x4, v6e:4x4, h100, h100:8, a100:8, ..."
-)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
-_EVAL = flags.DEFINE_bool("eval", True, "Also compile the evaluation step.")
 
+def _define_flags() -> dict:
+  """The command line's flags, defined when it runs: `check` is also imported beside
+  `shufflemamba_jax.main` (the tests), whose --config flag has the same name."""
+  return {
+    "config": config_flags.DEFINE_config_file(
+      "config", None, "Training config file, with its argument if any: configs/imagenet.py:vim_tiny.", lock_config=True
+    ),
+    "target": flags.DEFINE_string(
+      "target", None, "Machine to compile for: v5e:2x4, v5p:2x2x2, v4:2x2x4, v6e:4x4, h100, h100:8, a100:8, ..."
+    ),
+    "json": flags.DEFINE_bool("json", False, "Print one JSON object instead of the table."),
+    "eval": flags.DEFINE_bool("eval", True, "Also compile the evaluation step."),
+  }
+
+
+_FLAGS: dict = {}
 EXIT_DOES_NOT_FIT = 3
 EXIT_NO_COMPILER = 2
 GIB = 2**30
@@ -227,8 +235,8 @@ def _table(record: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  if config is None or not _TARGET.value:
+  config, target = _FLAGS["config"].value, _FLAGS["target"].value
+  if config is None or not target:
     raise app.UsageError("--config and --target are required, e.g. --config=configs/imagenet.py --target=v5e:2x4.")
 
   # Nothing runs here: the host's own backend is the CPU, whatever accelerators it has.
@@ -238,7 +246,7 @@ def main(argv):
 
   record = None
   try:
-    record = check(config, _TARGET.value, evaluate=_EVAL.value)
+    record = check(config, target, evaluate=_FLAGS["eval"].value)
   except SettingError as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
@@ -248,12 +256,12 @@ def main(argv):
   except DoesNotFit as refusal:
     needed = "more than is available" if refusal.needed is None else f"{refusal.needed / GIB:.2f} GiB"
     print(
-      f"error: the {refusal.step} step does not fit {_TARGET.value}: it needs {needed} of temporaries per device, "
+      f"error: the {refusal.step} step does not fit {target}: it needs {needed} of temporaries per device, "
       f"{refusal.available / GIB:.2f} GiB available. Lower it with {advice(config, refusal.num_devices)}.",
       file=sys.stderr,
     )
     return EXIT_DOES_NOT_FIT
-  print(json.dumps(record) if _JSON.value else _table(record))
+  print(json.dumps(record) if _FLAGS["json"].value else _table(record))
   if not record["fits"]:
     print(
       f"error: {record['target']} needs {record['per_device_bytes'] / GIB:.2f} GiB per device, "
@@ -266,7 +274,8 @@ def main(argv):
 
 
 def run():
-  sys.exit(app.run(lambda argv: sys.exit(main(argv))))
+  _FLAGS.update(_define_flags())
+  app.run(lambda argv: sys.exit(main(argv)))
 
 
 if __name__ == "__main__":
