@@ -73,10 +73,11 @@ def get_config(arg: str | None = None):
     config.model.slws.group_size = 256  # The reference per-GPU batch: same shuffle distribution.
     config.aug.mixup_group_size = 256  # And the same mixup (8 GPUs x 256).
     config.ema_decay = 0.9999
-    # A v5e chip (15.75 GiB for a program) cannot hold 256 images of -B with the chunked scan: the
-    # TPU compiler needs 16.23 GiB of temporaries; 128 at once leaves 0.04 GiB. 64 at once (4
-    # micro-batches, the same update) needs 9 GiB. Kept over the pallas scan, which also fits (10
-    # GiB in 2 micro-batches), because neither is timed on a chip yet (BENCHMARKS.md).
+    # A v5e chip (15.75 GiB for a program) cannot hold 256 images of -B: the TPU compiler refuses
+    # the chunked step (16.23 GiB of temporaries) and the pallas one needs 16.36 GiB in all; 128 at
+    # once leaves 0.04 GiB. 64 at once (4 micro-batches, the same update) needs 9.76 GiB with the
+    # chunked scan, kept over the pallas scan (6.58 GiB) because neither is timed on a chip yet
+    # (BENCHMARKS.md, `python -m shufflemamba_jax.compile`).
     config.max_device_batch.v5e = 64
   elif variant in ("vim_tiny", "vim_small"):
     # Vim (DeiT recipe): Ti batch 1024 peak 1e-3 wd 0.1 dp 0; S batch 512 peak 1e-3 wd 0.05 dp 0.05.
@@ -117,7 +118,8 @@ def get_config(arg: str | None = None):
         config.num_epochs = 100
         config.lr = 2e-4  # Peak 4e-4; initialised from stage 1, pos_embed resized 8x8 -> 14x14.
         config.model.drop_path_rate = 0.4
-        # 128 images of -B at 224 px fill a v5e chip to within a few percent (as -B above): 64 at once.
+        # 128 images of -B at 224 px need 14.7 of a v5e chip's 15.75 GiB (ShuffleMamba-B, chunked):
+        # too close; 64 at once (2 micro-batches) need 9.46 GiB (BENCHMARKS.md).
         config.max_device_batch.v5e = 64
     else:
       # Stage 3: 20-epoch fine-tune at 224px from stage 2, batch 512 (8 x 64), lr 1e-5.

@@ -28,6 +28,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # the TPU and CUDA backends of libtpu and the CUDA plugin (and log their failure on a CPU host);
 # compiling for those chips needs only their topologies (shufflemamba_jax.parallel.targets).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# OpenCV (the mmseg oracles' cv2) picks its SIMD code by CPU, and its HSV-to-RGB rounds the last bit
+# differently on AVX-512 hosts than on AVX2 ones; segment_augment reproduces the AVX2 dispatch (that
+# of most training hosts), so the oracles run it on every host.
+os.environ.setdefault("OPENCV_CPU_DISABLE", "AVX512-COMMON,AVX512-SKX,AVX512-CLX,AVX512-CNL,AVX512-ICL")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="shufflemamba_jax_test_cache_")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
