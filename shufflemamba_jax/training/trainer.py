@@ -211,10 +211,10 @@ def _run_length(config, num_train: int) -> tuple[int, int]:
 
 def setup(config, workdir: str) -> Run:
   """Builds the run of `config` in `workdir`: the latest checkpoint there is resumed."""
-  Settings.from_config(config)
+  Settings.from_config(config)  # Every setting checked before the devices are asked for the mesh.
   mesh = mesh_of(config)
   sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
-  config = for_devices(config, mesh)
+  config = for_devices(config, mesh)  # The chip's config.max_device_batch: more micro-batches.
   settings = Settings.from_config(config)
   task, workdir = settings.task, epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
