@@ -39,14 +39,7 @@ GIB = 2**30
 
 
 def recipe_config(recipe: str, **overrides):
-  config = config_files.get_config(CONFIG, recipe)
-  for name, value in overrides.items():
-    node = config
-    *parents, last = name.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[last] = value
-  return config
+  return config_files.override(config_files.get_config(CONFIG, recipe), overrides)
 
 
 def measure(recipe: str, target: str, **overrides) -> dict:

@@ -31,13 +31,7 @@ def config_with(path, data_dir, overrides):
   """The config file at `path` reading `data_dir`, with `overrides` (dotted names) applied."""
   config = config_files.get_config(path)
   config.data_dir = data_dir
-  for name, value in overrides.items():
-    *parents, leaf = name.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return config_files.override(config, overrides)
 
 
 def main_command(workdir, data_dir, overrides, *flags, config=DIGITS_CONFIG):

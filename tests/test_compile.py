@@ -23,14 +23,7 @@ KEYS = ("target", "device_kind", "num_devices", "per_device_bytes", "device_memo
 
 
 def digits_config(**overrides):
-  config = config_files.get_config("configs/digits.py")
-  for name, value in overrides.items():
-    node = config
-    *parents, last = name.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[last] = value
-  return config
+  return config_files.override(config_files.get_config("configs/digits.py"), overrides)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -28,3 +28,15 @@ def get_config(path: str, arg: str | None = None):
 def sibling(config_file: str, name: str) -> str:
   """The path of `name` in the folder of `config_file` (a config file's `__file__`)."""
   return str(pathlib.Path(config_file).resolve().parent / name)
+
+
+def override(config, overrides: dict):
+  """`config` with `overrides` ({"model.variant": ..., "batch_size": ...}, dotted names) set in
+  place, as `--config.<name>=value` would set them; returns `config`."""
+  for name, value in overrides.items():
+    *parents, leaf = name.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
