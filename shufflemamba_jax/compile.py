@@ -148,13 +148,9 @@ def check(config, target_name: str, evaluate: bool = True) -> dict:
   graphdef, rest, initial_state = trainer.initial_state_fn(config, task, model_config, tx)
   abstract_state = jax.eval_shape(initial_state)
   shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
-  state = targets.abstract(abstract_state, shardings)
+  state = sharding.abstract(abstract_state, shardings)
   train_step = trainer.train_step_of(config, settings, graphdef, rest, tx, schedule, num_classes, shardings, mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  batch = {
-    name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding)
-    for name, x in task.batch_shapes(config, config.batch_size, "train").items()
-  }
+  batch = sharding.abstract(task.batch_shapes(config, config.batch_size, "train"), sharding.batch_sharding(mesh))
   with jax.set_mesh(mesh):  # As the trainer calls it.
     traced = train_step.trace(state, batch)
   compiled, compile_s = _compile("train", traced, target)

@@ -193,7 +193,7 @@ def test_sharded_model_step_compiles_with_kernels_per_device(name, platform):
     dtype="bfloat16",
   )
   graphdef, params = nnx.split(nnx.eval_shape(lambda: vim.VisionMamba(config, rngs=nnx.Rngs(0))), nnx.Param)
-  params = targets.abstract(params, jax.tree.map(lambda _: sharding.replicated(mesh), params))
+  params = sharding.abstract(params, sharding.replicated(mesh))
   batch = sharding.batch_sharding(mesh)
   images = jax.ShapeDtypeStruct((MODEL_BATCH, 32, 32, 3), jnp.float32, sharding=batch)
   labels = jax.ShapeDtypeStruct((MODEL_BATCH,), jnp.int32, sharding=batch)

@@ -103,6 +103,14 @@ def micro_batches(global_batch: int, mesh: Mesh, max_device_batch: int | None, a
   return steps
 
 
+def abstract(tree: Any, shardings: Any) -> Any:
+  """jax.ShapeDtypeStruct leaves of `tree` (arrays or ShapeDtypeStructs) carrying `shardings` (a tree
+  like `tree`, or one sharding for every leaf): what restoring or compiling ahead of time is given."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of arrays whose leading axis is the global batch."""
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -22,7 +22,6 @@ import math
 import os
 import re
 
-import jax
 from etils import epath
 
 # libtpu's name of each TPU generation, the HBM its compiler lets one program use (what libtpu 0.0.42
@@ -164,8 +163,3 @@ def _require(platform: str) -> None:
     # needs none of them, and no GPU is to be used even if one is present.
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-
-
-def abstract(tree, shardings):
-  """jax.ShapeDtypeStruct leaves of `tree` (arrays or ShapeDtypeStructs) carrying `shardings`."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

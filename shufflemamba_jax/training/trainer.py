@@ -184,9 +184,7 @@ def _restore_or_create(config, task: base.Task, model_config, tx, mesh, checkpoi
       if state["ema"] is not None:
         state["ema"] = jax.tree.map(jnp.copy, state["params"])
     return graphdef, rest, shardings, state
-  abstract_state = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
-  )
+  abstract_state = sharding.abstract(abstract_state, shardings)
   state, meta = checkpointer.restore(abstract_state)
   logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state["step"]))
   if meta.get("process_count", jax.process_count()) != jax.process_count() and not config.data_shards:

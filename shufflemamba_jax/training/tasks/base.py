@@ -95,11 +95,7 @@ def batched_evaluation(sums: Callable, config, mesh, **options) -> Callable[[Any
 def trace_batched_evaluation(task: Task, sums: Callable, config, mesh, params, model_state) -> jax.stages.Traced:
   """`batched_evaluation`'s step of `sums` traced on one abstract global batch of
   config.eval_batch_size (the task's `batch_shapes`), sharded over the mesh's batch axes."""
-  batch_sharding = sharding.batch_sharding(mesh)
-  batch = {
-    name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding)
-    for name, x in task.batch_shapes(config, config.eval_batch_size, "eval").items()
-  }
+  batch = sharding.abstract(task.batch_shapes(config, config.eval_batch_size, "eval"), sharding.batch_sharding(mesh))
   with jax.set_mesh(mesh):  # As `steps.run_evaluation` calls it.
     return steps.make_eval_step(sums).trace(params, model_state, batch)
 

@@ -26,6 +26,7 @@ from flax import nnx
 from shufflemamba_jax import checks
 from shufflemamba_jax.data import IGNORE_INDEX, device, pipeline
 from shufflemamba_jax.models import upernet
+from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import optim, steps
 from shufflemamba_jax.training.tasks import base
 from shufflemamba_jax.weights import checkpoint as checkpoint_lib
@@ -277,8 +278,7 @@ class SegmentationTask:
     del rest, num_classes
     local = [device for device in mesh.devices.flat if device.process_index == mesh.devices.flat[0].process_index]
     local_mesh = jax.sharding.Mesh(np.asarray(local), ("batch",))
-    replicated = jax.sharding.NamedSharding(local_mesh, jax.P())
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), (params, model_state))
+    state = sharding.abstract((params, model_state), jax.sharding.NamedSharding(local_mesh, jax.P()))
     height, width = self.eval_crop or (config.image_size, config.image_size)
     windows = jax.ShapeDtypeStruct(
       (len(local), height, width, 3), jnp.uint8, sharding=jax.sharding.NamedSharding(local_mesh, jax.P("batch"))
