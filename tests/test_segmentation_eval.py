@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from shufflemamba_jax.checks import SettingError
-from shufflemamba_jax.models import upernet
+from shufflemamba_jax.models import tokens, upernet
 from shufflemamba_jax.training import steps
 from shufflemamba_jax.training.tasks import segmentation
 
@@ -106,7 +106,7 @@ def stub_window_fn(windows):
   n, h, w, _ = windows.shape
   grid = windows[:, : h // 4 * 4, : w // 4 * 4].astype(jnp.float32).reshape(n, h // 4, 4, w // 4, 4, 3).mean((2, 4))
   rows = jnp.arange(h // 4, dtype=jnp.float32)[None, :, None, None] / 3.0
-  return upernet.resize_bilinear(grid @ jnp.asarray(WEIGHTS) + rows, (h, w))
+  return tokens.resize_bilinear(grid @ jnp.asarray(WEIGHTS) + rows, (h, w))
 
 
 def torch_resize(logits, size):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from shufflemamba_jax.models import SettingError, tokens, upernet, variants
+from shufflemamba_jax.models import SettingError, tokens, upernet, variants, vim
 
 LAYOUTS = {
   "middle": dict(variant="vim_tiny"),
@@ -75,7 +75,7 @@ def test_head_shapes_for_every_layout(layout):
   assert [f.shape for f in features] == [(2, 4, 6, 48)] * 4
   backbone = nnx.to_pure_dict(nnx.state(model.backbone, nnx.Param))
   # The classification parts are gone (no parameters the loss cannot reach); norm_f stays.
-  assert not set(upernet.UNUSED_BACKBONE_PARTS) & set(backbone)
+  assert not set(vim.UNUSED_BACKBONE_PARTS) & set(backbone)
   assert "norm_f" in backbone and "pyramid" not in nnx.to_pure_dict(nnx.state(model, nnx.Param))
   # The pretraining (224 px) table: 14x14 patch rows, no cls row.
   assert backbone["pos_embed"].shape == (14 * 14, 48)

@@ -3,7 +3,8 @@
 Vim puts one cls token in the middle of the patch sequence, ShuffleMamba at its head, and
 Mamba-Reg spreads registers evenly through it. A layout is a fixed index map, so inserting and
 reading the extra tokens are gathers with static indices, and resizing a position table for
-another resolution resizes only the patch slots.
+another resolution resizes only the patch slots. The resizes are PyTorch's `interpolate`
+(bicubic for position tables, bilinear for feature maps), so that ports match the reference.
 """
 
 from __future__ import annotations
@@ -103,6 +104,16 @@ def resize_bicubic(grid: jax.Array, size: tuple[int, int]) -> jax.Array:
   rows = jnp.asarray(bicubic_matrix(h, h2), jnp.float32)
   cols = jnp.asarray(bicubic_matrix(w, w2), jnp.float32)
   return jnp.einsum("ih,hwc,jw->ijc", rows, grid.astype(jnp.float32), cols, precision=jax.lax.Precision.HIGHEST)
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """(batch, h, w, C) -> (batch, *size, C), PyTorch's `interpolate(bilinear, align_corners=False)`.
+
+  Half-pixel centers and no antialiasing, up or down, as mmseg's `resize`.
+  """
+  if tuple(x.shape[1:3]) == tuple(size):
+    return x
+  return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), method="bilinear", antialias=False)
 
 
 def resize_patch_positions(table: jax.Array, old_grid, new_grid) -> jax.Array:

@@ -29,12 +29,10 @@ from flax import nnx
 
 from shufflemamba_jax import checks
 from shufflemamba_jax.models import tokens
+from shufflemamba_jax.models.adapter import AdapterConfig, VimAdapter
 from shufflemamba_jax.models.vim import DTYPES, VisionMamba, VisionMambaConfig
 
 NUM_LEVELS = 4
-# The classifier's parts that the reference segmentation backbone does not have: it scans patch
-# tokens only (deleted from the backbone; a classifier's values for them are left out at warm start).
-UNUSED_BACKBONE_PARTS = ("head", "neck", "norm_neck", "cls_token", "pos_embed_cls")
 NECKS = ("none", "simple_pyramid")
 
 
@@ -53,7 +51,10 @@ class UperNetConfig:
   for 16-pixel patches), resized on every call to the grid seen; `out_indices` None means
   `default_out_indices(backbone.depth)`; `neck` "none" (the reference) feeds the four patch-grid
   maps to the heads, "simple_pyramid" turns them into 4x, 2x, 1x and 1/2x the grid first;
-  `aux_level` is the map (0-3) the auxiliary head reads, 3 as in the reference (`in_index=3`).
+  `aux_level` is the map (0-3) the auxiliary head reads, 3 as in the reference (`in_index=3`);
+  `adapter` set makes the backbone the ViT-Adapter (`models.adapter`, the reference's
+  `*_adapter.py` configs), whose four maps sit at strides 4 to 32 and whose stretches of blocks
+  end at `out_indices`.
   """
 
   backbone: VisionMambaConfig
@@ -68,6 +69,7 @@ class UperNetConfig:
   aux_level: int = 3
   norm_momentum: float = 0.9  # Flax's convention: PyTorch's BatchNorm momentum 0.1.
   norm_eps: float = 1e-5
+  adapter: AdapterConfig | None = None
 
   def __post_init__(self):
     if not isinstance(self.backbone, VisionMambaConfig):
@@ -101,6 +103,12 @@ class UperNetConfig:
       raise checks.SettingError("aux_level", self.aux_level, f"must be a pyramid level in [0, {NUM_LEVELS})")
     checks.number("norm_momentum", self.norm_momentum, 0.0, 1.0)
     checks.number("norm_eps", self.norm_eps, 0.0)
+    if self.adapter is not None:
+      if not isinstance(self.adapter, AdapterConfig):
+        raise checks.SettingError("adapter", self.adapter, "must be an AdapterConfig or None")
+      if self.neck != "none":
+        raise checks.SettingError("neck", self.neck, "must be 'none' with the adapter (its maps are multi-scale)")
+      self.adapter.check_backbone(self.backbone, indices)
     if self.neck == "simple_pyramid" and self.backbone.patch_size % 4:
       # The simple pyramid upsamples the patch grid 4x for its finest level.
       raise checks.SettingError("patch_size", self.backbone.patch_size, "the simple pyramid needs a multiple of 4")
@@ -168,16 +176,6 @@ def _classifier(in_features: int, config: UperNetConfig, rngs: nnx.Rngs) -> nnx.
     param_dtype=DTYPES[config.backbone.param_dtype],
     rngs=rngs,
   )
-
-
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """(batch, h, w, C) -> (batch, *size, C), PyTorch's `interpolate(bilinear, align_corners=False)`.
-
-  Half-pixel centers and no antialiasing, up or down, as mmseg's `resize`.
-  """
-  if tuple(x.shape[1:3]) == tuple(size):
-    return x
-  return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), method="bilinear", antialias=False)
 
 
 def _adaptive_pool_matrix(length: int, bins: int) -> np.ndarray:
@@ -255,16 +253,18 @@ class UperHead(nnx.Module):
     last = levels[-1]
     size = last.shape[1:3]
     pooled = [
-      resize_bilinear(getattr(self, f"pool{scale}")(adaptive_average_pool(last, scale).astype(last.dtype), train), size)
+      tokens.resize_bilinear(
+        getattr(self, f"pool{scale}")(adaptive_average_pool(last, scale).astype(last.dtype), train), size
+      )
       for scale in self.config.pool_scales
     ]
     laterals = [getattr(self, f"lateral{i}")(level, train) for i, level in enumerate(levels[:-1])]
     laterals.append(self.pool_bottleneck(jnp.concatenate([last, *pooled], axis=-1), train))
     for i in range(NUM_LEVELS - 1, 0, -1):  # Top-down: each level adds the coarser one, upsampled.
-      laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], laterals[i - 1].shape[1:3])
+      laterals[i - 1] = laterals[i - 1] + tokens.resize_bilinear(laterals[i], laterals[i - 1].shape[1:3])
     outputs = [getattr(self, f"fpn{i}")(lateral, train) for i, lateral in enumerate(laterals[:-1])] + [laterals[-1]]
     finest = outputs[0].shape[1:3]
-    fused = self.fpn_bottleneck(jnp.concatenate([resize_bilinear(x, finest) for x in outputs], axis=-1), train)
+    fused = self.fpn_bottleneck(jnp.concatenate([tokens.resize_bilinear(x, finest) for x in outputs], axis=-1), train)
     return self.classifier(self.dropout(fused, deterministic=key is None, rngs=key))
 
 
@@ -297,34 +297,17 @@ class UperNet(nnx.Module):
 
   def __init__(self, config: UperNetConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.backbone = VisionMamba(config.backbone, rngs=rngs)
-    for name in UNUSED_BACKBONE_PARTS + ("pos_embed",):
-      if hasattr(self.backbone, name):
-        delattr(self.backbone, name)
-    grid = config.pos_grid
-    self.backbone.pos_embed = nnx.Param(
-      nnx.initializers.normal(0.02)(
-        rngs.params(), (grid[0] * grid[1], config.backbone.embed_dim), DTYPES[config.backbone.param_dtype]
+    if config.adapter is not None:
+      self.backbone = VimAdapter(
+        config.backbone, config.adapter, pos_grid=config.pos_grid, out_indices=config.resolved_out_indices, rngs=rngs
       )
-    )
+    else:
+      self.backbone = VisionMamba(config.backbone, rngs=rngs)
+      self.backbone.strip_to_patches(config.pos_grid, rngs)
     if config.neck == "simple_pyramid":
       self.pyramid = SimplePyramid(config, rngs=rngs)
     self.decode_head = UperHead(config, rngs=rngs)
     self.aux_head = FCNHead(config, rngs=rngs)
-
-  def embed(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
-    """Images (batch, H, W, 3) -> (patch tokens (batch, h * w, D) with positions added, (h, w))."""
-    backbone = self.backbone
-    config = backbone.config
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"images must be (batch, height, width, 3), got shape {images.shape}")
-    if images.shape[1] < config.patch_size or images.shape[2] < config.patch_size:
-      raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is smaller than a {config.patch_size} patch")
-    patches = backbone.patch_embed(images.astype(DTYPES[config.dtype]))
-    grid = tuple(patches.shape[1:3])
-    positions = tokens.resize_patch_positions(backbone.pos_embed[...], self.config.pos_grid, grid)
-    sequence = patches.reshape(patches.shape[0], -1, patches.shape[-1]) + positions.astype(patches.dtype)
-    return sequence.astype(DTYPES[config.dtype]), grid
 
   def features(self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> list[jax.Array]:
     """The four backbone maps, 4 x (batch, H // p, W // p, D) float32, as the reference reads them.
@@ -332,8 +315,10 @@ class UperNet(nnx.Module):
     At an `out_indices` block before the last of the stack: the block's mixer output (no
     residual, no norm); at the last block: `norm_f(residual + drop_path(mixer output))`.
     """
+    if self.config.adapter is not None:
+      return self.backbone(images, train=train, key=key)
     depth = self.config.backbone.depth
-    sequence, grid = self.embed(images)
+    sequence, grid = self.backbone.embed_patches(images, self.config.pos_grid)
     stops = tuple(index + 1 for index in self.config.resolved_out_indices)
     streams = self.backbone.run_layers(sequence, stops, train=train, key=key)
     maps = []
@@ -382,7 +367,7 @@ def segment_logits(model: UperNet, images: jax.Array) -> jax.Array:
   bilinearly (align_corners=False) to the full (H, W), as mmseg's `encode_decode` resizes to the
   window's own size.
   """
-  return resize_bilinear(model(images), images.shape[1:3])
+  return tokens.resize_bilinear(model(images), images.shape[1:3])
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:

@@ -31,6 +31,10 @@ REMAT_POLICIES = {
 }
 # The stacked blocks: every parameter under this attribute has a leading (depth,) axis.
 LAYERS = "layers"
+# The classifier's parts that the reference's dense-prediction backbones (`Backbone_VideoMamba`,
+# `Mamba_Adapter`) do not have: they scan patch tokens only (a classifier's values for them are
+# left out at warm start).
+UNUSED_BACKBONE_PARTS = ("head", "neck", "norm_neck", "cls_token", "pos_embed_cls")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +257,37 @@ class VisionMamba(nnx.Module):
     sequence = tokens.insert_extra_tokens(patches, extras.astype(patches.dtype), config.token_layout)
     return (sequence + self.position_table(grid).astype(sequence.dtype)).astype(DTYPES[config.dtype])
 
+  def strip_to_patches(self, pos_grid: tuple[int, int], rngs: nnx.Rngs) -> None:
+    """Makes this classifier the reference's patch-only dense-prediction backbone, in place.
+
+    Deletes UNUSED_BACKBONE_PARTS and puts a fresh patch-only `pos_embed` (rows x columns of
+    `pos_grid`, D) in place of the cls-layout table; `embed_patches` then reads it.
+    """
+    for name in UNUSED_BACKBONE_PARTS + ("pos_embed",):
+      if hasattr(self, name):
+        delattr(self, name)
+    config = self.config
+    shape = (pos_grid[0] * pos_grid[1], config.embed_dim)
+    self.pos_embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), shape, DTYPES[config.param_dtype]))
+
+  def embed_patches(self, images: jax.Array, pos_grid: tuple[int, int]) -> tuple[jax.Array, tuple[int, int]]:
+    """Images (batch, H, W, 3) -> (patch tokens (batch, h * w, D) with positions added, (h, w)).
+
+    For a `strip_to_patches` backbone: the patch convolution floors, as the reference's does (a
+    500-pixel side gives 31 patches), and the `pos_grid` table is resized bicubically to the grid
+    seen on every call (the reference's `resize_pos_embed`).
+    """
+    config = self.config
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be (batch, height, width, 3), got shape {images.shape}")
+    if images.shape[1] < config.patch_size or images.shape[2] < config.patch_size:
+      raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is smaller than a {config.patch_size} patch")
+    patches = self.patch_embed(images.astype(DTYPES[config.dtype]))
+    grid = tuple(patches.shape[1:3])
+    positions = tokens.resize_patch_positions(self.pos_embed[...], pos_grid, grid)
+    sequence = patches.reshape(patches.shape[0], -1, patches.shape[-1]) + positions.astype(patches.dtype)
+    return sequence.astype(DTYPES[config.dtype]), grid
+
   def __call__(self, images: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
     ((hidden, residual),) = self.run_blocks(images, (self.config.depth,), train=train, key=key)
     return self.classify(self.final_norm(hidden, residual, train=train, key=key))
@@ -278,15 +313,26 @@ class VisionMamba(nnx.Module):
     return self.run_layers(self.embed(images), stops, train=train, key=key)
 
   def run_layers(
-    self, sequence: jax.Array, stops: tuple[int, ...], *, train: bool = False, key: jax.Array | None = None
+    self,
+    sequence: jax.Array,
+    stops: tuple[int, ...],
+    *,
+    train: bool = False,
+    key: jax.Array | None = None,
+    start: int = 0,
+    residual: jax.Array | None = None,
   ) -> list[tuple[jax.Array, jax.Array]]:
     """Runs the blocks on a token sequence, returning the two streams after each of `stops`.
 
     Args:
-      sequence: (batch, length, D) embedded tokens, positions added (`embed`), compute dtype.
-      stops: increasing block counts in [1, depth]; (depth,) runs the whole stack.
+      sequence: (batch, length, D) embedded tokens, positions added (`embed`), compute dtype;
+        from `start` > 0 on, the previous block's output (possibly changed, as the adapter's
+        injector does).
+      stops: increasing block counts in (start, depth]; (depth,) runs the whole stack.
       train, key: as for `__call__` (drop path and SLWS, keyed by block index, so the result
-        does not depend on `stops`).
+        does not depend on `stops` or `start`).
+      start: the first block to run.
+      residual: the float32 residual stream block `start - 1` read; None (zeros) for start 0.
 
     Returns:
       For each stop n, (hidden, residual): block n - 1's output (batch, length, D) in the
@@ -296,8 +342,10 @@ class VisionMamba(nnx.Module):
     """
     config = self.config
     stops = tuple(int(stop) for stop in stops)
-    if not stops or list(stops) != sorted(set(stops)) or stops[0] < 1 or stops[-1] > config.depth:
-      raise ValueError(f"stops must be increasing block counts in [1, {config.depth}], got {stops}")
+    if not stops or list(stops) != sorted(set(stops)) or stops[0] <= start or stops[-1] > config.depth:
+      raise ValueError(f"stops must be increasing block counts in [{start + 1}, {config.depth}], got {stops}")
+    if (residual is None) != (start == 0):
+      raise ValueError(f"run_layers from block {start} needs the residual stream of block {start - 1} (only)")
     if train and key is None:
       raise ValueError("training mode needs a PRNG key: model(images, train=True, key=jax.random.key(...))")
     hidden = sharding.constrain_batch(sequence)
@@ -337,8 +385,8 @@ class VisionMamba(nnx.Module):
       jnp.asarray(config.shuffle_probs, jnp.float32),
       jnp.asarray(self.block_drop_rates, jnp.float32),
     )
-    carry = (hidden, jnp.zeros(hidden.shape, jnp.float32))
-    outputs, start = [], 0
+    carry = (hidden, jnp.zeros(hidden.shape, jnp.float32) if residual is None else residual.astype(jnp.float32))
+    outputs = []
     for stop in stops:
       stretch = xs if (start, stop) == (0, config.depth) else jax.tree.map(operator.itemgetter(slice(start, stop)), xs)
       carry, _ = jax.lax.scan(block_step, carry, stretch)

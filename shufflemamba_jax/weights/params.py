@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from shufflemamba_jax.models import tokens, upernet, vim
+from shufflemamba_jax.models import adapter, tokens, upernet, vim
 
 _log = logging.getLogger(__name__)
 # Problems listed in an error before the rest are only counted: a wrong depth mis-shapes every
@@ -204,7 +204,8 @@ def segmenter_from_classifier(
   """Warm start of a segmenter: a classifier's parameters as the backbone, the rest left fresh.
 
   As the reference's `load_state_dict(strict=False)`: the classifier's cls token, registers and
-  head are left out, and where the norms differ (an RMSNorm classifier under the reference's
+  head are left out (and its final norm under the adapter, which has none), the adapter's own
+  parts start fresh, and where the norms differ (an RMSNorm classifier under the reference's
   LayerNorm segmentation backbones) the scales are taken and the biases stay at their
   initialization (zero), or are dropped the other way round.
 
@@ -218,20 +219,23 @@ def segmenter_from_classifier(
   Returns:
     (a nested dict like `target`: the classifier's backbone under `backbone` and the target's
     own values elsewhere; the sorted names of the parameters left as initialized: the heads',
-    the neck's and any norm bias). Both the fresh parts and the classifier's dropped parts are
+    the neck's, the adapter's and any norm bias). Both the fresh parts and the classifier's dropped parts are
     logged. Anything else that does not fit raises `fill`'s ValueError.
   """
   target = flatten(target)
   prefix = "backbone."
   backbone_target = {name[len(prefix) :]: v for name, v in target.items() if name.startswith(prefix)}
-  unused = sorted(name for name in flat if name.split(".")[0] in upernet.UNUSED_BACKBONE_PARTS)
+  adapter_target = {name: v for name, v in backbone_target.items() if name.split(".")[0] in adapter.ADAPTER_PARTS}
+  backbone_target = {name: v for name, v in backbone_target.items() if name not in adapter_target}
+  dropped = vim.UNUSED_BACKBONE_PARTS + (("norm_f",) if config.adapter is not None else ())
+  unused = sorted(name for name in flat if name.split(".")[0] in dropped)
   norm_bias = lambda name: name.endswith(".bias") and name.split(".")[-2].startswith("norm")
   stacked = lambda name: re.sub(rf"^{vim.LAYERS}\.\d+\.", f"{vim.LAYERS}.", name)  # Blocks one at a time.
   unused += sorted(name for name in flat if norm_bias(name) and stacked(name) not in backbone_target)
   backbone = {name: value for name, value in flat.items() if name not in unused}
   if "pos_embed" in backbone:
     backbone["pos_embed"] = segmenter_backbone_positions(backbone["pos_embed"], config.backbone, config)
-  fresh = sorted(name for name in target if not name.startswith(prefix))
+  fresh = sorted(name for name in target if not name.startswith(prefix)) + [prefix + name for name in adapter_target]
   for name in backbone_target:
     if norm_bias(name) and name not in {stacked(saved) for saved in backbone}:
       backbone[name] = np.asarray(backbone_target[name])
@@ -240,8 +244,17 @@ def segmenter_from_classifier(
   filled = {prefix + name: value for name, value in flatten(filled).items()}
   if unused:
     _log.info("%s: left out the classifier's %s.", source, ", ".join(unused))
-  parts = ", ".join(sorted({name.split(".")[0] if name.split(".")[0] != "backbone" else name for name in fresh}))
+
+  def part(name: str) -> str:
+    # Heads and adapter parts by module, norm biases by name.
+    names = name.split(".")
+    if names[0] != "backbone":
+      return names[0]
+    return ".".join(names[:2]) if names[1] in adapter.ADAPTER_PARTS else name
+
+  parts = ", ".join(sorted({part(name) for name in fresh}))
   _log.info("%s: initialized fresh (not in a classifier): %s.", source, parts)
+  filled.update({prefix + name: np.asarray(value) for name, value in adapter_target.items()})
   filled.update({name: np.asarray(target[name]) for name in fresh if not name.startswith(prefix)})
   return unflatten(filled), sorted(fresh)
 
