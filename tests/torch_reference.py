@@ -9,6 +9,8 @@ only: no drop path, no shuffle, no dropout.
 `ms_deform_attn` and `ms_deform_attn_module` transcribe Deformable DETR's multi-scale deformable
 attention (`ms_deform_attn_core_pytorch`, level by level through `grid_sample`) and the forward of
 its `MSDeformAttn` module with ViT-Adapter's `ratio`, from the official PyTorch code's maths.
+`adapter_backbone` transcribes the reference's detection backbone (`Mamba_Adapter.forward`: the
+spatial prior module, injectors, extractors and ConvFFNs of ViT-Adapter around the Mamba blocks).
 """
 
 from __future__ import annotations
@@ -184,23 +186,38 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
 
 
 def ms_deform_attn_module(
-  state_dict, query, reference_points, input_flatten, spatial_shapes, n_heads, n_points, input_padding_mask=None
+  state_dict,
+  query,
+  reference_points,
+  input_flatten,
+  spatial_shapes,
+  n_heads,
+  n_points,
+  input_padding_mask=None,
+  prefix="",
+  ratio=None,
 ):
   """The forward of the official `MSDeformAttn` (ViT-Adapter's, with `ratio`) in float64.
 
   state_dict holds the official names (`value_proj.weight` (out, in), `value_proj.bias`, ... for
   value_proj, sampling_offsets, attention_weights, output_proj); query (N, Lq, C);
   reference_points (N, Lq, L, 2) normalised (x, y), or broadcastable to it; input_flatten (N, S, C);
-  input_padding_mask (N, S) bool, True at padding. Returns (N, Lq, C).
+  input_padding_mask (N, S) bool, True at padding; prefix: the module's name in state_dict (e.g.
+  `interactions.0.injector.attn.`); ratio: if given, checked against the value_proj width
+  int(C * ratio) (otherwise that width is taken from the weights). Returns (N, Lq, C).
   """
   sd = {name: torch.as_tensor(v).double() for name, v in state_dict.items()}
   query, input_flatten = torch.as_tensor(query).double(), torch.as_tensor(input_flatten).double()
   reference_points = torch.as_tensor(reference_points).double()
 
   def linear(name, x):
-    return x @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+    return x @ sd[f"{prefix}{name}.weight"].T + sd[f"{prefix}{name}.bias"]
 
-  batch, queries, _ = query.shape
+  batch, queries, d_model = query.shape
+  if ratio is not None and sd[f"{prefix}value_proj.weight"].shape[0] != int(d_model * ratio):
+    raise ValueError(
+      f"value_proj is {tuple(sd[f'{prefix}value_proj.weight'].shape)}, want int({d_model} * {ratio}) rows"
+    )
   length = input_flatten.shape[1]
   levels = len(spatial_shapes)
   value = linear("value_proj", input_flatten)
@@ -214,3 +231,148 @@ def ms_deform_attn_module(
   normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float64)
   locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
   return linear("output_proj", ms_deform_attn(value, spatial_shapes, locations, weights))
+
+
+def batch_norm(x, sd, prefix, eps=1e-5):
+  """Evaluation-mode (Sync)BatchNorm of an NCHW map: running statistics, affine weight and bias."""
+  mean, var = sd[f"{prefix}running_mean"], sd[f"{prefix}running_var"]
+  return F.batch_norm(x, mean, var, sd[f"{prefix}weight"], sd[f"{prefix}bias"], training=False, eps=eps)
+
+
+def spatial_prior(images, sd, prefix="spm."):
+  """ViT-Adapter's `SpatialPriorModule` in evaluation mode: c1 (B, D, H/4, W/4) NCHW and c2, c3, c4
+  as (B, h*w, D) tokens at strides 8, 16, 32."""
+
+  def conv_bn_relu(x, conv, bn, stride):
+    x = F.conv2d(x, sd[f"{prefix}{conv}.weight"], None, stride=stride, padding=1)  # 3x3, no bias
+    return F.relu(batch_norm(x, sd, f"{prefix}{bn}."))
+
+  c1 = conv_bn_relu(images, "stem.0", "stem.1", 2)
+  c1 = conv_bn_relu(c1, "stem.3", "stem.4", 1)
+  c1 = conv_bn_relu(c1, "stem.6", "stem.7", 1)
+  c1 = F.max_pool2d(c1, kernel_size=3, stride=2, padding=1)
+  c2 = conv_bn_relu(c1, "conv2.0", "conv2.1", 2)
+  c3 = conv_bn_relu(c2, "conv3.0", "conv3.1", 2)
+  c4 = conv_bn_relu(c3, "conv4.0", "conv4.1", 2)
+  c1, c2, c3, c4 = (
+    F.conv2d(c, sd[f"{prefix}fc{k}.weight"], sd[f"{prefix}fc{k}.bias"]) for k, c in enumerate((c1, c2, c3, c4), 1)
+  )
+  return (c1, *(c.flatten(2).transpose(1, 2) for c in (c2, c3, c4)))
+
+
+def adapter_reference_points(shapes):
+  """ViT-Adapter's `get_reference_points`: the pixel centres of each (h, w) level, normalised (x, y),
+  levels stacked row-major, as (1, sum h*w, 1, 2). Computed in float32 like the reference (which
+  builds them in float32 whatever the model's dtype), then widened to float64."""
+  points = []
+  for h, w in shapes:
+    ref_y, ref_x = torch.meshgrid(
+      torch.linspace(0.5, h - 0.5, h, dtype=torch.float32),
+      torch.linspace(0.5, w - 0.5, w, dtype=torch.float32),
+      indexing="ij",
+    )
+    points.append(torch.stack((ref_x.reshape(-1)[None] / w, ref_y.reshape(-1)[None] / h), -1))
+  return torch.cat(points, 1)[:, :, None].double()
+
+
+def conv_ffn(x, sd, prefix, rows, cols):
+  """ViT-Adapter's `ConvFFN` on the (B, N, D) concatenated c2/c3/c4 tokens: fc1, the shared 3x3
+  depthwise conv of `DWConv` applied to each level's map separately, exact GELU, fc2. The maps are
+  cut as the reference does: n = N // 21, levels of 16n, 4n and the rest tokens, viewed as
+  (2*rows, 2*cols), (rows, cols) and (rows // 2, cols // 2) with (rows, cols) the patch grid."""
+  x = x @ sd[f"{prefix}fc1.weight"].T + sd[f"{prefix}fc1.bias"]
+  batch, length, channels = x.shape
+  n = length // 21
+  pieces = (x[:, : 16 * n], x[:, 16 * n : 20 * n], x[:, 20 * n :])
+  sizes = ((rows * 2, cols * 2), (rows, cols), (rows // 2, cols // 2))
+  weight, bias = sd[f"{prefix}dwconv.dwconv.weight"], sd[f"{prefix}dwconv.dwconv.bias"]
+  maps = []
+  for piece, (h, w) in zip(pieces, sizes):
+    grid = piece.transpose(1, 2).reshape(batch, channels, h, w)
+    maps.append(F.conv2d(grid, weight, bias, stride=1, padding=1, groups=channels).flatten(2).transpose(1, 2))
+  x = F.gelu(torch.cat(maps, dim=1))
+  return x @ sd[f"{prefix}fc2.weight"].T + sd[f"{prefix}fc2.bias"]
+
+
+def adapter_backbone(
+  state_dict,
+  images,
+  interaction_indexes,
+  pos_grid,
+  deform_heads,
+  n_points=4,
+  deform_ratio=0.5,
+  add_mamba_feature=True,
+  eps=1e-5,
+):
+  """The reference detection backbone (`Mamba_Adapter.forward`, ViT-Adapter around the Mamba
+  blocks) in evaluation mode, float64.
+
+  state_dict: the official names of `Mamba_Adapter.state_dict()` without the `backbone.` prefix;
+  images (B, 3, H, W) NCHW with H and W multiples of 32; interaction_indexes [[first, last], ...]
+  the blocks of each interaction stage; pos_grid (rows, cols) of the stored patch-only `pos_embed`;
+  eps: the blocks' norm epsilon (the adapter's LayerNorms use 1e-6, its BatchNorms 1e-5). No SLWS
+  (the adapter calls its blocks directly), no drop path, no final `norm_f` (the adapter deletes it).
+  Returns [f1, f2, f3, f4]: (B, D, H/s, W/s) float64 maps at strides s = 4, 8, 16, 32.
+  """
+  sd = {name: torch.as_tensor(value).double() for name, value in state_dict.items()}
+  images = torch.as_tensor(images).double()
+  height, width = images.shape[-2:]
+
+  # deform_inputs: the injector's queries are the patch tokens (stride 16) reading c2, c3, c4; the
+  # extractors' queries are c2, c3, c4 reading the patch tokens.
+  c_shapes = [(height // 8, width // 8), (height // 16, width // 16), (height // 32, width // 32)]
+  x_shapes = [(height // 16, width // 16)]
+  inject_points, extract_points = adapter_reference_points(x_shapes), adapter_reference_points(c_shapes)
+
+  def attention(prefix, query, points, feat, shapes):
+    query, feat = norm(query, sd, f"{prefix}query_norm.", 1e-6), norm(feat, sd, f"{prefix}feat_norm.", 1e-6)
+    return ms_deform_attn_module(
+      sd, query, points, feat, shapes, deform_heads, n_points, prefix=f"{prefix}attn.", ratio=deform_ratio
+    )
+
+  def extractor(prefix, c, x, rows, cols):
+    c = c + attention(prefix, c, extract_points, x, x_shapes)
+    if f"{prefix}ffn.fc1.weight" in sd:  # with_cffn
+      c = c + conv_ffn(norm(c, sd, f"{prefix}ffn_norm.", 1e-6), sd, f"{prefix}ffn.", rows, cols)
+    return c
+
+  c1, c2, c3, c4 = spatial_prior(images, sd)
+  level_embed = sd["level_embed"]
+  c2, c3, c4 = c2 + level_embed[0], c3 + level_embed[1], c4 + level_embed[2]
+  c = torch.cat([c2, c3, c4], dim=1)
+
+  proj = sd["patch_embed.proj.weight"]
+  patches = F.conv2d(images, proj, sd["patch_embed.proj.bias"], stride=proj.shape[-1])
+  batch, dim, rows, cols = patches.shape
+  table = sd["pos_embed"].reshape(1, *pos_grid, dim).permute(0, 3, 1, 2)
+  x = patches.flatten(2).transpose(1, 2) + bicubic_resize(table, (rows, cols)).flatten(2).transpose(1, 2)
+
+  outs, residual = [], None
+  for k, indexes in enumerate(interaction_indexes):
+    prefix = f"interactions.{k}."
+    x = x + sd[f"{prefix}injector.gamma"] * attention(f"{prefix}injector.", x, inject_points, c, c_shapes)
+    for i in range(indexes[0], indexes[-1] + 1):
+      residual = x if residual is None else residual + x
+      x = bidirectional_mixer(norm(residual, sd, f"layers.{i}.norm.", eps), sd, f"layers.{i}.mixer.")
+    c = extractor(f"{prefix}extractor.", c, x, rows, cols)
+    e = 0
+    while f"{prefix}extra_extractors.{e}.query_norm.weight" in sd:
+      c = extractor(f"{prefix}extra_extractors.{e}.", c, x, rows, cols)
+      e += 1
+    outs.append(x.transpose(1, 2).reshape(batch, dim, rows, cols))
+
+  c2, c3, c4 = torch.split(c, [c2.shape[1], c3.shape[1], c4.shape[1]], dim=1)
+  c2 = c2.transpose(1, 2).reshape(batch, dim, rows * 2, cols * 2)
+  c3 = c3.transpose(1, 2).reshape(batch, dim, rows, cols)
+  c4 = c4.transpose(1, 2).reshape(batch, dim, rows // 2, cols // 2)
+  c1 = F.conv_transpose2d(c2, sd["up.weight"], sd["up.bias"], stride=2) + c1
+
+  if add_mamba_feature:
+    x1, x2, x3, x4 = outs
+    x1 = F.interpolate(x1, scale_factor=4, mode="bilinear", align_corners=False)
+    x2 = F.interpolate(x2, scale_factor=2, mode="bilinear", align_corners=False)
+    x4 = F.interpolate(x4, scale_factor=0.5, mode="bilinear", align_corners=False)
+    c1, c2, c3, c4 = c1 + x1, c2 + x2, c3 + x3, c4 + x4
+
+  return [batch_norm(f, sd, f"norm{k}.") for k, f in enumerate((c1, c2, c3, c4), 1)]

@@ -9,6 +9,16 @@ One rule per kind of tensor maps an official name and layout to ours, and back:
   <any other>.weight (out, in)            <-> <any other>.kernel (in, out)
   patch_embed.proj.bias                   <-> patch_embed.bias; everything else as it is.
 
+The detection / segmentation adapter (`models.adapter.VimAdapter`, the official `Mamba_Adapter`)
+adds, with the same names on both sides:
+
+  <query|feat|ffn>_norm.weight            <-> <..>_norm.scale (LayerNorms)
+  spm.*, ffn.dwconv.dwconv .weight (O, I, kh, kw) <-> .kernel (kh, kw, I, O)  convolutions
+  up.weight (I, O, 2, 2) (ConvTranspose2d) <-> up.kernel (2, 2, I, O)
+  BatchNorms (spm.stem.{1,4,7}, spm.conv{2,3,4}.1, norm1..norm4): weight <-> scale, and the
+  model state running_mean, running_var <-> mean, var; num_batches_tracked is dropped on import
+  and written as int64 0.
+
 Block tensors keep their index (`layers.{i}.mixer.in_proj.kernel`): `params.fill` stacks them and
 names every missing, unused and mis-shaped tensor by its official name and shape. Transposes
 only, so an import followed by an export gives the same bytes.
@@ -46,8 +56,12 @@ _LAYOUTS = {
   "conv2d": (lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1)),
   "conv1d": (lambda x: x[:, 0, :].T, lambda x: x.T[:, None, :]),
   "token": (lambda x: x[0], lambda x: x[None]),
+  "conv_transpose": (lambda x: x.transpose(2, 3, 0, 1), lambda x: x.transpose(2, 3, 0, 1)),
   "same": (lambda x: x, lambda x: x),
 }
+# BatchNorm statistics: official leaf -> ours. They are model state, not parameters.
+BATCH_NORM_STATS = {"running_mean": "mean", "running_var": "var"}
+NUM_BATCHES_TRACKED = "num_batches_tracked"
 
 
 # Whole names that are renamed or re-laid out: official -> (ours, layout).
@@ -58,11 +72,26 @@ _NAMES = {
 }
 
 
-def _weight_rule(module: str) -> tuple[str, str]:
-  """(our leaf name, layout) of the official `weight` of a module named `module`."""
-  if module.startswith("norm"):
+def is_batch_norm(module: list[str]) -> bool:
+  """Whether the module path names one of the adapter's BatchNorms (the Vim has none)."""
+  if module[:1] == ["spm"]:
+    return (
+      module[1:2] == ["stem"]
+      and module[-1] in ("1", "4", "7")
+      or module[1:] in (["conv2", "1"], ["conv3", "1"], ["conv4", "1"])
+    )
+  return len(module) == 1 and module[0] in ("norm1", "norm2", "norm3", "norm4")
+
+
+def _weight_rule(module: list[str]) -> tuple[str, str]:
+  """(our leaf name, layout) of the official `weight` of the module at path `module`."""
+  if module[-1].startswith("norm") or module[-1].endswith("_norm") or is_batch_norm(module):
     return "scale", "same"
-  return "kernel", "conv1d" if module.startswith("conv1d") else "linear"
+  if module[0] == "spm" or module[-1] == "dwconv":
+    return "kernel", "conv2d"
+  if module == ["up"]:
+    return "kernel", "conv_transpose"
+  return "kernel", "conv1d" if module[-1].startswith("conv1d") else "linear"
 
 
 def _rename(name: str, *, to_ours: bool) -> tuple[str, str]:
@@ -72,9 +101,12 @@ def _rename(name: str, *, to_ours: bool) -> tuple[str, str]:
     return names[name]
   *module, leaf = name.split(".")
   if module:
-    our_leaf, layout = _weight_rule(module[-1])
+    our_leaf, layout = _weight_rule(module)
     if leaf == ("weight" if to_ours else our_leaf):
       return ".".join(module + [our_leaf if to_ours else "weight"]), layout
+    stats = BATCH_NORM_STATS if to_ours else {ours: official for official, ours in BATCH_NORM_STATS.items()}
+    if leaf in stats and is_batch_norm(module):
+      return ".".join(module + [stats[leaf]]), "same"
   return name, "same"
 
 
@@ -85,12 +117,26 @@ def describe_official(name: str, shape) -> tuple[str, tuple]:
 
 
 def to_flat(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """An official-named state dict as {our name: array in our layout} (blocks one at a time)."""
+  """An official-named state dict as {our name: array in our layout} (blocks one at a time).
+
+  BatchNorm statistics come out under their state names (`split_state` separates them);
+  BatchNorms' `num_batches_tracked` counters are dropped (nothing here reads them).
+  """
   flat = {}
   for name, value in state_dict.items():
+    *module, leaf = name.split(".")
+    if leaf == NUM_BATCHES_TRACKED and module and is_batch_norm(module):
+      continue
     ours, layout = _rename(name, to_ours=True)
     flat[ours] = _LAYOUTS[layout][0](_to_numpy(value))
   return flat
+
+
+def split_state(flat: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(parameters, BatchNorm statistics) of a `to_flat` dict, by our leaf names."""
+  stats = set(BATCH_NORM_STATS.values())
+  state = {name: value for name, value in flat.items() if name.rsplit(".", 1)[-1] in stats}
+  return {name: value for name, value in flat.items() if name not in state}, state
 
 
 def import_params(
@@ -124,10 +170,14 @@ def import_params(
   return params_lib.fill(target, flat, source=source, describe=describe_official)
 
 
-def export_state_dict(params: Mapping) -> dict[str, np.ndarray]:
-  """Our parameters (a nested dict) as an official-named state dict of numpy arrays."""
+def export_state_dict(params: Mapping, model_state: Mapping | None = None) -> dict[str, np.ndarray]:
+  """Our parameters (a nested dict) and, for the adapter, its BatchNorm statistics (nested) as
+  an official-named state dict of numpy arrays (with PyTorch's int64 `num_batches_tracked`)."""
   state_dict = {}
-  for name, value in params_lib.flatten(params).items():
+  for name in params_lib.flatten(model_state or {}):
+    module = name.split(".")[:-1]
+    state_dict[".".join(module + [NUM_BATCHES_TRACKED])] = np.zeros((), np.int64)
+  for name, value in {**params_lib.flatten(params), **params_lib.flatten(model_state or {})}.items():
     value = np.asarray(value)
     blocks = (
       [(f"{vim.LAYERS}.{i}.{name[len(vim.LAYERS) + 1 :]}", value[i]) for i in range(value.shape[0])]
