@@ -8,8 +8,18 @@ segmentation/configs/shufflemamba/, read 2026-12-03):
   shufflemamba_middle     upernet_videomamba_..._middle.py                    576  32   LN   6e-5 0.3       -
   shufflemamba_large      upernet_videomamba_..._large.py                    1024  40   LN   3e-5 0.2       3
   shufflemamba_reg_large  upernet_shufflemamba_..._large_reg.py              1024  48   RMS  3e-5 0.3       5
+  shufflemamba_base_adapter upernet_shufflemamba_..._base_adapter.py          768  24   LN   6e-5 0.2       -
 
 (LN: LayerNorm, RMS: RMSNorm.)
+
+The adapter variant's backbone is the ViT-Adapter around the blocks (`MM_VSSM_ADT`,
+shufflemamba_jax.models.adapter): spatial prior module of width 64, deformable attention with 12
+heads, 4 points and value ratio 0.5, ConvFFN ratio 0.25, stretches ending at out_indices [5, 11,
+17, 23] (its interaction_indexes), two extra extractors; its four maps (strides 4 to 32, each
+with its SyncBN) go to the same UPerHead and FCNHead. Its optimizer is the others' (the
+layer-decay constructor is commented out there; the same custom_keys, which now also spare the
+adapter's query_norm / feat_norm / ffn_norm and norm1..norm4 from decay). Its `fp16 = dict(...)`
+line is a leftover of mmseg 0.x that mmengine's runner does not read: it trains in float32 too.
 
 Common to all: the backbone scans patch tokens only (its `num_cls_tokens` and `cls_reduce` are
 accepted and ignored by `Backbone_VideoMamba`) with the 224-pixel pretraining position table
@@ -50,7 +60,10 @@ _RECIPES = {
   "shufflemamba_middle": (6e-5, 0.3, None, 32, "layernorm"),
   "shufflemamba_large": (3e-5, 0.2, 3.0, 40, "layernorm"),
   "shufflemamba_reg_large": (3e-5, 0.3, 5.0, 48, "rmsnorm"),
+  "shufflemamba_base_adapter": (6e-5, 0.2, None, 24, "layernorm"),
 }
+# Adapter variants: (backbone variant, deformable attention heads), from their reference configs.
+_ADAPTERS = {"shufflemamba_base_adapter": ("shufflemamba_base", 12)}
 
 
 def get_config(arg: str | None = None):
@@ -73,6 +86,11 @@ def get_config(arg: str | None = None):
   config.shuffle_buffer = 4096
 
   config.model.variant = variant
+  if variant in _ADAPTERS:
+    config.model.variant, config.seg.adapter.deform_num_heads = _ADAPTERS[variant]
+    config.seg.adapter.enabled = True
+    config.seg.adapter.deform_ratio = 0.5
+    config.seg.adapter.conv_inplane = 64
   config.model.dtype = "float32"  # The reference trains without --amp.
   config.model.depth = depth
   config.model.norm = norm

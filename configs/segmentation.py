@@ -41,6 +41,21 @@ def get_config():
   # "none" (the reference): the four patch-grid maps go straight to the heads; "simple_pyramid"
   # (opt-in, not the reference): BEiT's 4x / 2x / 1x / 1/2x deconvolution pyramid first.
   config.seg.neck = "none"
+  # The ViT-Adapter backbone (shufflemamba_jax.models.adapter, the reference's *_adapter.py
+  # configs): off = the plain backbone above. Its stretches of blocks end at out_indices; its four
+  # maps sit at strides 4, 8, 16, 32; images and eval_crop must be multiples of 32; patch_size 16.
+  config.seg.adapter = ml_collections.ConfigDict()
+  config.seg.adapter.enabled = False
+  config.seg.adapter.conv_inplane = 64  # Spatial prior module width (c1; c2 2x, c3 and c4 4x).
+  config.seg.adapter.n_points = 4  # Deformable attention: points per head and level,
+  config.seg.adapter.deform_num_heads = 12  # heads (base and middle 12, large 16),
+  config.seg.adapter.deform_ratio = 0.5  # and value width as a fraction of the embedding width.
+  config.seg.adapter.init_values = 0.0  # The Injectors' gamma at initialization.
+  config.seg.adapter.cffn_ratio = 0.25  # ConvFFN hidden width as a fraction of the embedding width.
+  config.seg.adapter.add_mamba_feature = True  # Add each stretch's token map to its output level.
+  config.seg.adapter.use_extra_extractor = True  # Two extra Extractors after the last stretch.
+  config.seg.adapter.norm_momentum = 0.9  # Its BatchNorms (Flax's convention: PyTorch's 0.1).
+  config.seg.adapter.norm_eps = 1e-5
   config.seg.channels = 512  # UperNet decode head width.
   config.seg.pool_scales = (1, 2, 3, 6)  # Pyramid pooling bins on the coarsest level.
   config.seg.dropout = 0.1  # Channel dropout before the classifiers.

@@ -29,7 +29,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from shufflemamba_jax import checks
-from shufflemamba_jax.models import upernet, vim
+from shufflemamba_jax.models import adapter, upernet, vim
 from shufflemamba_jax.weights import params as params_lib
 
 CHECKPOINT_DIR = "checkpoints"
@@ -290,6 +290,8 @@ def model_config_from_json(model: dict) -> vim.VisionMambaConfig | upernet.UperN
   if "backbone" not in model:
     return vim.VisionMambaConfig(**model)
   fields = {name: tuple(value) if isinstance(value, list) else value for name, value in model.items()}
+  if fields.get("adapter") is not None:
+    fields["adapter"] = adapter.AdapterConfig(**fields["adapter"])
   return upernet.UperNetConfig(**dict(fields, backbone=vim.VisionMambaConfig(**model["backbone"])))
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from shufflemamba_jax.models import adapter as adapter_lib
 from shufflemamba_jax.models import upernet, vim
 from shufflemamba_jax.weights import params as params_lib
 from shufflemamba_jax.weights import pytorch
@@ -286,16 +287,41 @@ def _backbone_sizes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   )
 
 
+def is_adapter_state_dict(state_dict: Mapping[str, Any]) -> bool:
+  """Whether a segmenter's backbone is the ViT-Adapter (the reference's `Mamba_Adapter`)."""
+  return f"{BACKBONE_PREFIX}spm.stem.0.weight" in state_dict
+
+
+def _adapter_sizes(state_dict: Mapping[str, Any], n_points: int, width: int) -> dict[str, Any]:
+  """The AdapterConfig sizes the adapter's tensors imply; the heads need the point count."""
+  rows = lambda name: np.shape(state_dict[f"{BACKBONE_PREFIX}interactions.0.{name}.weight"])[0]
+  heads, remainder = divmod(rows("injector.attn.attention_weights"), 3 * n_points)
+  if remainder:
+    raise ValueError(f"n_points={n_points} does not divide the injector's attention weights; give --set n_points=...")
+  return dict(
+    conv_inplane=np.shape(state_dict[f"{BACKBONE_PREFIX}spm.stem.0.weight"])[0],
+    deform_num_heads=heads,
+    deform_ratio=rows("injector.attn.value_proj") / width,
+    cffn_ratio=rows("extractor.ffn.fc1") / width,
+    use_extra_extractor=any(".extra_extractors." in name for name in state_dict),
+  )
+
+
 def segmenter_config(state_dict: Mapping[str, Any], settings: Mapping[str, Any] | None = None) -> upernet.UperNetConfig:
   """The UperNetConfig of an mmseg state dict of the reference: sizes from the tensors (width,
-  depth, patch, SSM sizes, LayerNorm or RMSNorm, position grid, classes, head widths), every
-  other setting from `settings` (VisionMambaConfig or UperNetConfig field names, e.g.
-  out_indices, pool_scales, img_size, drop_path_rate), else the defaults.
+  depth, patch, SSM sizes, LayerNorm or RMSNorm, position grid, classes, head widths, and for
+  an adapter backbone its SPM width, heads, value and ConvFFN ratios and extra extractors),
+  every other setting from `settings` (VisionMambaConfig, UperNetConfig or AdapterConfig field
+  names, e.g. out_indices, pool_scales, img_size, drop_path_rate, n_points), else the defaults.
 
-  Raises a ValueError naming a setting that contradicts the tensors or is no field of either.
+  Raises a ValueError naming a setting that contradicts the tensors or is no field of any.
   """
   settings = dict(settings or {})
+  adapter_fields = {field.name for field in dataclasses.fields(adapter_lib.AdapterConfig)}
   inferred = _backbone_sizes(state_dict)
+  if is_adapter_state_dict(state_dict):
+    n_points = settings.get("n_points", adapter_lib.AdapterConfig.n_points)
+    inferred.update(_adapter_sizes(state_dict, n_points, inferred["embed_dim"]))
   heads = head_sizes(state_dict)
   inferred.update(num_classes=heads.num_classes, channels=heads.channels)
   if heads.aux_channels is not None:
@@ -306,9 +332,16 @@ def segmenter_config(state_dict: Mapping[str, Any], settings: Mapping[str, Any] 
   merged = {**inferred, **settings}
   backbone_fields = {field.name for field in dataclasses.fields(vim.VisionMambaConfig)} - {"num_classes"}
   segmenter_fields = {field.name for field in dataclasses.fields(upernet.UperNetConfig)} - {"backbone"}
-  unknown = sorted(set(merged) - backbone_fields - segmenter_fields)
+  unknown = sorted(set(merged) - backbone_fields - segmenter_fields - adapter_fields)
   if unknown:
-    raise ValueError(f"--set {unknown[0]}: not a setting of the backbone (VisionMambaConfig) or of UperNetConfig")
+    raise ValueError(
+      f"--set {unknown[0]}: not a setting of the backbone (VisionMambaConfig), UperNetConfig or AdapterConfig"
+    )
+  adapter = None
+  if is_adapter_state_dict(state_dict):
+    adapter = adapter_lib.AdapterConfig(**{name: value for name, value in merged.items() if name in adapter_fields})
+  elif set(settings) & adapter_fields:
+    raise ValueError(f"--set {sorted(set(settings) & adapter_fields)[0]}: the checkpoint's backbone has no adapter")
   # The reference backbone scans patches only and trains in float32; the crop is 512 pixels.
   backbone = dict(token_layout="head", slws_max_prob=0.0, img_size=512)
   backbone.update({name: value for name, value in merged.items() if name in backbone_fields})
@@ -320,7 +353,7 @@ def segmenter_config(state_dict: Mapping[str, Any], settings: Mapping[str, Any] 
     )
   fields = {name: value for name, value in merged.items() if name in segmenter_fields}
   fields = {name: tuple(value) if isinstance(value, list) else value for name, value in fields.items()}
-  return upernet.UperNetConfig(backbone=vim.VisionMambaConfig(**backbone), **fields)
+  return upernet.UperNetConfig(backbone=vim.VisionMambaConfig(**backbone), adapter=adapter, **fields)
 
 
 def import_segmenter(state_dict: Mapping[str, Any], config: upernet.UperNetConfig, *, source: str) -> tuple[dict, dict]:
@@ -330,13 +363,14 @@ def import_segmenter(state_dict: Mapping[str, Any], config: upernet.UperNetConfi
   head_params, head_state = heads_from_mmseg(heads, pool_scales=config.pool_scales)
   backbone = {name[len(BACKBONE_PREFIX) :]: value for name, value in rest.items() if name.startswith(BACKBONE_PREFIX)}
   flat = {BACKBONE_PREFIX + name: value for name, value in pytorch.to_flat(backbone).items()}
+  flat, backbone_state = pytorch.split_state(flat)  # The adapter's BatchNorm statistics.
   flat.update({name: value for name, value in rest.items() if not name.startswith(BACKBONE_PREFIX)})
   flat.update(head_params)
   model = params_lib.abstract_model(config)
   describe = _describer(config.pool_scales)
   params = params_lib.fill(params_lib.param_tree(model), flat, source=source, describe=describe)
   state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-  return params, params_lib.fill(state, head_state, source=source, describe=describe)
+  return params, params_lib.fill(state, {**head_state, **backbone_state}, source=source, describe=describe)
 
 
 def _describer(pool_scales: Sequence[int]):
@@ -356,13 +390,15 @@ def export_segmenter(
 ) -> dict[str, np.ndarray]:
   """The reference's mmseg state dict (`backbone.*`, `decode_head.*`, `auxiliary_head.*`) of our
   UperNet's nested (parameters, model state), loadable with `strict=True` into the official
-  EncoderDecoder (no neck)."""
+  EncoderDecoder (no neck), with the plain backbone or the adapter (`Mamba_Adapter`)."""
   flat_params, flat_state = params_lib.flatten(params), params_lib.flatten(model_state)
   if any(name.startswith("pyramid.") for name in flat_params):
     raise ValueError("a segmenter with the simple-pyramid neck has no counterpart in the reference (neck=None)")
-  backbone = {name[len(BACKBONE_PREFIX) :]: v for name, v in flat_params.items() if name.startswith(BACKBONE_PREFIX)}
-  state_dict = {
-    BACKBONE_PREFIX + name: value for name, value in pytorch.export_state_dict(params_lib.unflatten(backbone)).items()
-  }
+  backbone, backbone_state = (
+    {name[len(BACKBONE_PREFIX) :]: v for name, v in flat.items() if name.startswith(BACKBONE_PREFIX)}
+    for flat in (flat_params, flat_state)
+  )
+  exported = pytorch.export_state_dict(params_lib.unflatten(backbone), params_lib.unflatten(backbone_state))
+  state_dict = {BACKBONE_PREFIX + name: value for name, value in exported.items()}
   state_dict.update(heads_to_mmseg(flat_params, flat_state, pool_scales=pool_scales))
   return state_dict

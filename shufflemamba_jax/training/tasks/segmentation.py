@@ -25,7 +25,9 @@ from flax import nnx
 
 from shufflemamba_jax import checks
 from shufflemamba_jax.data import IGNORE_INDEX, device, pipeline
-from shufflemamba_jax.models import upernet
+from shufflemamba_jax.models import adapter as adapter_lib
+from shufflemamba_jax.models import tokens, upernet
+from shufflemamba_jax.models.adapter import AdapterConfig
 from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import optim, steps
 from shufflemamba_jax.training.tasks import base
@@ -62,7 +64,7 @@ def cross_entropy(
   Returns:
     A float32 scalar.
   """
-  logits = upernet.resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])
+  logits = tokens.resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])
   num_classes = logits.shape[-1]
   valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
   safe_labels = jnp.where(valid, labels, 0)
@@ -128,10 +130,17 @@ class SegmentationTask:
     seg, backbone = config.seg, base.backbone_config(config)
     fields = {name: seg[name] for name in _SEGMENTER_FIELDS}
     fields = {name: tuple(value) if isinstance(value, (list, tuple)) else value for name, value in fields.items()}
+    adapter_fields = {field.name for field in dataclasses.fields(AdapterConfig)}
+    if not isinstance(seg.adapter.enabled, bool):
+      raise checks.SettingError("config.seg.adapter.enabled", seg.adapter.enabled, "must be True or False")
     try:
-      segmenter = upernet.UperNetConfig(backbone=backbone, **fields)
+      adapter = AdapterConfig(**{name: seg.adapter[name] for name in adapter_fields}) if seg.adapter.enabled else None
+      segmenter = upernet.UperNetConfig(backbone=backbone, adapter=adapter, **fields)
     except checks.SettingError as error:
-      prefix = "config.seg" if error.setting in _SEGMENTER_FIELDS else "config.model"
+      if error.setting in adapter_fields:
+        prefix = "config.seg.adapter"
+      else:
+        prefix = "config.seg" if error.setting in _SEGMENTER_FIELDS else "config.model"
       raise checks.SettingError(f"{prefix}.{error.setting}", error.value, error.requirement) from None
     checks.number("config.seg.aux_weight", seg.aux_weight)
     class_weight = seg.class_weight
@@ -160,6 +169,14 @@ class SegmentationTask:
         "config.seg.eval_crop",
         seg.eval_crop,
         f"must be multiples of {2 * backbone.patch_size} (2 x patch_size) for the simple pyramid",
+      )
+    if (
+      segmenter.adapter is not None
+      and windows["eval_crop"] is not None
+      and any(side % adapter_lib.STRIDES[-1] for side in windows["eval_crop"])
+    ):
+      raise checks.SettingError(
+        "config.seg.eval_crop", seg.eval_crop, f"must be multiples of {adapter_lib.STRIDES[-1]} for the adapter"
       )
     if not isinstance(seg.tta, bool):
       raise checks.SettingError("config.seg.tta", seg.tta, "must be True (mmseg's 6 ratios x 2 flips) or False")
@@ -353,7 +370,7 @@ def make_train_step(
       ema=ema,
       nonfinite_step=nonfinite_step,
     )
-    predictions = jnp.argmax(upernet.resize_bilinear(logits, labels.shape[1:3]), axis=-1)
+    predictions = jnp.argmax(tokens.resize_bilinear(logits, labels.shape[1:3]), axis=-1)
     valid = labels != IGNORE_INDEX
     metrics = {
       "loss": loss,
@@ -396,7 +413,7 @@ def _view_scores(window_logits, *, count, size, window, starts, original, flip, 
     # Back to the image's orientation before resizing, as mmseg. A gather, not `[:, :, ::-1]`:
     # XLA's CPU simplifier aborts on that reverse here ("Invalid binary instruction opcode map").
     logits = jnp.take(logits, np.arange(size[1] - 1, -1, -1), axis=2)
-  logits = upernet.resize_bilinear(logits, original)
+  logits = tokens.resize_bilinear(logits, original)
   return jax.nn.softmax(logits, axis=-1) if softmax else logits
 
 
