@@ -9,9 +9,12 @@ itself, so one call of the step is one optimizer update.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -89,10 +92,18 @@ def weight_decay_mask(params: Any):
 
 
 def create_optimizer(
-  settings: OptimizerSettings, schedule: optax.Schedule, *, mask=weight_decay_mask
+  settings: OptimizerSettings, schedule: optax.Schedule, *, mask=weight_decay_mask, lr_scales: Any = None
 ) -> optax.GradientTransformation:
   """AdamW (decoupled decay, masked by `mask`: `weight_decay_mask`, or a segmenter's
-  `segmentation_weight_decay_mask`) after optional global-norm clipping."""
+  `segmentation_weight_decay_mask`, or `layer_decay_weight_decay_mask`) after optional global-norm
+  clipping.
+
+  lr_scales: None, or a tree like the parameters of arrays broadcastable to each leaf
+    (`layer_decay_scales`), or a function of the updates' tree returning one (like optax's
+    masks, for a task that builds its optimizer before its parameters exist): each AdamW update
+    is multiplied by its scale, which is torch AdamW with one parameter group per scale
+    (lr = scale * lr scales both the Adam step and the decay).
+  """
   adamw = optax.adamw(
     learning_rate=schedule,
     b1=settings.b1,
@@ -101,9 +112,11 @@ def create_optimizer(
     weight_decay=settings.weight_decay,
     mask=mask,
   )
-  if not settings.grad_clip:
-    return adamw
-  return optax.chain(optax.clip_by_global_norm(settings.grad_clip), adamw)
+  parts = [adamw] if lr_scales is None else [adamw, scale_updates(lr_scales)]
+  if settings.grad_clip:
+    parts.insert(0, optax.clip_by_global_norm(settings.grad_clip))
+  # One transform alone, not a chain of one: the optimizer state keeps the layout it always had.
+  return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,3 +170,117 @@ def warmup_poly_schedule(
     return peak * (warmup_factor + (1.0 - warmup_factor) * fraction)
 
   return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-wise learning-rate decay (the detection recipe).
+# ---------------------------------------------------------------------------------------------
+
+# The reference detection recipes (mask_rcnn_shufflemamba_reg_fpn_coco_*_adapter.py) build AdamW with
+# `MyLayerDecayOptimizerConstructor` (detection/mmdet_custom/layer_decay_optimizer_constructor.py,
+# BEiT's), whose rules over the whole detector's PyTorch names are reproduced here on ours. Its
+# `get_num_layer_for_vit` puts these names at layer 0 (the embeddings): whole names, then prefixes.
+# The decode_head ones are Mask2Former's: no model here has them, they are kept for exactness.
+LAYER_DECAY_EMBEDDING_NAMES = (
+  "backbone.cls_token",
+  "backbone.mask_token",
+  "backbone.pos_embed",
+  "backbone.visual_embed",
+)
+LAYER_DECAY_EMBEDDING_PREFIXES = (
+  "backbone.patch_embed",
+  "backbone.visual_embed",
+  "decode_head.mask_embed",
+  "decode_head.cls_embed",
+  "decode_head.level_embed",
+  "decode_head.query_embed",
+  "decode_head.query_feat",
+)
+# The subtree holding the backbone in a detector's or segmenter's parameters.
+BACKBONE = "backbone"
+
+
+def _is_stacked(names: list[str]) -> bool:
+  """Whether the parameter at `names` is one of the backbone's stacked blocks' (leading depth axis)."""
+  return names[:2] == [BACKBONE, vim.LAYERS]
+
+
+def layer_decay_decays(path: tuple[str, ...], ndim: int) -> bool:
+  """Whether a detector parameter decays under the layer-decay constructor's rule.
+
+  The constructor's test is `len(param.shape) == 1 or name.endswith('.bias') or name in
+  ('pos_embed', 'cls_token', 'visual_embed')`. The last clause never matches (the names it sees
+  are prefixed, `backbone.pos_embed`), so pos_embed, level_embed and A_log decay; and the
+  recipes' paramwise custom_keys (`.pos_embed`, `norm`, `.A_log`, `.D` at decay_mult 0) are
+  ignored, since the constructor overrides `add_params` which reads them. Biases, D, gamma and
+  norm scales (1-D) do not decay. A stacked block leaf counts its dimensions per block; ours have
+  the reference's rank wherever it matters (only transposes, and (n, D) for its (1, n, D) tokens).
+  A 0-d parameter decays, as len(()) != 1 (no model here has one).
+  """
+  names = [str(part) for part in path]
+  return ndim - _is_stacked(names) != 1 and names[-1] != "bias"
+
+
+def layer_decay_weight_decay_mask(params: Any):
+  """A tree of bools like a detector's or segmenter's `params` (a nested dict of arrays): True = decays."""
+  return traverse_util.path_aware_map(lambda path, leaf: layer_decay_decays(path, jnp.ndim(leaf)), params)
+
+
+def layer_decay_scales(params: Any, rate: float, depth: int):
+  """The layer-decay constructor's learning-rate scale of every parameter of a detector / segmenter.
+
+  params: a nested dict of arrays (or jax.ShapeDtypeStruct) with the backbone under `backbone`,
+    its stacked blocks under `backbone.layers` with a leading (depth,) axis.
+  rate, depth: the recipe's `layer_decay_rate` (0.9) and `num_layers` (the backbone's depth).
+  Returns a tree like `params` of float32 arrays: () for a plain leaf, (depth, 1, ..., 1) (the
+  leaf's rank) for a stacked one. With n = depth + 2 layers, layer ids are 0 for the embeddings
+  (patch_embed, pos_embed, cls_token: rate ** (depth + 1)), i + 1 for block i (rate ** (depth - i))
+  and n - 1 for everything else, the backbone's other parts (norm_f, the adapter) included:
+  scale rate ** (n - 1 - id) = 1. Per-slice scales because the blocks are stacked in one leaf.
+  Raises a SettingError for a rate outside (0, 1], a depth < 1 or a depth that is not the stacked
+  blocks', and a ValueError when there is no `backbone.layers` (the rule would scale nothing).
+  """
+  if checks.number("rate", rate, 0.0, 1.0) == 0.0:
+    raise checks.SettingError("rate", rate, "must be in (0.0, 1.0]")
+  depth = checks.integer("depth", depth)
+  backbone = params.get(BACKBONE) if isinstance(params, Mapping) else None
+  if not isinstance(backbone, Mapping) or vim.LAYERS not in backbone:
+    raise ValueError(
+      f"layer decay needs a detector's or segmenter's parameters, blocks under '{BACKBONE}.{vim.LAYERS}'"
+    )
+  num_layers = depth + 2
+  # Exponents in float64, then float32: rate ** k as PyTorch's group lr computes it in Python.
+  block_scales = (rate ** np.arange(depth, 0, -1, dtype=np.float64)).astype(np.float32)
+
+  def scale(path, leaf):
+    names = [str(part) for part in path]
+    shape = jnp.shape(leaf)
+    if _is_stacked(names):
+      if not shape or shape[0] != depth:
+        raise checks.SettingError(
+          "depth", depth, f"must be the stacked blocks' leading axis: {'.'.join(names)} has shape {tuple(shape)}"
+        )
+      return block_scales.reshape((depth,) + (1,) * (len(shape) - 1))
+    name = ".".join(names)
+    if name in LAYER_DECAY_EMBEDDING_NAMES or name.startswith(LAYER_DECAY_EMBEDDING_PREFIXES):
+      return np.asarray(rate ** (num_layers - 1), np.float32)
+    return np.asarray(1.0, np.float32)
+
+  return traverse_util.path_aware_map(scale, params)
+
+
+def scale_updates(scales: Any) -> optax.GradientTransformation:
+  """Multiplies each update by its scale in `scales` (a tree like the updates of broadcastable
+  arrays, or a function of the updates returning one).
+
+  A per-leaf multiply after AdamW rather than optax.multi_transform over one AdamW per group:
+  the stacked blocks hold every block in one leaf, each slice with its own scale, which labels
+  per leaf cannot express; and scaling AdamW's whole update is what a group lr does in PyTorch.
+  """
+
+  def update(updates, params=None):
+    del params
+    tree = scales(updates) if callable(scales) else scales
+    return jax.tree.map(lambda u, s: (u * s).astype(u.dtype), updates, tree)
+
+  return optax.stateless(update)
