@@ -11,7 +11,11 @@ An mmseg EncoderDecoder checkpoint of the reference's UperNet (`backbone.*`, `de
 "state_dict") is recognized as a segmenter: its sizes come from its tensors (width, depth,
 LayerNorm or RMSNorm, position grid, classes, head widths) and other settings from --set; it is
 written as a segmentation workdir evaluated as the reference's test_cfg (slide, 512 / 341), and
---to-pytorch of a segmenter writes that layout back, loadable with strict=True.
+--to-pytorch of a segmenter writes that layout back, loadable with strict=True. A segmenter whose
+backbone is the ViT-Adapter (`MM_VSSM_ADT`, `backbone.spm.*`, `backbone.interactions.*`) is
+recognized too: its adapter sizes come from its tensors (--set n_points=... if not 4). mmdet
+detector checkpoints (`rpn_head.*`, `roi_head.*`) are refused: the detector is not part of this
+version.
 
 An import writes OUT as a workdir with one checkpoint, step 0 (see `weights.checkpoint`), which
 `load_model`, `predict --checkpoint`, `--config.init_from` and evaluation read like a training
@@ -41,6 +45,11 @@ def import_checkpoint(args, parser) -> None:
   state_dict = pytorch.read_state_dict(
     args.from_pytorch, checkpoint_key=args.checkpoint_key, allow_pickle=args.allow_pickle
   )
+  if any(name.startswith(("rpn_head.", "roi_head.")) for name in state_dict):
+    raise ValueError(
+      f"{args.from_pytorch} is an mmdet detector (rpn_head.*, roi_head.*): detection checkpoints are not "
+      "supported yet (the Mask R-CNN around the adapter is not part of this version)"
+    )
   if mmseg.is_segmenter_state_dict(state_dict):
     if args.variant or args.img_size or args.num_classes:
       raise ValueError(

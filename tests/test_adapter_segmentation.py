@@ -11,8 +11,8 @@ from flax import nnx
 
 from shufflemamba_jax.data import digits_seg
 from shufflemamba_jax.models import SettingError, adapter, upernet, variants
-from shufflemamba_jax.training import metrics as metrics_lib
 from shufflemamba_jax.training import config_files, optim, trainer
+from shufflemamba_jax.training import metrics as metrics_lib
 from shufflemamba_jax.weights import checkpoint as checkpoint_lib
 from shufflemamba_jax.weights import mmseg
 from shufflemamba_jax.weights import params as params_lib
@@ -129,3 +129,57 @@ def test_adapter_warm_start_takes_the_classifier_blocks_and_keeps_the_adapter_fr
   for part in adapter.ADAPTER_PARTS:
     jax.tree.map(np.testing.assert_array_equal, filled["backbone"][part], fresh["backbone"][part])
   assert "norm_f" not in filled["backbone"]
+
+
+def test_convert_reads_and_writes_an_official_adapter_segmenter(tmp_path, capsys):
+  """`convert --from-pytorch` of a reference-layout adapter segmenter (sizes from its tensors),
+  then `--to-pytorch`: the same tensors, BatchNorm counters included; a detector is refused."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from shufflemamba_jax import convert  # pylint: disable=g-import-not-at-top
+
+  settings = trainer.Settings.from_config(config_with(CONFIG, "/nonexistent", ADAPTER_RUN))
+  model = upernet.create_segmenter(settings.task.model_config(digits_seg.NUM_CLASSES), rngs=nnx.Rngs(4))
+  parts = [nnx.to_pure_dict(nnx.state(model, selector)) for selector in (nnx.Param, nnx.Not(nnx.Param))]
+  state_dict = mmseg.export_segmenter(*parts, pool_scales=model.config.pool_scales)
+  source = tmp_path / "upernet_adapter.pth"
+  torch.save({"state_dict": {name: torch.from_numpy(np.array(v)) for name, v in state_dict.items()}}, source)
+  workdir = str(tmp_path / "converted")
+  assert convert.main(["--from-pytorch", str(source), "--out", workdir, "--set", "img_size=32"]) == 0
+  loaded = checkpoint_lib.load_model(workdir)
+  assert isinstance(loaded.backbone, adapter.VimAdapter) and loaded.config.adapter == model.config.adapter
+  back = tmp_path / "back.pth"
+  assert convert.main(["--to-pytorch", workdir, "--out", str(back)]) == 0
+  written = torch.load(back, weights_only=True)["model"]
+  assert sorted(written) == sorted(state_dict)
+  assert all(np.array_equal(written[name].numpy(), state_dict[name]) for name in state_dict)
+
+  detector = {**state_dict, "rpn_head.rpn_conv.weight": np.zeros((4, 4, 3, 3), np.float32)}
+  torch.save({"state_dict": {name: torch.from_numpy(np.array(v)) for name, v in detector.items()}}, source)
+  with pytest.raises(SystemExit):
+    convert.main(["--from-pytorch", str(source), "--out", str(tmp_path / "detector")])
+  assert "is an mmdet detector" in capsys.readouterr().err
+
+
+def test_layer_decay_scales_the_segmenters_updates():
+  """config.seg.layer_decay: the first AdamW step (-lr * sign of the gradient) scaled per block,
+  the embeddings below the first block, the adapter and the heads at the full rate."""
+  overrides = {**ADAPTER_RUN, "seg.layer_decay": 0.5, "weight_decay": 0.0}
+  settings = trainer.Settings.from_config(config_with(CONFIG, "/nonexistent", overrides))
+  tx, schedule = settings.task.optimizer(settings.optimizer, batch_size=16, epoch_steps=1, total_steps=10)
+  model = upernet.create_segmenter(settings.task.model_config(digits_seg.NUM_CLASSES), rngs=nnx.Rngs(0))
+  params = jax.tree.map(np.asarray, params_lib.param_tree(model))
+  grads = jax.tree.map(np.ones_like, params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  lr = float(schedule(0))
+  # float32 Adam rounds its first step to about 1e-5 (bias corrections of 1 - beta).
+  close = lambda update, scale: np.testing.assert_allclose(np.asarray(update), -lr * scale, rtol=5e-5)
+  a_log = updates["backbone"]["layers"]["mixer"]["A_log"]
+  for block in range(4):
+    close(a_log[block], 0.5 ** (4 - block))
+  close(updates["backbone"]["pos_embed"], 0.5**5)
+  close(updates["backbone"]["patch_embed"]["kernel"], 0.5**5)
+  close(updates["backbone"]["interactions"]["0"]["injector"]["gamma"], 1.0)
+  close(updates["decode_head"]["classifier"]["kernel"], 1.0)
+  with pytest.raises(SettingError, match="config.seg.layer_decay"):
+    trainer.Settings.from_config(config_with(CONFIG, "/nonexistent", {**overrides, "seg.layer_decay": 1.5}))

@@ -107,6 +107,7 @@ class SegmentationTask:
   eval_crop: tuple[int, int] | None  # Sliding-window evaluation; None = the whole image.
   eval_stride: tuple[int, int] | None
   tta: bool  # mmseg's test-time augmentation: TTA_RATIOS x (no flip, horizontal flip).
+  layer_decay: float = 0.0  # The layer-decay constructor's rate; 0 = the recipe's optimizer.
 
   name = "segmentation"
   ranking_metrics = ("miou", "macc", "aacc")
@@ -180,7 +181,9 @@ class SegmentationTask:
       )
     if not isinstance(seg.tta, bool):
       raise checks.SettingError("config.seg.tta", seg.tta, "must be True (mmseg's 6 ratios x 2 flips) or False")
-    scalars = {name: float(seg[name]) for name in ("aux_weight", "warmup_factor", "poly_power")}
+    if seg.layer_decay:
+      checks.number("config.seg.layer_decay", seg.layer_decay, 0.0, 1.0)
+    scalars = {name: float(seg[name]) for name in ("aux_weight", "warmup_factor", "poly_power", "layer_decay")}
     return cls(
       segmenter,
       config.dataset,
@@ -226,7 +229,17 @@ class SegmentationTask:
     except checks.SettingError as error:
       field = "config.seg.warmup_steps" if error.setting == "warmup_steps" else "config.total_steps"
       raise checks.SettingError(field, error.value, error.requirement) from None
-    return optim.create_optimizer(settings, schedule, mask=optim.segmentation_weight_decay_mask), schedule
+    if not self.layer_decay:
+      return optim.create_optimizer(settings, schedule, mask=optim.segmentation_weight_decay_mask), schedule
+    # The layer-decay constructor replaces the recipe's decay rule with its own (see optim).
+    rate, depth = self.layer_decay, self.segmenter.backbone.depth
+    tx = optim.create_optimizer(
+      settings,
+      schedule,
+      mask=optim.layer_decay_weight_decay_mask,
+      lr_scales=lambda updates: optim.layer_decay_scales(updates, rate, depth),
+    )
+    return tx, schedule
 
   def warm_start(self, path: str, params: dict, model_config) -> dict:
     """The backbone of a fresh segmenter's `params` from a classifier saved at `path`."""
