@@ -376,3 +376,212 @@ def adapter_backbone(
     c1, c2, c3, c4 = c1 + x1, c2 + x2, c3 + x3, c4 + x4
 
   return [batch_norm(f, sd, f"norm{k}.") for k, f in enumerate((c1, c2, c3, c4), 1)]
+
+
+# ==================================================================================================
+# mmdet 3.3.0 box utilities (Mask R-CNN): anchors, overlaps, the delta coder, the MaxIoU assigner
+# and the anchor head's per-image targets. Transcribed in float64 from mmdet's AnchorGenerator,
+# bbox_overlaps, DeltaXYWHBBoxCoder (bbox2delta / delta2bbox), MaxIoUAssigner.assign_wrt_overlaps,
+# RandomSampler and AnchorHead._get_targets_single; one box after another where mmdet loops.
+# ==================================================================================================
+
+import math  # this section's own import, kept with it
+
+
+def mmdet_anchors(feature_shapes, strides, scales=(8,), ratios=(0.5, 1.0, 2.0), center_offset=0.0, dtype=torch.float64):
+  """AnchorGenerator(strides, ratios, scales).grid_priors(feature_shapes), levels concatenated: (N, 4).
+
+  With dtype=torch.float32 every step rounds as in mmdet (whose ratios, scales and anchors are float32).
+  """
+  scales = torch.tensor(scales, dtype=dtype)
+  ratios = torch.tensor(ratios, dtype=dtype)
+  levels = []
+  for (height, width), stride in zip(feature_shapes, strides):
+    center = center_offset * stride
+    ratio_h = ratios.sqrt()
+    ratio_w = 1.0 / ratio_h
+    # Ratio-major, scale-minor (scale_major=True).
+    ws = (stride * ratio_w[:, None] * scales[None, :]).reshape(-1)
+    hs = (stride * ratio_h[:, None] * scales[None, :]).reshape(-1)
+    cell = torch.stack([center - ws / 2, center - hs / 2, center + ws / 2, center + hs / 2], dim=1)
+    rows = []
+    for y in range(height):  # row after row, x fastest, the A anchors of a cell together
+      for x in range(width):
+        rows.append(cell + torch.tensor([x * stride, y * stride, x * stride, y * stride], dtype=dtype))
+    levels.append(torch.cat(rows))
+  return torch.cat(levels)
+
+
+def mmdet_valid_flags(feature_shapes, strides, num_base, pad_shape):
+  """AnchorGenerator.valid_flags: the cells within ceil(pad / stride) of the origin, per anchor."""
+  flags = []
+  for (height, width), stride in zip(feature_shapes, strides):
+    valid_h = min(math.ceil(pad_shape[0] / stride), height)
+    valid_w = min(math.ceil(pad_shape[1] / stride), width)
+    for y in range(height):
+      for x in range(width):
+        flags += [y < valid_h and x < valid_w] * num_base
+  return torch.tensor(flags)
+
+
+def mmdet_bbox_overlaps(boxes1, boxes2, mode="iou", eps=1e-6, dtype=torch.float64):
+  """bbox_overlaps(boxes1, boxes2, mode) for 'iou' and 'iof': (N, M), in `dtype` (mmdet's is float32)."""
+  boxes1, boxes2 = torch.as_tensor(boxes1).to(dtype), torch.as_tensor(boxes2).to(dtype)
+  out = boxes1.new_zeros(len(boxes1), len(boxes2))
+  for i, a in enumerate(boxes1):
+    area_a = (a[2] - a[0]) * (a[3] - a[1])
+    for j, b in enumerate(boxes2):
+      w = (torch.min(a[2], b[2]) - torch.max(a[0], b[0])).clamp(min=0)
+      h = (torch.min(a[3], b[3]) - torch.max(a[1], b[1])).clamp(min=0)
+      inter = w * h
+      denom = area_a + (b[2] - b[0]) * (b[3] - b[1]) - inter if mode == "iou" else area_a
+      out[i, j] = inter / max(denom, eps)
+  return out
+
+
+def mmdet_bbox2delta(proposals, gt, means=(0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.0)):
+  """DeltaXYWHBBoxCoder.encode: (N, 4) proposals and gts -> (N, 4) normalised deltas."""
+  p, g = torch.as_tensor(proposals).double(), torch.as_tensor(gt).double()
+  pw, ph = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
+  gw, gh = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
+  dx = ((g[:, 0] + g[:, 2]) / 2 - (p[:, 0] + p[:, 2]) / 2) / pw
+  dy = ((g[:, 1] + g[:, 3]) / 2 - (p[:, 1] + p[:, 3]) / 2) / ph
+  deltas = torch.stack([dx, dy, torch.log(gw / pw), torch.log(gh / ph)], dim=1)
+  return (deltas - torch.tensor(means).double()) / torch.tensor(stds).double()
+
+
+def mmdet_delta2bbox(
+  rois,
+  deltas,
+  means=(0.0, 0.0, 0.0, 0.0),
+  stds=(1.0, 1.0, 1.0, 1.0),
+  max_shape=None,
+  wh_ratio_clip=16 / 1000,
+  clip_border=True,
+  add_ctr_clamp=False,
+  ctr_clamp=32,
+):
+  """DeltaXYWHBBoxCoder.decode (delta2bbox): rois (N, 4), deltas (N, 4 * C) -> boxes (N, 4 * C)."""
+  rois, deltas = torch.as_tensor(rois).double(), torch.as_tensor(deltas).double()
+  n, classes = deltas.shape[0], deltas.shape[1] // 4
+  d = deltas.reshape(n, classes, 4) * torch.tensor(stds).double() + torch.tensor(means).double()
+  out = deltas.new_zeros(n, classes, 4)
+  limit = abs(math.log(wh_ratio_clip))
+  for i in range(n):
+    x1, y1, x2, y2 = rois[i]
+    pw, ph = x2 - x1, y2 - y1
+    px, py = (x1 + x2) / 2, (y1 + y2) / 2
+    for c in range(classes):
+      dx, dy, dw, dh = d[i, c]
+      shift_x, shift_y = pw * dx, ph * dy
+      if add_ctr_clamp:
+        shift_x, shift_y = shift_x.clamp(-ctr_clamp, ctr_clamp), shift_y.clamp(-ctr_clamp, ctr_clamp)
+        dw, dh = dw.clamp(max=limit), dh.clamp(max=limit)
+      else:
+        dw, dh = dw.clamp(-limit, limit), dh.clamp(-limit, limit)
+      w, h = pw * torch.exp(dw), ph * torch.exp(dh)
+      cx, cy = px + shift_x, py + shift_y
+      box = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+      if clip_border and max_shape is not None:
+        box[0::2] = box[0::2].clamp(0, max_shape[1])
+        box[1::2] = box[1::2].clamp(0, max_shape[0])
+      out[i, c] = box
+  return out.reshape(n, classes * 4)
+
+
+def mmdet_assign_wrt_overlaps(
+  overlaps, pos_iou_thr, neg_iou_thr, min_pos_iou=0.0, gt_max_assign_all=True, match_low_quality=True
+):
+  """MaxIoUAssigner.assign_wrt_overlaps on (K gts, N priors): mmdet's gt_inds (i + 1 / 0 neg / -1 ignore)."""
+  overlaps = torch.as_tensor(overlaps).double()
+  num_gts, num_priors = overlaps.shape
+  gt_inds = torch.full((num_priors,), -1, dtype=torch.long)
+  if num_gts == 0:
+    return gt_inds.fill_(0)
+  best, best_gt = overlaps.max(dim=0)
+  gt_best, gt_best_prior = overlaps.max(dim=1)
+  low, high = neg_iou_thr if isinstance(neg_iou_thr, tuple) else (0.0, neg_iou_thr)
+  gt_inds[(best >= low) & (best < high)] = 0
+  positive = best >= pos_iou_thr
+  gt_inds[positive] = best_gt[positive] + 1
+  if match_low_quality:
+    for i in range(num_gts):
+      if gt_best[i] >= min_pos_iou:
+        if gt_max_assign_all:
+          gt_inds[overlaps[i] == gt_best[i]] = i + 1
+        else:
+          gt_inds[gt_best_prior[i]] = i + 1
+  return gt_inds
+
+
+def mmdet_random_sample(gt_inds, num, pos_fraction, neg_pos_ub=-1, choose=None):
+  """RandomSampler.sample on mmdet's gt_inds: (sorted positive indices, sorted negative indices).
+
+  `choose(gallery, k)` picks k of the gallery's indices (default: torch.randperm, as mmdet).
+  """
+  if choose is None:
+    choose = lambda gallery, k: gallery[torch.randperm(len(gallery))[:k]]
+  pos = torch.nonzero(gt_inds > 0).flatten()
+  expected_pos = int(num * pos_fraction)
+  if len(pos) > expected_pos:
+    pos = choose(pos, expected_pos)
+  pos = pos.unique()
+  expected_neg = num - len(pos)
+  if neg_pos_ub >= 0:
+    expected_neg = min(expected_neg, int(neg_pos_ub * max(1, len(pos))))
+  neg = torch.nonzero(gt_inds == 0).flatten()
+  if len(neg) > expected_neg:
+    neg = choose(neg, expected_neg)
+  return pos, neg.unique()
+
+
+def mmdet_anchor_targets(
+  anchors,
+  valid_flags,
+  gt_bboxes,
+  *,
+  pos_iou_thr=0.7,
+  neg_iou_thr=0.3,
+  min_pos_iou=0.3,
+  num=256,
+  pos_fraction=0.5,
+  means=(0.0, 0.0, 0.0, 0.0),
+  stds=(1.0, 1.0, 1.0, 1.0),
+  choose=None,
+  iou_dtype=torch.float64,
+):
+  """AnchorHead._get_targets_single of the RPN (allowed_border=-1, pos_weight=-1, one class), unmapped.
+
+  Returns (labels as 1 positive / 0 else, label_weights, bbox_targets, bbox_weights, avg_factor);
+  `choose(gallery, k)` picks from galleries of indices into ALL anchors (see mmdet_random_sample).
+  `iou_dtype=torch.float32` computes the IoUs as mmdet does, with its exact ties (anchors of
+  irrational size tie in float32 where their float64 IoUs differ in the last bits).
+  """
+  anchors, gt_bboxes = torch.as_tensor(anchors).double(), torch.as_tensor(gt_bboxes).double()
+  inside = torch.nonzero(torch.as_tensor(valid_flags)).flatten()
+  kept = anchors[inside]
+  gt_inds = mmdet_assign_wrt_overlaps(
+    mmdet_bbox_overlaps(gt_bboxes, kept, dtype=iou_dtype).reshape(len(gt_bboxes), len(kept)).double(),
+    pos_iou_thr,
+    neg_iou_thr,
+    min_pos_iou,
+  )
+  pick = None if choose is None else (lambda gallery, k: _to_kept(choose(inside[gallery], k), inside))
+  pos, neg = mmdet_random_sample(gt_inds, num, pos_fraction, choose=pick)
+  n = len(anchors)
+  labels, label_weights = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.float64)
+  targets, target_weights = torch.zeros(n, 4, dtype=torch.float64), torch.zeros(n, 4, dtype=torch.float64)
+  if len(pos):
+    targets[inside[pos]] = mmdet_bbox2delta(kept[pos], gt_bboxes[gt_inds[pos] - 1], means, stds)
+    target_weights[inside[pos]] = 1.0
+    labels[inside[pos]] = 1
+    label_weights[inside[pos]] = 1.0
+  label_weights[inside[neg]] = 1.0
+  avg_factor = max(len(pos), 1) + max(len(neg), 1)
+  return labels, label_weights, targets, target_weights, avg_factor
+
+
+def _to_kept(full_indices, inside):
+  """Positions in `inside` (the kept anchors' indices) of the given anchor indices."""
+  lookup = {int(v): k for k, v in enumerate(inside)}
+  return torch.tensor([lookup[int(v)] for v in full_indices], dtype=torch.long)
