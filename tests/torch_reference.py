@@ -585,3 +585,52 @@ def _to_kept(full_indices, inside):
   """Positions in `inside` (the kept anchors' indices) of the given anchor indices."""
   lookup = {int(v): k for k, v in enumerate(inside)}
   return torch.tensor([lookup[int(v)] for v in full_indices], dtype=torch.long)
+
+
+# ======================================================================================================
+# Non-maximum suppression (torchvision.ops.nms / batched_nms), for the detection tests.
+#
+# A float64 transcription of the greedy sweep of torchvision's CPU kernel (not shipped in the Python
+# sources: sort the scores descending, then for each box still standing suppress every later box with
+# IoU > iou_threshold) and of batched_nms's coordinate trick (boxes shifted by label * (max coordinate
+# + 1), one NMS). Equal scores: a stable sort (lower index first) where torchvision's sort is unstable.
+# ======================================================================================================
+
+
+def nms(boxes, scores, iou_threshold):
+  """Indices (int64) of the boxes that greedy NMS keeps, by decreasing score.
+
+  boxes: (N, 4) (x1, y1, x2, y2); scores: (N,). IoU = inter / (area1 + area2 - inter),
+  area = (x2 - x1) * (y2 - y1); a box is dropped when a kept higher-scored box has IoU > iou_threshold."""
+  boxes, scores = boxes.to(torch.float64), scores.to(torch.float64)
+  order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+  x1, y1, x2, y2 = (boxes[:, k].tolist() for k in range(4))
+  area = [(x2[i] - x1[i]) * (y2[i] - y1[i]) for i in range(len(order))]
+  suppressed = [False] * len(order)
+  kept = []
+  for rank, i in enumerate(order):
+    if suppressed[i]:
+      continue
+    kept.append(i)
+    for j in order[rank + 1 :]:
+      if suppressed[j]:
+        continue
+      w = max(0.0, min(x2[i], x2[j]) - max(x1[i], x1[j]))
+      h = max(0.0, min(y2[i], y2[j]) - max(y1[i], y1[j]))
+      inter = w * h
+      union = area[i] + area[j] - inter
+      # IEEE division as in the kernel: 0 / 0 (two empty boxes) is NaN, and NaN > threshold is false.
+      iou = inter / union if union != 0 else (float("inf") if inter > 0 else float("nan"))
+      if iou > iou_threshold:
+        suppressed[j] = True
+  return torch.tensor(kept, dtype=torch.int64)
+
+
+def batched_nms(boxes, scores, labels, iou_threshold):
+  """Indices (int64) that per-label NMS keeps, by decreasing score: torchvision's coordinate trick
+  (every box shifted by label * (largest coordinate + 1), so that labels never overlap, then one NMS)."""
+  boxes = boxes.to(torch.float64)
+  if boxes.numel() == 0:
+    return torch.empty((0,), dtype=torch.int64)
+  offsets = labels.to(torch.float64) * (boxes.max() + 1.0)
+  return nms(boxes + offsets[:, None], scores, iou_threshold)
