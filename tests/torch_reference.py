@@ -15,6 +15,8 @@ spatial prior module, injectors, extractors and ConvFFNs of ViT-Adapter around t
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -385,7 +387,6 @@ def adapter_backbone(
 # RandomSampler and AnchorHead._get_targets_single; one box after another where mmdet loops.
 # ==================================================================================================
 
-import math  # this section's own import, kept with it
 
 
 def mmdet_anchors(feature_shapes, strides, scales=(8,), ratios=(0.5, 1.0, 2.0), center_offset=0.0, dtype=torch.float64):
@@ -634,3 +635,83 @@ def batched_nms(boxes, scores, labels, iou_threshold):
     return torch.empty((0,), dtype=torch.int64)
   offsets = labels.to(torch.float64) * (boxes.max() + 1.0)
   return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RoIAlign and mmdet's multi-level RoI extractor (Mask R-CNN, issue 23).
+#
+# `roi_align` follows the per-sample rules of the C++/CUDA RoIAlign kernels of torchvision and mmcv
+# (average pooling): unlike torchvision's pure-torch `_roi_align`, which omits it, a sample outside
+# [-1, H] x [-1, W] reads 0. Every sample is interpolated from its four corners by indexing, with no
+# factorisation, so that it checks the separable form of shufflemamba_jax.models.detection.roi_align.
+# `map_roi_levels` and `single_roi_extractor` restate mmdet 3.3.0's SingleRoIExtractor.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _bilinear_samples(image, y, x):
+  """image (C, H, W); y, x: broadcastable coordinate tensors. The kernels' bilinear_interpolate, (C, *shape)."""
+  _, height, width = image.shape
+  y, x = torch.broadcast_tensors(y, x)
+  inside = (y >= -1.0) & (y <= height) & (x >= -1.0) & (x <= width)
+  y, x = y.clamp(min=0.0), x.clamp(min=0.0)
+  y0, x0 = y.floor().long(), x.floor().long()
+  y_last, x_last = y0 >= height - 1, x0 >= width - 1
+  y0, x0 = torch.where(y_last, height - 1, y0), torch.where(x_last, width - 1, x0)
+  y1, x1 = torch.where(y_last, y0, y0 + 1), torch.where(x_last, x0, x0 + 1)
+  y, x = torch.where(y_last, y0.to(y.dtype), y), torch.where(x_last, x0.to(x.dtype), x)
+  ly, lx = y - y0, x - x0
+  hy, hx = 1.0 - ly, 1.0 - lx
+  value = (
+    hy * hx * image[:, y0, x0] + hy * lx * image[:, y0, x1] + ly * hx * image[:, y1, x0] + ly * lx * image[:, y1, x1]
+  )
+  return torch.where(inside, value, torch.zeros((), dtype=value.dtype))
+
+
+def roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned=True):
+  """RoIAlign, average mode. features (N, C, H, W); rois (K, 5) rows (batch index, x1, y1, x2, y2).
+
+  Returns (K, C, out_h, out_w). sampling_ratio > 0: that many samples per bin and axis; <= 0:
+  ceil(roi_size / out_size) per axis. Differentiable in `features`.
+  """
+  out_h, out_w = output_size
+  offset = 0.5 if aligned else 0.0
+  pooled = []
+  for roi in rois:
+    image = features[int(roi[0])]
+    x1, y1, x2, y2 = (roi[1:] * spatial_scale - offset).unbind()
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if not aligned:
+      roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_h, bin_w = roi_h / out_h, roi_w / out_w
+    grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(float(roi_h) / out_h)
+    grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(float(roi_w) / out_w)
+    if grid_h <= 0 or grid_w <= 0:  # the kernels' loops run no sample
+      pooled.append(image.new_zeros(image.shape[0], out_h, out_w))
+      continue
+    iy = torch.arange(grid_h, dtype=features.dtype)
+    ix = torch.arange(grid_w, dtype=features.dtype)
+    ph = torch.arange(out_h, dtype=features.dtype)
+    pw = torch.arange(out_w, dtype=features.dtype)
+    ys = y1 + ph[:, None] * bin_h + (iy + 0.5) * bin_h / grid_h  # (out_h, grid_h)
+    xs = x1 + pw[:, None] * bin_w + (ix + 0.5) * bin_w / grid_w  # (out_w, grid_w)
+    samples = _bilinear_samples(image, ys[:, :, None, None], xs[None, None])  # (C, out_h, grid_h, out_w, grid_w)
+    pooled.append(samples.sum((2, 4)) / max(grid_h * grid_w, 1))
+  return torch.stack(pooled)
+
+
+def map_roi_levels(rois, num_levels, finest_scale=56):
+  """mmdet's SingleRoIExtractor.map_roi_levels: rois (K, 5) -> level (K,) long."""
+  scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
+  level = torch.floor(torch.log2(scale / finest_scale + 1e-6))
+  return level.clamp(min=0, max=num_levels - 1).long()
+
+
+def single_roi_extractor(feats, rois, output_size, strides, sampling_ratio=0, finest_scale=56, aligned=True):
+  """mmdet's SingleRoIExtractor.forward with RoIAlign layers: feats, one (N, C, H_l, W_l) per stride."""
+  levels = map_roi_levels(rois, len(feats), finest_scale)
+  out = feats[0].new_zeros(len(rois), feats[0].shape[1], *output_size)
+  for k, (level_feats, stride) in enumerate(zip(feats, strides)):
+    chosen = torch.nonzero(levels == k).squeeze(1)
+    if len(chosen):
+      out[chosen] = roi_align(level_feats, rois[chosen], output_size, 1.0 / stride, sampling_ratio, aligned)
+  return out
