@@ -388,7 +388,6 @@ def adapter_backbone(
 # ==================================================================================================
 
 
-
 def mmdet_anchors(feature_shapes, strides, scales=(8,), ratios=(0.5, 1.0, 2.0), center_offset=0.0, dtype=torch.float64):
   """AnchorGenerator(strides, ratios, scales).grid_priors(feature_shapes), levels concatenated: (N, 4).
 
@@ -715,3 +714,25 @@ def single_roi_extractor(feats, rois, output_size, strides, sampling_ratio=0, fi
     if len(chosen):
       out[chosen] = roi_align(level_feats, rois[chosen], output_size, 1.0 / stride, sampling_ratio, aligned)
   return out
+
+
+# ---- mmdet's mask pasting (FCNMaskHead._do_paste_mask) ------------------------------------------
+
+
+def paste_masks(masks, boxes, height, width, threshold=0.5):
+  """(D, m, m) box masks drawn on a (height, width) image as mmdet's `_do_paste_mask` draws them:
+  each pixel centre mapped to [-1, 1] over its box and read with `grid_sample` (bilinear,
+  align_corners=False, zero padding), then thresholded. float64; returns (D, H, W) bool."""
+  masks = torch.as_tensor(masks, dtype=torch.float64)
+  boxes = torch.as_tensor(boxes, dtype=torch.float64)
+  x0, y0, x1, y1 = torch.split(boxes, 1, dim=1)
+  img_y = torch.arange(height, dtype=torch.float64) + 0.5
+  img_x = torch.arange(width, dtype=torch.float64) + 0.5
+  img_y = (img_y - y0) / (y1 - y0) * 2 - 1  # (D, H)
+  img_x = (img_x - x0) / (x1 - x0) * 2 - 1  # (D, W)
+  n = masks.shape[0]
+  gx = img_x[:, None, :].expand(n, height, width)
+  gy = img_y[:, :, None].expand(n, height, width)
+  grid = torch.stack([gx, gy], dim=3)
+  pasted = F.grid_sample(masks[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+  return pasted[:, 0] >= threshold
