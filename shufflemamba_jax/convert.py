@@ -13,9 +13,10 @@ LayerNorm or RMSNorm, position grid, classes, head widths) and other settings fr
 written as a segmentation workdir evaluated as the reference's test_cfg (slide, 512 / 341), and
 --to-pytorch of a segmenter writes that layout back, loadable with strict=True. A segmenter whose
 backbone is the ViT-Adapter (`MM_VSSM_ADT`, `backbone.spm.*`, `backbone.interactions.*`) is
-recognized too: its adapter sizes come from its tensors (--set n_points=... if not 4). mmdet
-detector checkpoints (`rpn_head.*`, `roi_head.*`) are refused: the detector is not part of this
-version.
+recognized too: its adapter sizes come from its tensors (--set n_points=... if not 4). So is the
+official mmdet Mask R-CNN with the adapter (`backbone.*`, `neck.*`, `rpn_head.*`, `roi_head.*`,
+BatchNorm statistics included): sizes from its tensors, written as a detector workdir
+(`models.detection.MaskRCNN`), and written back in that layout.
 
 An import writes OUT as a workdir with one checkpoint, step 0 (see `weights.checkpoint`), which
 `load_model`, `predict --checkpoint`, `--config.init_from` and evaluation read like a training
@@ -40,16 +41,22 @@ SEGMENTER_RUN_CONFIG = {"seg": {"eval_crop": [512, 512], "eval_stride": [341, 34
 
 def import_checkpoint(args, parser) -> None:
   from shufflemamba_jax import models  # pylint: disable=g-import-not-at-top
-  from shufflemamba_jax.weights import checkpoint, mmseg, pytorch  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.weights import checkpoint, mmdet, mmseg, pytorch  # pylint: disable=g-import-not-at-top
 
   state_dict = pytorch.read_state_dict(
     args.from_pytorch, checkpoint_key=args.checkpoint_key, allow_pickle=args.allow_pickle
   )
-  if any(name.startswith(("rpn_head.", "roi_head.")) for name in state_dict):
-    raise ValueError(
-      f"{args.from_pytorch} is an mmdet detector (rpn_head.*, roi_head.*): detection checkpoints are not "
-      "supported yet (the Mask R-CNN around the adapter is not part of this version)"
-    )
+  if mmdet.is_detector_state_dict(state_dict):
+    if args.variant or args.img_size or args.num_classes:
+      raise ValueError(
+        f"{args.from_pytorch} is an mmdet detector: its sizes come from its tensors; "
+        "give other settings with --set NAME=VALUE (not --variant, --img-size, --num-classes)"
+      )
+    config = mmdet.detector_config(state_dict, dict(args.set))
+    params, model_state = mmdet.import_detector(state_dict, config, source=args.from_pytorch)
+    _save(checkpoint, args.out, {"params": params, "model_state": model_state}, config)
+    _log.info("Wrote %s (an mmdet Mask R-CNN with the adapter, settings %s).", args.out, dict(args.set))
+    return
   if mmseg.is_segmenter_state_dict(state_dict):
     if args.variant or args.img_size or args.num_classes:
       raise ValueError(
@@ -98,11 +105,13 @@ def _setting(text: str) -> tuple[str, object]:
 
 
 def export_checkpoint(args) -> None:
-  from shufflemamba_jax.weights import checkpoint, mmseg, pytorch  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.weights import checkpoint, mmdet, mmseg, pytorch  # pylint: disable=g-import-not-at-top
 
   saved = checkpoint.read_weights(args.to_pytorch, args.step, ema=args.ema)
   params = saved.ema if saved.ema is not None else saved.params
-  if saved.is_segmenter:
+  if saved.is_detector:
+    state_dict = mmdet.export_detector(params, saved.model_state)
+  elif saved.is_segmenter:
     state_dict = mmseg.export_segmenter(params, saved.model_state, pool_scales=saved.model_config.pool_scales)
   else:
     state_dict = pytorch.export_state_dict(params)

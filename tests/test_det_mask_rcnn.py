@@ -265,3 +265,58 @@ def test_training_steps_on_8_devices_equal_1_device(tmp_path):
   collectives = [line for line in hlo.splitlines() if " all-gather" in line or " all-to-all" in line]
   assert not collectives, collectives[:3]
   assert any(" all-reduce" in line for line in hlo.splitlines())
+
+
+def test_convert_reads_and_writes_an_official_adapter_detector(tmp_path):
+  """`convert --from-pytorch` of an mmdet Mask R-CNN with the adapter (sizes read from its
+  tensors) and `--to-pytorch` back: the same tensors, BatchNorm counters included."""
+  torch = pytest.importorskip("torch")
+  from shufflemamba_jax import convert  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.models import adapter, variants  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.weights import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.weights import mmdet  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.weights import params as params_lib  # pylint: disable=g-import-not-at-top
+
+  backbone = variants.model_config(
+    "shufflemamba_tiny", embed_dim=48, depth=4, d_state=8, norm="layernorm", slws_max_prob=0.0, remat=False
+  )
+  config = mask_rcnn.MaskRCNNConfig(
+    num_classes=3,
+    backbone=backbone,
+    adapter=adapter.AdapterConfig(conv_inplane=8, deform_num_heads=6, deform_ratio=0.5),
+    pos_embed_size=32,
+    in_channels=(48,) * 4,
+    fpn_channels=32,
+    fc_channels=64,
+    mask_channels=32,
+  )
+  model = mask_rcnn.MaskRCNN(config, rngs=nnx.Rngs(2))
+  params, model_state = (nnx.to_pure_dict(nnx.state(model, kind)) for kind in (nnx.Param, nnx.Not(nnx.Param)))
+  state_dict = mmdet.export_detector(params, model_state)
+  # mmdet's names and layouts, spot-checked.
+  assert state_dict["neck.lateral_convs.2.conv.weight"].shape == (32, 48, 1, 1)
+  assert state_dict["neck.fpn_convs.0.bn.num_batches_tracked"].dtype == np.int64
+  assert state_dict["rpn_head.rpn_reg.weight"].shape == (12, 32, 1, 1)
+  assert state_dict["roi_head.bbox_head.shared_fcs.0.weight"].shape == (64, 32 * 7 * 7)
+  assert state_dict["roi_head.bbox_head.fc_cls.weight"].shape == (4, 64)
+  assert state_dict["roi_head.mask_head.upsample.weight"].shape == (32, 32, 2, 2)
+  assert state_dict["backbone.interactions.3.extra_extractors.0.ffn.dwconv.dwconv.weight"].shape == (12, 1, 3, 3)
+  source = tmp_path / "mask_rcnn.pth"
+  torch.save({"state_dict": {name: torch.from_numpy(np.array(v)) for name, v in state_dict.items()}}, source)
+  workdir = str(tmp_path / "converted")
+  assert convert.main(["--from-pytorch", str(source), "--out", workdir]) == 0
+  saved = checkpoint_lib.read_weights(workdir)
+  assert saved.is_detector and saved.model_config.num_classes == 3 and saved.model_config.adapter == config.adapter
+  for ours, back in ((params, saved.params), (model_state, saved.model_state)):
+    ours, back = params_lib.flatten(ours), params_lib.flatten(back)
+    assert sorted(ours) == sorted(back)
+    assert all(np.array_equal(np.asarray(ours[name]), back[name]) for name in ours)
+  out = tmp_path / "back.pth"
+  assert convert.main(["--to-pytorch", workdir, "--out", str(out)]) == 0
+  written = torch.load(out, weights_only=True)["model"]
+  assert sorted(written) == sorted(state_dict)
+  assert all(np.array_equal(written[name].numpy(), state_dict[name]) for name in state_dict)
+  # A tensor missing from the checkpoint is named by its official name.
+  del state_dict["roi_head.mask_head.conv_logits.bias"]
+  with pytest.raises(ValueError, match="roi_head.mask_head.conv_logits.bias"):
+    mmdet.import_detector(state_dict, saved.model_config, source="test")

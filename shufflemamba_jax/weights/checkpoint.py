@@ -3,8 +3,9 @@
 WORKDIR/checkpoints/<step>/ is an Orbax `CheckpointManager` step with the items
   state   a pytree (StandardSave): "params", and in training runs "ema" (or None), "opt_state",
           "step" and "nonfinite_step"; a segmenter's also "model_state" (BatchNorm statistics);
-  model   JSON, every VisionMambaConfig field (a segmenter: every UperNetConfig field, the
-          backbone's nested): rebuilds the model the parameters belong to;
+  model   JSON, every VisionMambaConfig field (a segmenter: every UperNetConfig field, a
+          detector: every MaskRCNNConfig field, the backbone's nested): rebuilds the model the
+          parameters belong to;
   config  JSON, the training config (training runs only);
   meta    JSON, {"process_count": P} (training runs only).
 `convert` writes a workdir with one step, 0, holding `state` ({"params"}) and `model`, so every
@@ -30,6 +31,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from shufflemamba_jax import checks
 from shufflemamba_jax.models import adapter, upernet, vim
+from shufflemamba_jax.models.detection import mask_rcnn
 from shufflemamba_jax.weights import params as params_lib
 
 CHECKPOINT_DIR = "checkpoints"
@@ -277,6 +279,10 @@ class SavedWeights:
   def is_segmenter(self) -> bool:
     return isinstance(self.model_config, upernet.UperNetConfig)
 
+  @property
+  def is_detector(self) -> bool:
+    return isinstance(self.model_config, mask_rcnn.MaskRCNNConfig)
+
   def model(self) -> vim.VisionMamba | upernet.UperNet:
     """The model holding the EMA parameters when they were read, else the parameters (and a
     segmenter's BatchNorm statistics)."""
@@ -290,6 +296,10 @@ def model_config_from_json(model: dict) -> vim.VisionMambaConfig | upernet.UperN
   if "backbone" not in model:
     return vim.VisionMambaConfig(**model)
   fields = {name: tuple(value) if isinstance(value, list) else value for name, value in model.items()}
+  if "fpn_channels" in model:  # A detector.
+    fields["backbone"] = None if model["backbone"] is None else vim.VisionMambaConfig(**model["backbone"])
+    fields["adapter"] = None if model["adapter"] is None else adapter.AdapterConfig(**model["adapter"])
+    return mask_rcnn.MaskRCNNConfig(**fields)
   if fields.get("adapter") is not None:
     fields["adapter"] = adapter.AdapterConfig(**fields["adapter"])
   return upernet.UperNetConfig(**dict(fields, backbone=vim.VisionMambaConfig(**model["backbone"])))

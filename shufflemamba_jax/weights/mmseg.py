@@ -255,7 +255,7 @@ def is_segmenter_state_dict(state_dict: Mapping[str, Any]) -> bool:
   return "decode_head.conv_seg.weight" in state_dict and any(name.startswith(BACKBONE_PREFIX) for name in state_dict)
 
 
-def _backbone_sizes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def backbone_sizes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   """The VisionMambaConfig sizes the reference's `Backbone_VideoMamba` tensors imply."""
 
   def shape(name: str) -> tuple[int, ...]:
@@ -292,7 +292,7 @@ def is_adapter_state_dict(state_dict: Mapping[str, Any]) -> bool:
   return f"{BACKBONE_PREFIX}spm.stem.0.weight" in state_dict
 
 
-def _adapter_sizes(state_dict: Mapping[str, Any], n_points: int, width: int) -> dict[str, Any]:
+def adapter_sizes(state_dict: Mapping[str, Any], n_points: int, width: int) -> dict[str, Any]:
   """The AdapterConfig sizes the adapter's tensors imply; the heads need the point count."""
   rows = lambda name: np.shape(state_dict[f"{BACKBONE_PREFIX}interactions.0.{name}.weight"])[0]
   heads, remainder = divmod(rows("injector.attn.attention_weights"), 3 * n_points)
@@ -318,10 +318,10 @@ def segmenter_config(state_dict: Mapping[str, Any], settings: Mapping[str, Any] 
   """
   settings = dict(settings or {})
   adapter_fields = {field.name for field in dataclasses.fields(adapter_lib.AdapterConfig)}
-  inferred = _backbone_sizes(state_dict)
+  inferred = backbone_sizes(state_dict)
   if is_adapter_state_dict(state_dict):
     n_points = settings.get("n_points", adapter_lib.AdapterConfig.n_points)
-    inferred.update(_adapter_sizes(state_dict, n_points, inferred["embed_dim"]))
+    inferred.update(adapter_sizes(state_dict, n_points, inferred["embed_dim"]))
   heads = head_sizes(state_dict)
   inferred.update(num_classes=heads.num_classes, channels=heads.channels)
   if heads.aux_channels is not None:

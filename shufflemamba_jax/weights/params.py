@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from shufflemamba_jax.models import adapter, tokens, upernet, vim
+from shufflemamba_jax.models.detection import mask_rcnn
 
 _log = logging.getLogger(__name__)
 # Problems listed in an error before the rest are only counted: a wrong depth mis-shapes every
@@ -44,10 +45,12 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
 
 
 def abstract_model(config: vim.VisionMambaConfig | upernet.UperNetConfig) -> vim.VisionMamba | upernet.UperNet:
-  """The model of `config` (a classifier, or a segmenter for a UperNetConfig) with
+  """The model of `config` (a classifier, a segmenter for a UperNetConfig, a detector for a MaskRCNNConfig) with
   jax.ShapeDtypeStruct parameters and state; nothing is computed."""
   if isinstance(config, upernet.UperNetConfig):
     return nnx.eval_shape(lambda: upernet.UperNet(config, rngs=nnx.Rngs(0)))
+  if isinstance(config, mask_rcnn.MaskRCNNConfig):
+    return nnx.eval_shape(lambda: mask_rcnn.MaskRCNN(config, rngs=nnx.Rngs(0)))
   return nnx.eval_shape(lambda: vim.VisionMamba(config, rngs=nnx.Rngs(0)))
 
 

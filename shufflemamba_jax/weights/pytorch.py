@@ -51,7 +51,7 @@ _TOKENS = ("cls_token", "pos_embed", "pos_embed_cls")
 # Wrappers of the state dict in training checkpoints, tried in this order.
 _CHECKPOINT_KEYS = ("model", "state_dict", "model_ema", "module")
 # (to ours, to official) for each layout.
-_LAYOUTS = {
+LAYOUTS = {
   "linear": (np.transpose, np.transpose),
   "conv2d": (lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1)),
   "conv1d": (lambda x: x[:, 0, :].T, lambda x: x.T[:, None, :]),
@@ -113,7 +113,7 @@ def _rename(name: str, *, to_ours: bool) -> tuple[str, str]:
 def describe_official(name: str, shape) -> tuple[str, tuple]:
   """(official name, official shape) of our (name, shape): how `params.fill` words its errors."""
   official, layout = _rename(name, to_ours=False)
-  return official, _LAYOUTS[layout][1](np.empty(shape, np.bool_)).shape
+  return official, LAYOUTS[layout][1](np.empty(shape, np.bool_)).shape
 
 
 def to_flat(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -128,7 +128,7 @@ def to_flat(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if leaf == NUM_BATCHES_TRACKED and module and is_batch_norm(module):
       continue
     ours, layout = _rename(name, to_ours=True)
-    flat[ours] = _LAYOUTS[layout][0](_to_numpy(value))
+    flat[ours] = LAYOUTS[layout][0](_to_numpy(value))
   return flat
 
 
@@ -186,7 +186,7 @@ def export_state_dict(params: Mapping, model_state: Mapping | None = None) -> di
     )
     for block_name, block_value in blocks:
       official, layout = _rename(block_name, to_ours=False)
-      state_dict[official] = np.ascontiguousarray(_LAYOUTS[layout][1](block_value))
+      state_dict[official] = np.ascontiguousarray(LAYOUTS[layout][1](block_value))
   return state_dict
 
 
