@@ -193,7 +193,7 @@ def test_config_is_checked():
     from shufflemamba_jax.models import variants  # pylint: disable=g-import-not-at-top
 
     mask_rcnn.MaskRCNNConfig(backbone=variants.model_config("shufflemamba_tiny", slws_max_prob=0.0))
-  with pytest.raises(ValueError, match="multiples of 64"):
+  with pytest.raises(ValueError, match="multiples of 32"):
     tiny_detector().predict(jnp.zeros((1, 48, 64, 3)), jnp.full((1, 2), 48, jnp.int32))
 
 

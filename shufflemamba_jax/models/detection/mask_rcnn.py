@@ -182,8 +182,8 @@ class RoIHead(nnx.Module):
 
 
 class MaskRCNN(nnx.Module):
-  """Mask R-CNN on a multi-scale backbone. Images are (B, H, W, 3), H and W multiples of 64 (the
-  FPN's coarsest stride; mmdet pads to 32 and its P6 floors)."""
+  """Mask R-CNN on a multi-scale backbone. Images are (B, H, W, 3), H and W multiples of 32 (as
+  mmdet pads them; P6 halves P5 rounding up, as its stride-2 pooling does)."""
 
   def __init__(self, config: MaskRCNNConfig, *, rngs: nnx.Rngs, backbone: nnx.Module | None = None):
     self.config = config
@@ -204,8 +204,8 @@ class MaskRCNN(nnx.Module):
 
   def levels(self, images: jax.Array, *, train: bool, key: jax.Array | None) -> list[jax.Array]:
     height, width = images.shape[1:3]
-    if height % RPN_STRIDES[-1] or width % RPN_STRIDES[-1]:
-      raise ValueError(f"images must be multiples of {RPN_STRIDES[-1]} pixels a side, got {height}x{width}")
+    if height % ROI_STRIDES[-1] or width % ROI_STRIDES[-1]:
+      raise ValueError(f"images must be multiples of {ROI_STRIDES[-1]} pixels a side, got {height}x{width}")
     maps = self.backbone(images, train=train, key=key)
     return self.neck([m.astype(DTYPES[self.config.dtype]) for m in maps], train)
 
