@@ -29,6 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from shufflemamba_jax import checks
@@ -285,7 +286,7 @@ class MaskRCNN(nnx.Module):
 
     rpn = per_image(rpn_one, anchor_valid, targets.boxes, targets.valid, jax.random.split(rpn_key, batch))
     rpn_norm = jnp.maximum(jnp.sum(rpn.avg_factor), 1.0)
-    bce = optax_sigmoid_bce(logits, rpn.labels.astype(jnp.float32))
+    bce = optax.sigmoid_binary_cross_entropy(logits, rpn.labels.astype(jnp.float32))
     loss_rpn_cls = jnp.sum(bce * rpn.label_weights) / rpn_norm
     loss_rpn_bbox = jnp.sum(jnp.abs(deltas - rpn.bbox_targets) * rpn.bbox_weights) / rpn_norm
 
@@ -341,7 +342,7 @@ class MaskRCNN(nnx.Module):
     mask_targets = per_image(
       lambda *a: mask_targets_from_crops(*a, config.mask_size), mask_rois, matched_boxes[:, :k], crops
     )
-    bce = optax_sigmoid_bce(mask_logits, mask_targets)
+    bce = optax.sigmoid_binary_cross_entropy(mask_logits.astype(jnp.float32), mask_targets)
     pixels = jnp.maximum(jnp.sum(mask_valid) * config.mask_size**2, 1)
     loss_mask = jnp.sum(jnp.where(mask_valid[..., None, None], bce, 0.0)) / pixels
 
@@ -401,12 +402,6 @@ class MaskRCNN(nnx.Module):
     ).reshape(batch, d, config.mask_size, config.mask_size, num_classes)
     masks = jax.nn.sigmoid(jnp.take_along_axis(mask_logits, det_labels[..., None, None, None], axis=-1)[..., 0])
     return Detections(det_boxes, det_scores, det_labels, det_valid, masks)
-
-
-def optax_sigmoid_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Elementwise binary cross-entropy with logits, float32 (PyTorch's stable form)."""
-  logits = logits.astype(jnp.float32)
-  return jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
 
 
 def crop_masks(masks: jax.Array, gt_boxes: jax.Array, size: int) -> jax.Array:
