@@ -17,7 +17,7 @@ catching decode errors per image (shufflemamba_jax/data/decodable.py).
 from absl import app, flags
 
 _DATASET = flags.DEFINE_enum(
-  "dataset", "digits", ["digits", "imagenet2012", "digits_seg", "ade20k"], "TFDS dataset to build."
+  "dataset", "digits", ["digits", "imagenet2012", "digits_seg", "ade20k", "digits_det"], "TFDS dataset to build."
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir to write to (None: TFDS default).")
 _MANUAL_DIR = flags.DEFINE_string(

@@ -108,3 +108,14 @@ def digits_seg_data_dir(tmp_path_factory):
   with _no_network():
     pipeline.prepare("digits_seg", data_dir=str(root), compute_stats=False)
   return str(root)
+
+
+@pytest.fixture(scope="session")
+def digits_det_data_dir(tmp_path_factory):
+  """A TFDS data_dir with `digits_det` prepared (offline)."""
+  from shufflemamba_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp("digits_det")
+  with _no_network():
+    pipeline.prepare("digits_det", data_dir=str(root), compute_stats=False)
+  return str(root)

@@ -81,7 +81,8 @@ def decode_error(image_bytes: bytes, label_bytes: bytes | None = None) -> str | 
 
 def _decoders(features) -> dict:
   # The encoded bytes of the images (and of label maps, which are images too), as the streams read them.
-  names = [name for name in ("image", "label") if isinstance(features[name], tfds.features.Image)]
+  # Detection sets have no top-level label: their masks are written by our builders, not read from files.
+  names = [name for name in ("image", "label") if name in features and isinstance(features[name], tfds.features.Image)]
   return {name: tfds.decode.SkipDecoding() for name in names}
 
 

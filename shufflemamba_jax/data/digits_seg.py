@@ -44,11 +44,20 @@ def canvas(rng: np.random.Generator, gray: np.ndarray, labels: np.ndarray, pool:
   count = int(rng.integers(1, MAX_DIGITS + 1))
   for top, left in place(rng, count, size):
     index = int(rng.choice(pool))
-    digit = np.kron(gray[index], np.ones((SCALE, SCALE), gray.dtype))
+    digit = upscale(gray[index], size)
     image[top : top + size, left : left + size] = np.round(digit * (255.0 / 16.0)).astype(np.uint8)
-    region = np.kron(grow(gray[index] >= STROKE_LEVEL), np.ones((SCALE, SCALE), bool))
+    region = upscale(grow(gray[index] >= STROKE_LEVEL), size)
     label[top : top + size, left : left + size][region] = labels[index]
   return np.repeat(image[..., None], 3, axis=-1), label
+
+
+def upscale(image: np.ndarray, size: int) -> np.ndarray:
+  """An (h, w) image resized to (size, size) by nearest neighbour: output pixel i reads source
+  pixel floor(i * h / size). At a whole factor, each source pixel becomes a factor x factor block;
+  otherwise some source rows and columns are repeated once more than others. Same dtype."""
+  rows = np.arange(size) * image.shape[0] // size
+  cols = np.arange(size) * image.shape[1] // size
+  return image[rows[:, None], cols[None, :]]
 
 
 def grow(mask: np.ndarray) -> np.ndarray:

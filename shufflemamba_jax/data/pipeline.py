@@ -61,11 +61,11 @@ from shufflemamba_jax.data import augment, decodable, segment_augment
 
 _LOGGER = logging.getLogger(__name__)
 
-DATASETS = ("digits", "imagenet2012", "digits_seg", "ade20k")
+DATASETS = ("digits", "imagenet2012", "digits_seg", "ade20k", "digits_det")
 # Datasets of label maps (semantic segmentation): label is an image, 255 = ignored.
 SEGMENTATION_DATASETS = ("digits_seg", "ade20k")
 # Built on first use: they need no download.
-EMBEDDED_DATASETS = ("digits", "digits_seg")
+EMBEDDED_DATASETS = ("digits", "digits_seg", "digits_det")
 
 
 def _hide_accelerators_from_tensorflow():
@@ -177,6 +177,8 @@ def _builder(dataset: str, data_dir: str | None):
     from shufflemamba_jax.data import digits  # noqa: F401  (registers the builder)
   elif dataset == "digits_seg":
     from shufflemamba_jax.data import digits_seg  # noqa: F401
+  elif dataset == "digits_det":
+    from shufflemamba_jax.data import digits_det  # noqa: F401
   elif dataset == "ade20k":
     from shufflemamba_jax.data import ade20k  # noqa: F401
   return tfds.builder(dataset, data_dir=data_dir)
@@ -237,7 +239,8 @@ class DatasetInfo:
 def get_dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
   """Number of classes and the splits of a prepared TFDS dataset."""
   builder = get_builder(dataset, data_dir)
-  label = builder.info.features["label"]
+  features = builder.info.features
+  label = features["label"] if "label" in features else features["objects"]["label"]  # Detection: per object.
   # A label map's classes are its module's NUM_CLASSES; a class label knows its own.
   num_classes = label.num_classes if hasattr(label, "num_classes") else _segmentation_module(dataset).NUM_CLASSES
   return DatasetInfo(num_classes=num_classes, splits=builder.info.splits)
@@ -258,7 +261,8 @@ def class_names(dataset: str) -> tuple[str, ...]:
   """The class names of a dataset, in label order (TFDS's, or a label-map dataset's own)."""
   if dataset in SEGMENTATION_DATASETS:
     return tuple(_segmentation_module(dataset).CLASS_NAMES)
-  return tuple(_builder(dataset, None).info.features["label"].names)
+  features = _builder(dataset, None).info.features
+  return tuple((features["label"] if "label" in features else features["objects"]["label"]).names)
 
 
 def _check_process(process_index: int, process_count: int) -> None:
