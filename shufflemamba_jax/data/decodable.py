@@ -81,7 +81,7 @@ def decode_error(image_bytes: bytes, label_bytes: bytes | None = None) -> str | 
 
 def _decoders(features) -> dict:
   # The encoded bytes of the images (and of label maps, which are images too), as the streams read them.
-  names = [name for name in ("image", "label") if isinstance(features[name], tfds.features.Image)]
+  names = [name for name in ("image", "label") if name in features and isinstance(features[name], tfds.features.Image)]
   return {name: tfds.decode.SkipDecoding() for name in names}
 
 
@@ -122,7 +122,8 @@ def _describe(builder, decoders, path: str, index: int) -> dict:
   try:
     record = next(iter(tf.data.TFRecordDataset(path).skip(index).take(1)))
     example = builder.info.features.deserialize_example(record, decoders=decoders)
-    name = example["file_name"].numpy().decode("utf-8", "replace") if "file_name" in example else f"#{index}"
+    names = [example[key] for key in ("file_name", "image/filename") if key in example]  # coco: image/filename.
+    name = names[0].numpy().decode("utf-8", "replace") if names else f"#{index}"
     label = example["label"].numpy() if "label" in decoders else None
     return {"index": index, "file_name": name, "reason": decode_error(example["image"].numpy(), label)}
   except _ERRORS as error:
