@@ -141,3 +141,12 @@ def test_missing_archive_is_named(tmp_path):
 def test_category_of_another_name_is_refused():
   with pytest.raises(ValueError, match="category id 44 is named 'cup'"):
     coco._check_categories([{"id": 1, "name": "person"}, {"id": 44, "name": "cup"}], "instances.json")  # pylint: disable=protected-access
+
+
+def test_missing_image_in_zip_is_named(tmp_path):
+  manual = epath.Path(tmp_path / "manual")
+  synthetic_coco.write_coco_zips(str(manual))
+  with (manual / "val2017.zip").open("wb") as file, zipfile.ZipFile(file, "w") as zipped:
+    zipped.writestr("val2017/000000000139.jpg", b"\xff\xd8\xff")  # 000000000285.jpg left out.
+  with pytest.raises(FileNotFoundError, match=r"val2017\.zip holds no val2017/000000000285\.jpg \(image id 285"):
+    pipeline.prepare("coco", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual), compute_stats=False)

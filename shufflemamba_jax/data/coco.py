@@ -34,10 +34,11 @@ Where each of mmdet's filters happens:
   counts them); the build logs how many such images a split has.
 Crowd instances are kept and flagged; the stream marks them not valid (`Targets.valid`).
 
-Size: every mask is a full-size PNG, mostly zeros; the tests measure about 0.3 to 3 KB per
-instance (small to large objects), so COCO's ~860k train instances add about 1-2 GB to the
-~19 GB of JPEGs. Building reads the annotations JSON whole (448 MB for train: a few GB of
-Python objects) and decodes/encodes the masks in threads.
+Size: every mask is a full-size PNG, mostly zeros: on 640 x 480 images about 0.5 KB for a small
+object, 0.7 KB medium and 1.7 KB large (0.9 KB on COCO's mix), so COCO's ~860k train instances
+add under 1 GB to the ~19 GB of JPEGs. Building reads the annotations JSON whole (448 MB for
+train: a few GB of Python objects) and rasterizes and encodes the masks in threads, about 3.5 ms
+of CPU per instance (~50 CPU minutes for train).
 """
 
 from __future__ import annotations
@@ -139,7 +140,9 @@ def instance_mask(segmentation, height: int, width: int) -> np.ndarray | None:
 def encode_png(mask: np.ndarray) -> bytes:
   """PNG bytes of a uint8 (height, width) mask: 8-bit grayscale, decoded by tf.io.decode_png as (h, w, 1)."""
   buffer = io.BytesIO()
-  Image.fromarray(np.ascontiguousarray(mask, np.uint8), mode="L").save(buffer, format="PNG")
+  # zlib level 6: on 640 x 480 masks 0.9 KB and 3.5 ms per COCO-like instance, against 2.1 KB and
+  # 1.9 ms at level 1; the masks are read every epoch, built once (in threads).
+  Image.fromarray(np.ascontiguousarray(mask, np.uint8), mode="L").save(buffer, format="PNG", compress_level=6)
   return buffer.getvalue()
 
 
