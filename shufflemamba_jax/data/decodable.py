@@ -123,7 +123,8 @@ def _describe(builder, decoders, path: str, index: int) -> dict:
   try:
     record = next(iter(tf.data.TFRecordDataset(path).skip(index).take(1)))
     example = builder.info.features.deserialize_example(record, decoders=decoders)
-    name = example["file_name"].numpy().decode("utf-8", "replace") if "file_name" in example else f"#{index}"
+    names = [example[key] for key in ("file_name", "image/filename") if key in example]  # coco: image/filename.
+    name = names[0].numpy().decode("utf-8", "replace") if names else f"#{index}"
     label = example["label"].numpy() if "label" in decoders else None
     return {"index": index, "file_name": name, "reason": decode_error(example["image"].numpy(), label)}
   except _ERRORS as error:

@@ -61,7 +61,7 @@ from shufflemamba_jax.data import augment, decodable, segment_augment
 
 _LOGGER = logging.getLogger(__name__)
 
-DATASETS = ("digits", "imagenet2012", "digits_seg", "ade20k", "digits_det")
+DATASETS = ("digits", "imagenet2012", "digits_seg", "ade20k", "digits_det", "coco")
 # Datasets of label maps (semantic segmentation): label is an image, 255 = ignored.
 SEGMENTATION_DATASETS = ("digits_seg", "ade20k")
 # Built on first use: they need no download.
@@ -181,6 +181,10 @@ def _builder(dataset: str, data_dir: str | None):
     from shufflemamba_jax.data import digits_det  # noqa: F401
   elif dataset == "ade20k":
     from shufflemamba_jax.data import ade20k  # noqa: F401
+  elif dataset == "coco":
+    from shufflemamba_jax.data import coco  # pylint: disable=g-import-not-at-top
+
+    return tfds.builder(coco.TFDS_NAME, data_dir=data_dir)  # TFDS's own (box-only) builder holds "coco".
   return tfds.builder(dataset, data_dir=data_dir)
 
 
@@ -188,9 +192,9 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
   """Builds `dataset` into `data_dir` with TFDS's own builder and returns the builder.
 
   `digits` and `digits_seg` need nothing; `imagenet2012` reads ILSVRC2012_img_train.tar and
-  ILSVRC2012_img_val.tar (from https://image-net.org, after registering) in `manual_dir`, and
-  `ade20k` ADEChallengeData2016.zip; both are checked first so that a missing archive is named
-  with where to put it.
+  ILSVRC2012_img_val.tar (from https://image-net.org, after registering) in `manual_dir`,
+  `ade20k` ADEChallengeData2016.zip and `coco` the three COCO 2017 zips (data/coco.py); each is
+  checked first so that a missing archive is named with where to put it.
   """
   if dataset == "imagenet2012":
     check_imagenet_manual_dir(manual_dir)  # Before TFDS, whose own error is less specific.
@@ -198,6 +202,10 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
     from shufflemamba_jax.data import ade20k  # pylint: disable=g-import-not-at-top
 
     ade20k.check_manual_dir(manual_dir)
+  elif dataset == "coco":
+    from shufflemamba_jax.data import coco  # pylint: disable=g-import-not-at-top
+
+    coco.check_manual_dir(manual_dir)
   builder = _builder(dataset, data_dir)
   stats = tfds.download.ComputeStatsMode.AUTO if compute_stats else tfds.download.ComputeStatsMode.SKIP
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, compute_stats=stats))
@@ -216,7 +224,9 @@ def get_builder(dataset: str, data_dir: str | None = None):
     return builder
   if dataset in EMBEDDED_DATASETS:
     return prepare(dataset, data_dir)
-  archives = "DIR_WITH_ADECHALLENGEDATA2016_ZIP" if dataset == "ade20k" else "DIR_WITH_ILSVRC2012_TARS"
+  archives = {"ade20k": "DIR_WITH_ADECHALLENGEDATA2016_ZIP", "coco": "DIR_WITH_COCO_2017_ZIPS"}.get(
+    dataset, "DIR_WITH_ILSVRC2012_TARS"
+  )
   raise FileNotFoundError(
     f"TFDS dataset {dataset!r} is not prepared in data_dir={builder.data_dir_root!r}. Run: "
     f"python -m shufflemamba_jax.prepare --dataset={dataset} --data_dir={builder.data_dir_root}"

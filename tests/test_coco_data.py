@@ -1,0 +1,152 @@
+"""The `coco` builder (shufflemamba_jax/data/coco.py) on tiny archives in COCO 2017's real layout.
+
+The real builder runs through `pipeline.prepare`; what it stored is read back with TFDS and
+compared with the zips' bytes, COCO's JSON and pycocotools' own annToMask.
+"""
+
+import zipfile
+
+import numpy as np
+import pytest
+import synthetic_coco
+import tensorflow_datasets as tfds
+from etils import epath
+from pycocotools.coco import COCO
+
+from shufflemamba_jax.data import coco, pipeline
+
+# (image id, annotation index in its image) of the annotations mmdet drops: a box 0.4 px wide,
+# a category outside the 80, a box off the image, and one of zero area.
+DROPPED = {(9, 3), (25, 2), (25, 3), (285, 0)}
+# The instance without a valid polygon (one part of 4 coordinates): kept, ignored, empty mask.
+NO_VALID_POLYGON = (9, 4)
+
+
+@pytest.fixture(scope="module")
+def coco_data(tmp_path_factory):
+  """(data_dir, manual_dir, {split: instances JSON}, {split: [examples]}) of the tiny COCO, prepared."""
+  root = tmp_path_factory.mktemp("coco")
+  data = synthetic_coco.write_coco_zips(str(root / "manual"))
+  builder = pipeline.prepare("coco", data_dir=str(root / "tfds"), manual_dir=str(root / "manual"), compute_stats=False)
+  decoders = {"image": tfds.decode.SkipDecoding()}
+  examples = {
+    split: sorted(tfds.as_numpy(builder.as_dataset(split=split, decoders=decoders)), key=lambda e: e["image/id"])
+    for split in ("train", "validation")
+  }
+  return str(root / "tfds"), str(root / "manual"), data, examples
+
+
+def _coco_api(data: dict) -> COCO:
+  api = COCO()
+  api.dataset = data
+  api.createIndex()
+  return api
+
+
+def test_constants_are_coco_80():
+  assert len(coco.CATEGORY_IDS) == len(coco.CLASS_NAMES) == coco.NUM_CLASSES == 80
+  assert list(coco.CATEGORY_IDS) == sorted(set(coco.CATEGORY_IDS)) and coco.CATEGORY_IDS[-1] == 90
+  # The 10 ids of COCO's 91 that the annotation files never use.
+  assert sorted(set(range(1, 91)) - set(coco.CATEGORY_IDS)) == [12, 26, 29, 30, 45, 66, 68, 69, 71, 83]
+  assert coco.CLASS_NAMES[coco.LABELS[44]] == "bottle" and coco.CLASS_NAMES[coco.LABELS[90]] == "toothbrush"
+
+
+def test_images_ids_and_file_names(coco_data):
+  _, manual_dir, data, examples = coco_data
+  for split, archive, folder in (("train", "train2017.zip", "train2017"), ("validation", "val2017.zip", "val2017")):
+    assert [e["image/id"] for e in examples[split]] == sorted(image["id"] for image in data[split]["images"])
+    with (epath.Path(manual_dir) / archive).open("rb") as file, zipfile.ZipFile(file) as zipped:
+      for example in examples[split]:
+        name = example["image/filename"].decode()
+        assert name == f"{example['image/id']:012d}.jpg"
+        assert example["image"] == zipped.read(f"{folder}/{name}")  # The JPEG as it is, not re-encoded.
+
+
+def test_objects_match_coco_json_and_pycocotools(coco_data):
+  _, _, data, examples = coco_data
+  checked = 0
+  for split in ("train", "validation"):
+    api = _coco_api(data[split])
+    for example in examples[split]:
+      image_id = int(example["image/id"])
+      image = api.imgs[image_id]
+      kept = [(k, a) for k, a in enumerate(api.imgToAnns[image_id]) if (image_id, k) not in DROPPED]
+      objects = example["objects"]
+      assert len(objects["label"]) == len(kept), image_id
+      for j, (k, annotation) in enumerate(kept):
+        x, y, w, h = annotation["bbox"]
+        np.testing.assert_array_equal(objects["bbox"][j], np.float32([x, y, x + w, y + h]))
+        assert objects["label"][j] == coco.CATEGORY_IDS.index(annotation["category_id"])
+        assert objects["area"][j] == np.float32(annotation["area"])
+        mask = objects["mask"][j]
+        assert mask.dtype == np.uint8 and mask.shape == (image["height"], image["width"], 1)
+        if (image_id, k) == NO_VALID_POLYGON:  # mmdet ignores it; pycocotools would read the part as a box.
+          assert objects["is_crowd"][j] and not mask.any()
+          continue
+        assert objects["is_crowd"][j] == bool(annotation["iscrowd"])
+        expected = api.annToMask(annotation)
+        assert expected.any()
+        np.testing.assert_array_equal(mask[..., 0], expected)
+        checked += 1
+  assert checked == 7  # 3 polygons, a 3-part polygon, a compressed RLE, 2 crowds (uncompressed and compressed RLE).
+
+
+def test_kinds_covered_and_degenerate_dropped(coco_data):
+  """The tiny set holds what it claims, and the builder keeps images whose annotations all dropped."""
+  _, _, data, examples = coco_data
+  train = {e["image/id"]: e["objects"] for e in examples["train"]}
+  assert [len(train[i]["label"]) for i in (9, 25, 30)] == [4, 2, 0]
+  # Labels 0 (person), 79 (toothbrush), 39 (bottle), and the ignored one, 0 (person), in the JSON's order.
+  assert train[9]["label"].tolist() == [0, 79, 39, 0] and train[9]["is_crowd"].tolist() == [False] * 3 + [True]
+  assert train[25]["label"].tolist() == [0, 16] and train[25]["is_crowd"].tolist() == [True, False]
+  assert len(data["train"]["annotations"][1]["segmentation"]) == 3  # Multi-part polygon.
+  assert isinstance(data["train"]["annotations"][5]["segmentation"]["counts"], list)  # Uncompressed RLE crowd.
+  validation = {e["image/id"]: e["objects"] for e in examples["validation"]}
+  assert validation[139]["is_crowd"].tolist() == [False, True] and len(validation[285]["label"]) == 0
+
+
+def test_metadata_and_pipeline_name(coco_data):
+  data_dir, *_ = coco_data
+  builder = pipeline.get_builder("coco", data_dir)
+  assert builder.name == coco.TFDS_NAME == "coco_instances"
+  assert list(builder.info.metadata["category_ids"]) == list(coco.CATEGORY_IDS)
+  assert builder.info.features["objects"]["label"].names == list(coco.CLASS_NAMES)
+  assert {name: split.num_examples for name, split in builder.info.splits.items()} == {"train": 3, "validation": 2}
+
+
+def test_keep_annotation_is_mmdet_rule():
+  """mmdet's CocoDataset.parse_data_info, on hand-made cases of a 10 x 20 (h x w) image."""
+  base = {"bbox": [2.0, 3.0, 4.0, 5.0], "area": 10.0, "category_id": 1}
+  assert coco.keep_annotation(base, 10, 20)
+  assert not coco.keep_annotation({**base, "ignore": 1}, 10, 20)
+  assert not coco.keep_annotation({**base, "bbox": [2.0, 3.0, 0.9, 5.0]}, 10, 20)  # w < 1.
+  assert not coco.keep_annotation({**base, "bbox": [2.0, 3.0, 4.0, 0.5]}, 10, 20)  # h < 1.
+  assert not coco.keep_annotation({**base, "area": 0.0}, 10, 20)
+  assert not coco.keep_annotation({**base, "bbox": [20.0, 3.0, 4.0, 5.0]}, 10, 20)  # Right of the image.
+  assert coco.keep_annotation({**base, "bbox": [19.5, -2.0, 4.0, 5.0]}, 10, 20)  # Overlaps it.
+  assert not coco.keep_annotation({**base, "category_id": 12}, 10, 20)
+
+
+def test_missing_archive_is_named(tmp_path):
+  manual = tmp_path / "manual"
+  synthetic_coco.write_coco_zips(str(manual))
+  (manual / "val2017.zip").unlink()
+  with pytest.raises(FileNotFoundError, match=r"val2017\.zip") as error:
+    pipeline.prepare("coco", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual), compute_stats=False)
+  assert "train2017.zip" not in str(error.value)
+  with pytest.raises(FileNotFoundError, match="--manual_dir is required for coco"):
+    coco.check_manual_dir(None)
+
+
+def test_category_of_another_name_is_refused():
+  with pytest.raises(ValueError, match="category id 44 is named 'cup'"):
+    coco._check_categories([{"id": 1, "name": "person"}, {"id": 44, "name": "cup"}], "instances.json")  # pylint: disable=protected-access
+
+
+def test_missing_image_in_zip_is_named(tmp_path):
+  manual = epath.Path(tmp_path / "manual")
+  synthetic_coco.write_coco_zips(str(manual))
+  with (manual / "val2017.zip").open("wb") as file, zipfile.ZipFile(file, "w") as zipped:
+    zipped.writestr("val2017/000000000139.jpg", b"\xff\xd8\xff")  # 000000000285.jpg left out.
+  with pytest.raises(FileNotFoundError, match=r"val2017\.zip holds no val2017/000000000285\.jpg \(image id 285"):
+    pipeline.prepare("coco", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual), compute_stats=False)
