@@ -278,6 +278,28 @@ def test_paste_mask_equals_the_models_paste_masks():
   assert np.sum(ours != expected) <= 2
 
 
+def test_encode_region_equals_pycocotools_encode_of_the_whole_mask():
+  rng = np.random.default_rng(1)
+  height, width = 23, 31
+  cases = [
+    (np.zeros((0, 0), bool), 0, 0),  # Nothing drawn.
+    (np.ones((height, width), bool), 0, 0),  # Everything: a single run of ones.
+    (np.ones((height, 5), bool), 0, 7),  # Whole columns: runs join across columns.
+    (np.ones((4, 6), bool), height - 4, width - 6),  # Up to the last pixel.
+    (np.ones((3, 3), bool), 0, 0),  # From the first pixel (the zeros' run is empty).
+  ]
+  for _ in range(40):
+    rows, cols = rng.integers(1, height + 1), rng.integers(1, width + 1)
+    top, left = rng.integers(0, height - rows + 1), rng.integers(0, width - cols + 1)
+    cases.append((rng.random((rows, cols)) < rng.uniform(0.1, 0.95), top, left))
+  for region, top, left in cases:
+    whole = np.zeros((height, width), np.uint8)
+    whole[top : top + region.shape[0], left : left + region.shape[1]] = region
+    expected = mask_utils.encode(np.asfortranarray(whole))
+    ours = coco_eval.encode_region(region, int(top), int(left), height, width)
+    assert ours == {"size": [height, width], "counts": expected["counts"].decode()}
+
+
 def test_no_detections_gives_cocoevals_numbers():
   gt = ground_truth()
   metrics = coco_eval.evaluate(gt, [])

@@ -56,45 +56,77 @@ def stat_names(iou_type: str, max_dets: Sequence[int] = (1, 10, 100)) -> tuple[s
 # ---- detections -> COCO result dicts -------------------------------------------------------------
 
 
-def paste_mask(mask: np.ndarray, box: np.ndarray, height: int, width: int, threshold: float = 0.5) -> np.ndarray:
-  """One (m, m) box mask of probabilities drawn on a (height, width) image: (height, width) bool.
-
-  mmdet's `_do_paste_mask` (the same arithmetic as `models.detection.mask_rcnn.paste_masks`, in
-  float32 numpy): each pixel centre reads the mask bilinearly over the box `x0, y0, x1, y1`
-  (grid_sample, align_corners False, zeros outside), then `>= threshold`. Only the pixels within
-  one mask cell of the box can be non-zero, so only those are computed (mmdet's `skip_empty`).
-  """
+def _paste_region(mask: np.ndarray, box: np.ndarray, height: int, width: int, threshold: float):
+  """`paste_mask`'s result where it can be non-zero: (region (h', w') bool, top, left)."""
   mask = np.asarray(mask, np.float32)
   m = mask.shape[-1]
   if mask.shape != (m, m):
     raise ValueError(f"paste_mask: a mask must be square (m, m), got shape {mask.shape}.")
   x0, y0, x1, y1 = (np.float32(v) for v in box)
-  out = np.zeros((height, width), bool)
   box_w, box_h = max(x1 - x0, np.float32(1e-6)), max(y1 - y0, np.float32(1e-6))
+  # Bilinear reads reach one mask cell beyond the box; mmdet's skip_empty region is the box +- 1.
   cell_w, cell_h = float(box_w) / m, float(box_h) / m
-  xa, xb = max(math.floor(x0 - cell_w) - 1, 0), min(math.ceil(x1 + cell_w) + 1, width)
-  ya, yb = max(math.floor(y0 - cell_h) - 1, 0), min(math.ceil(y1 + cell_h) + 1, height)
-  if xb <= xa or yb <= ya:
-    return out
-  taps = np.arange(m, dtype=np.float32)
+  left, right = max(math.floor(x0 - cell_w) - 1, 0), min(math.ceil(x1 + cell_w) + 1, width)
+  top, bottom = max(math.floor(y0 - cell_h) - 1, 0), min(math.ceil(y1 + cell_h) + 1, height)
+  if right <= left or bottom <= top:
+    return np.zeros((0, 0), bool), 0, 0
   half = np.float32(m / 2)
 
-  def weights(start, stop, low, size):
-    # Bilinear weights of each pixel centre on the m taps (zero beyond the mask: zero padding).
+  def taps(start, stop, low, size):
+    # Each pixel centre's grid_sample coordinate in the mask -> its two taps (indices into the
+    # mask padded by 2 zeros a side: zero padding) and the second tap's weight. Gathers, not a
+    # weight-matrix product: BLAS threads cost more than the work at these sizes.
     centres = np.arange(start, stop, dtype=np.float32) + np.float32(0.5)
     grid = ((centres - low) / size * np.float32(2) - np.float32(1) + np.float32(1)) * half - np.float32(0.5)
-    return np.maximum(np.float32(0), np.float32(1) - np.abs(grid[:, None] - taps))
+    floor = np.floor(grid)
+    return np.clip(floor, -2, m).astype(np.int64) + 2, grid - floor
 
-  wy = weights(ya, yb, y0, box_h)  # (h', m)
-  wx = weights(xa, xb, x0, box_w)  # (w', m)
-  out[ya:yb, xa:xb] = (wy @ mask @ wx.T) >= threshold
+  padded = np.zeros((m + 4, m + 4), np.float32)
+  padded[2:-2, 2:-2] = mask
+  iy, fy = taps(top, bottom, y0, box_h)
+  ix, fx = taps(left, right, x0, box_w)
+  rows = padded[iy] * (np.float32(1) - fy)[:, None] + padded[iy + 1] * fy[:, None]  # (h', m + 4)
+  values = rows[:, ix] * (np.float32(1) - fx) + rows[:, ix + 1] * fx  # (h', w')
+  return values >= threshold, top, left
+
+
+def paste_mask(mask: np.ndarray, box: np.ndarray, height: int, width: int, threshold: float = 0.5) -> np.ndarray:
+  """One (m, m) box mask of probabilities drawn on a (height, width) image: (height, width) bool.
+
+  mmdet's `_do_paste_mask` (the arithmetic of `models.detection.mask_rcnn.paste_masks`, in float32
+  numpy): each pixel centre reads the mask bilinearly over the box `x0, y0, x1, y1` (grid_sample,
+  align_corners False, zeros outside), then `>= threshold`. Only the pixels within one mask cell
+  of the box can be non-zero, so only those are computed (mmdet's `skip_empty`).
+  """
+  region, top, left = _paste_region(mask, box, height, width, threshold)
+  out = np.zeros((height, width), bool)
+  out[top : top + region.shape[0], left : left + region.shape[1]] = region
   return out
 
 
-def encode_mask(mask: np.ndarray) -> dict:
-  """A (H, W) binary mask -> COCO compressed RLE {"size": [H, W], "counts": str} (JSON-ready)."""
-  rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
-  return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+def encode_region(region: np.ndarray, top: int, left: int, height: int, width: int) -> dict:
+  """COCO compressed RLE {"size": [height, width], "counts": str} of a (height, width) mask that
+  is `region` (h', w') bool at (top, left) and zero elsewhere: pycocotools' `encode` of the whole
+  mask, without drawing it (a whole image per detection is most of the cost on COCO)."""
+  total = height * width
+  rows, cols = region.shape
+  padded = np.zeros((cols, rows + 2), np.int8)  # Column-major (COCO's order), a zero row at each end.
+  padded[:, 1:-1] = region.T
+  steps = np.diff(padded, axis=1)
+  start_col, start_row = np.nonzero(steps == 1)  # First pixel of each run of ones.
+  end_col, end_row = np.nonzero(steps == -1)  # One past its last.
+  starts = (left + start_col) * height + top + start_row
+  ends = (left + end_col) * height + top + end_row
+  # A run to the bottom of one column and one from the top of the next are one run.
+  joined = starts[1:] == ends[:-1]
+  starts = np.concatenate([starts[:1], starts[1:][~joined]])
+  ends = np.concatenate([ends[:-1][~joined], ends[-1:]])
+  # Alternating zeros / ones run lengths, starting with zeros; no empty run at the end.
+  counts = np.diff(np.concatenate([[0], np.stack([starts, ends], axis=1).ravel(), [total]]))
+  if counts.size > 1 and counts[-1] == 0:
+    counts = counts[:-1]
+  rle = mask_utils.frPyObjects({"counts": counts.tolist(), "size": [height, width]}, height, width)
+  return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 
 
 def detections_to_coco(
@@ -173,7 +205,8 @@ def detections_to_coco(
     segmentations = None
     if masks is not None:
       segmentations = [
-        encode_mask(paste_mask(masks[i, d], box, height, width, mask_threshold)) for d, box in zip(keep, rescaled)
+        encode_region(*_paste_region(masks[i, d], box, height, width, mask_threshold), height, width)
+        for d, box in zip(keep, rescaled)
       ]
     for n, d in enumerate(keep):
       x0, y0, x1, y1 = (float(v) for v in rescaled[n])
