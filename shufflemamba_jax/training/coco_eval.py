@@ -113,10 +113,9 @@ def encode_region(region: np.ndarray, top: int, left: int, height: int, width: i
   padded = np.zeros((cols, rows + 2), np.int8)  # Column-major (COCO's order), a zero row at each end.
   padded[:, 1:-1] = region.T
   steps = np.diff(padded, axis=1)
-  start_col, start_row = np.nonzero(steps == 1)  # First pixel of each run of ones.
-  end_col, end_row = np.nonzero(steps == -1)  # One past its last.
-  starts = (left + start_col) * height + top + start_row
-  ends = (left + end_col) * height + top + end_row
+  col, row = np.nonzero(steps)  # Column-major order: the runs' starts and ends alternate.
+  flat = (left + col) * height + top + row
+  starts, ends = flat[0::2], flat[1::2]  # First pixel of each run of ones, one past its last.
   # A run to the bottom of one column and one from the top of the next are one run.
   joined = starts[1:] == ends[:-1]
   starts = np.concatenate([starts[:1], starts[1:][~joined]])
