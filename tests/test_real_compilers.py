@@ -221,7 +221,6 @@ def test_sharded_model_step_compiles_with_kernels_per_device(name, platform):
     assert not [s for s in shapes if MODEL_BATCH in s or per_device in s], match[0]
 
 
-
 # The tiny Mask R-CNN of test_det_mask_rcnn.py (a conv backbone, 2 classes, 64x64 images, 2 images on one
 # chip) with fewer RoIs and proposals: the TPU compiler's time grows with the RoI count of the RoIAlign's
 # batched products (this halves the test's compile time, to about 45 s of CPU).
