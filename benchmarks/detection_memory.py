@@ -104,10 +104,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def _dot_flops(eqn) -> float:
-  (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
-  lhs, rhs = (v.aval.shape for v in eqn.invars)
-  contract = math.prod(lhs[d] for d in lhs_contract)
-  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * contract
+  (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+  lhs = eqn.invars[0].aval.shape
+  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
 
 
 def _conv_flops(eqn) -> float:
