@@ -13,6 +13,7 @@ from etils import epath
 from pycocotools import coco, cocoeval
 from pycocotools import mask as mask_utils
 
+from shufflemamba_jax.data import coco as coco_builder
 from shufflemamba_jax.data import detection_features, digits, digits_det, digits_seg, pipeline
 
 STROKE_GREY = 64  # round(STROKE_LEVEL 4 * 255 / 16): the darkest stroke pixel on a canvas.
@@ -105,6 +106,18 @@ def test_mask_box_is_pixel_x1y1x2y2_in_edges():
   np.testing.assert_array_equal(mask_utils.toBbox(mask_utils.encode(np.asfortranarray(mask, np.uint8))), [3, 2, 6, 3])
   with pytest.raises(ValueError, match="empty"):
     detection_features.mask_box(np.zeros((4, 4), bool))
+
+
+def test_one_feature_format_for_digits_det_and_coco(tmp_path):
+  digits_features = detection_features.detection_features(digits_det.CLASS_NAMES, (64, 64))
+  coco_features = coco_builder.CocoInstances(data_dir=str(tmp_path)).info.features
+  shared = detection_features.detection_features(coco_builder.CLASS_NAMES, image_format="jpeg", with_filename=True)
+  assert coco_features.to_json() == shared.to_json()
+  assert set(coco_features.keys()) - set(digits_features.keys()) == {"image/filename"}
+  for features in (digits_features, coco_features):
+    bbox = features["objects"]["bbox"]
+    assert isinstance(bbox, tfds.features.Tensor) and bbox.shape == (4,) and bbox.dtype == np.float32
+  assert coco_features["image"].encoding_format == "jpeg" and digits_features["image"].encoding_format == "png"
 
 
 @pytest.fixture(scope="module")
