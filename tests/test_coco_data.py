@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from pycocotools.coco import COCO
 
-from shufflemamba_jax.data import coco, pipeline
+from shufflemamba_jax.data import coco, detection_features, pipeline
 
 # (image id, annotation index in its image) of the annotations mmdet drops: a box 0.4 px wide,
 # a category outside the 80, a box off the image, and one of zero area.
@@ -150,3 +150,18 @@ def test_missing_image_in_zip_is_named(tmp_path):
     zipped.writestr("val2017/000000000139.jpg", b"\xff\xd8\xff")  # 000000000285.jpg left out.
   with pytest.raises(FileNotFoundError, match=r"val2017\.zip holds no val2017/000000000285\.jpg \(image id 285"):
     pipeline.prepare("coco", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual), compute_stats=False)
+
+
+def test_coco_ground_truth_reads_the_pixel_boxes(coco_data):
+  """The shared `coco_ground_truth` turns the stored x1y1x2y2 back into the JSON's [x, y, w, h]."""
+  data_dir, _, data, _ = coco_data
+  truth = detection_features.coco_ground_truth(pipeline.get_builder("coco", data_dir), "validation")
+  api = _coco_api(data["validation"])
+  checked = 0
+  for image in truth["images"]:  # In the order TFDS stored them; an image's annotations in the JSON's.
+    boxes = [a["bbox"] for a in truth["annotations"] if a["image_id"] == image["id"]]
+    kept = [a["bbox"] for k, a in enumerate(api.imgToAnns[image["id"]]) if (image["id"], k) not in DROPPED]
+    assert len(boxes) == len(kept)
+    np.testing.assert_allclose(np.reshape(boxes, (-1, 4)), np.reshape(kept, (-1, 4)), rtol=1e-6, atol=1e-4)
+    checked += len(boxes)
+  assert checked == len(truth["annotations"]) > 0

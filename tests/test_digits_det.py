@@ -13,6 +13,7 @@ from etils import epath
 from pycocotools import coco, cocoeval
 from pycocotools import mask as mask_utils
 
+from shufflemamba_jax.data import coco as coco_builder
 from shufflemamba_jax.data import detection_features, digits, digits_det, digits_seg, pipeline
 
 STROKE_GREY = 64  # round(STROKE_LEVEL 4 * 255 / 16): the darkest stroke pixel on a canvas.
@@ -96,6 +97,29 @@ def _files(data_dir):
   return {path.name: path.read_bytes() for path in folder.glob("*.tfrecord*")}
 
 
+def test_mask_box_is_pixel_x1y1x2y2_in_edges():
+  mask = np.zeros((10, 12), bool)
+  mask[2:5, 3:9] = True  # Rows 2..4, columns 3..8.
+  box = detection_features.mask_box(mask)
+  assert box.dtype == np.float32
+  np.testing.assert_array_equal(box, [3, 2, 9, 5])  # [x, y, w, h] = [3, 2, 6, 3], as COCO's toBbox.
+  np.testing.assert_array_equal(mask_utils.toBbox(mask_utils.encode(np.asfortranarray(mask, np.uint8))), [3, 2, 6, 3])
+  with pytest.raises(ValueError, match="empty"):
+    detection_features.mask_box(np.zeros((4, 4), bool))
+
+
+def test_one_feature_format_for_digits_det_and_coco(tmp_path):
+  digits_features = detection_features.detection_features(digits_det.CLASS_NAMES, (64, 64))
+  coco_features = coco_builder.CocoInstances(data_dir=str(tmp_path)).info.features
+  shared = detection_features.detection_features(coco_builder.CLASS_NAMES, image_format="jpeg", with_filename=True)
+  assert coco_features.to_json() == shared.to_json()
+  assert set(coco_features.keys()) - set(digits_features.keys()) == {"image/filename"}
+  for features in (digits_features, coco_features):
+    bbox = features["objects"]["bbox"]
+    assert isinstance(bbox, tfds.features.Tensor) and bbox.shape == (4,) and bbox.dtype == np.float32
+  assert coco_features["image"].encoding_format == "jpeg" and digits_features["image"].encoding_format == "png"
+
+
 @pytest.fixture(scope="module")
 def validation(digits_det_data_dir):
   builder = pipeline.get_builder("digits_det", digits_det_data_dir)
@@ -129,8 +153,8 @@ def test_examples(digits_det_data_dir, validation):
     np.testing.assert_array_equal(objects["area"], masks.sum(axis=(1, 2)).astype(np.float32))
     for mask, bbox in zip(masks, objects["bbox"], strict=True):
       ys, xs = np.nonzero(mask)
-      tight = np.array([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1]) / 64
-      np.testing.assert_array_equal(bbox, tight.astype(np.float32))
+      assert bbox.dtype == np.float32  # Pixel x1y1x2y2, edges: the mask spans columns x1..x2 - 1.
+      np.testing.assert_array_equal(bbox, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
       sides.append(max(ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()))
     counts.append(len(masks))
     labels.extend(objects["label"])

@@ -8,13 +8,14 @@ https://cocodataset.org. Its TFDS name is `coco_instances` (TFDS's own builder h
 `python -m shufflemamba_jax.prepare --dataset=coco --manual_dir=DIR` builds it, and the input
 pipeline's `config.dataset = "coco"` reads it.
 
-What one example holds (splits `train`, 118,287 images, and `validation`, 5,000):
+What one example holds (splits `train`, 118,287 images, and `validation`, 5,000), the features
+of `detection_features.detection_features(CLASS_NAMES, image_format="jpeg", with_filename=True)`,
+the ones `digits_det` declares too:
   image: the JPEG bytes as they are in the zip (never re-encoded).
   image/id: int64, the COCO image id (results JSON for COCOeval); image/filename: its file name.
   objects: one entry per kept annotation, in the JSON's order:
     bbox: float32 (4,) PIXEL x1, y1, x2, y2 = COCO's [x, y, x + w, y + h] (mmdet's boxes, and
-      the model's `Targets.boxes` before resizing; not TFDS's normalized BBoxFeature, which
-      rejects COCO's boxes that pass the image border by a fraction of a pixel).
+      the model's `Targets.boxes` before resizing), as detection_features describes.
     label: 0..79, the index of the category id in CATEGORY_IDS (mmdet's cat2label).
     is_crowd: bool, instances to ignore in matching: COCO's iscrowd, or (mmdet's
       LoadAnnotations) a polygon annotation without any valid polygon (>= 3 points).
@@ -56,6 +57,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from shufflemamba_jax.data import detection_features
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -190,22 +193,7 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     return self.dataset_info_from_configs(
       description="COCO 2017 object instances with masks (pixel x1y1x2y2 boxes, labels 0..79 = CATEGORY_IDS).",
-      features=tfds.features.FeaturesDict(
-        {
-          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-          "image/id": np.int64,
-          "image/filename": tfds.features.Text(),
-          "objects": tfds.features.Sequence(
-            {
-              "bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
-              "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-              "is_crowd": np.bool_,
-              "area": np.float32,
-              "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-            }
-          ),
-        }
-      ),
+      features=detection_features.detection_features(CLASS_NAMES, image_format="jpeg", with_filename=True),
       homepage="https://cocodataset.org",
       metadata=tfds.core.MetadataDict(category_ids=list(CATEGORY_IDS)),
     )

@@ -3,12 +3,15 @@
 Every detection builder declares `detection_features(class_names, ...)`, so that one input pipeline
 and one evaluation serve them all. An example:
 
-  image:     PNG, (H, W, 3) uint8.
-  image/id:  int64, the image's id (COCO's own ids for COCO, the canvas index for digits_det).
-  objects:   a Sequence, one entry per instance:
-    bbox:      tfds BBoxFeature, normalized [ymin, xmin, ymax, xmax] float32 (TFDS's convention),
-               pixel EDGES: a mask whose pixels span rows y0..y1 has ymin = y0 / H, ymax = (y1 + 1) / H,
-               as COCO's [x, y, w, h] (w = x1 - x0 + 1) and mmdet's x1y1x2y2 read it.
+  image:           (H, W, 3) uint8, PNG (digits_det) or JPEG (COCO, its bytes as in the archive).
+  image/id:        int64, the image's id (COCO's own ids for COCO, the canvas index for digits_det).
+  image/filename:  Text, the image's file name (COCO only: `with_filename=True`).
+  objects:         a Sequence, one entry per instance:
+    bbox:      float32 (4,) PIXEL [x1, y1, x2, y2] = COCO's [x, y, x + w, y + h] (mmdet's boxes, and
+               the model's `Targets.boxes` before resizing), in pixel EDGES: a mask whose pixels span
+               columns x0..x1 - 1 and rows y0..y1 - 1 has the box [x0, y0, x1, y1], as COCO's
+               [x, y, w, h] (w = x1 - x0) reads it. Not TFDS's normalized BBoxFeature, which rejects
+               COCO's boxes that pass the image border by a fraction of a pixel.
     label:     ClassLabel, 0 .. len(class_names) - 1.
     is_crowd:  bool (COCO's iscrowd: a crowd region is ignored by training and matched loosely by
                COCOeval).
@@ -30,44 +33,46 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 
-def detection_features(class_names: Sequence[str], image_size: tuple[int, int] | None = None):
+def detection_features(
+  class_names: Sequence[str],
+  image_size: tuple[int, int] | None = None,
+  *,
+  image_format: str = "png",
+  with_filename: bool = False,
+):
   """The tfds FeaturesDict of a detection dataset (see the module docstring).
 
   class_names: the names of labels 0, 1, ...; image_size: (H, W) when every image has that size
-  (digits_det's canvases), None for images of any size (COCO).
+  (digits_det's canvases), None for images of any size (COCO); image_format: the images' encoding,
+  "png" or "jpeg"; with_filename: whether examples carry `image/filename`.
   """
   height, width = image_size if image_size is not None else (None, None)
-  return tfds.features.FeaturesDict(
+  features = {
+    "image": tfds.features.Image(shape=(height, width, 3), encoding_format=image_format),
+    "image/id": np.int64,
+  }
+  if with_filename:
+    features["image/filename"] = tfds.features.Text()
+  features["objects"] = tfds.features.Sequence(
     {
-      "image": tfds.features.Image(shape=(height, width, 3), encoding_format="png"),
-      "image/id": np.int64,
-      "objects": tfds.features.Sequence(
-        {
-          "bbox": tfds.features.BBoxFeature(),
-          "label": tfds.features.ClassLabel(names=list(class_names)),
-          "is_crowd": np.bool_,
-          "area": np.float32,
-          "mask": tfds.features.Image(shape=(height, width, 1), encoding_format="png"),
-        }
-      ),
+      "bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+      "label": tfds.features.ClassLabel(names=list(class_names)),
+      "is_crowd": np.bool_,
+      "area": np.float32,
+      "mask": tfds.features.Image(shape=(height, width, 1), encoding_format="png"),
     }
   )
+  return tfds.features.FeaturesDict(features)
 
 
-def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
-  """The tight box (y0, x0, y1, x1) of a non-empty (H, W) mask in pixel edges: rows y0..y1 - 1 and
-  columns x0..x1 - 1 hold all its pixels."""
+def mask_box(mask: np.ndarray) -> np.ndarray:
+  """The tight box of a non-empty (H, W) mask as `objects/bbox` holds it: float32 [x0, y0, x1, y1] in
+  pixel edges, so that columns x0..x1 - 1 and rows y0..y1 - 1 hold all its pixels."""
   rows = np.flatnonzero(mask.any(axis=1))
   cols = np.flatnonzero(mask.any(axis=0))
   if rows.size == 0:
     raise ValueError("mask_box: the mask is empty.")
-  return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
-
-
-def normalized_box(box: tuple[int, int, int, int], height: int, width: int) -> tfds.features.BBox:
-  """A (y0, x0, y1, x1) pixel-edge box as the tfds BBox [ymin, xmin, ymax, xmax] in [0, 1]."""
-  y0, x0, y1, x1 = box
-  return tfds.features.BBox(ymin=y0 / height, xmin=x0 / width, ymax=y1 / height, xmax=x1 / width)
+  return np.asarray([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
 
 
 def category_id(label: int) -> int:
@@ -104,14 +109,14 @@ def coco_ground_truth(source, split: str | None = None, class_names: Sequence[st
     for bbox, label, crowd, area, mask in zip(
       objects["bbox"], objects["label"], objects["is_crowd"], objects["area"], objects["mask"], strict=True
     ):
-      ymin, xmin, ymax, xmax = (float(v) for v in bbox)
+      x1, y1, x2, y2 = (float(v) for v in bbox)
       rle = mask_utils.encode(np.asfortranarray(mask[..., 0].astype(np.uint8)))
       annotations.append(
         {
           "id": len(annotations) + 1,
           "image_id": image_id,
           "category_id": category_id(label),
-          "bbox": [xmin * width, ymin * height, (xmax - xmin) * width, (ymax - ymin) * height],
+          "bbox": [x1, y1, x2 - x1, y2 - y1],
           "area": float(area),
           "iscrowd": int(bool(crowd)),
           "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},

@@ -9,7 +9,8 @@ strokes are drawn over the earlier ones (opaque), its fainter pixels only bright
 (maximum), so they hide nothing. An instance's mask is its VISIBLE strokes: its strokes minus those
 of the later digits, as COCO's instance masks are the visible part of an object, so the masks are
 disjoint and together are exactly the canvas pixels of grey at least STROKE_LEVEL. Its box is the
-tight box of that mask, its area the mask's pixel count, its label the digit (0-9).
+tight box of that mask in pixels, [x1, y1, x2, y2] with pixel edges (`detection_features.mask_box`, the
+box format COCO's builder stores too), its area the mask's pixel count, its label the digit (0-9).
 
 Occlusion is bounded: a digit is placed at the first of PLACEMENT_TRIES uniform positions where
 every digit keeps at least MIN_VISIBLE_FRACTION of its strokes visible, and is left out (not drawn)
@@ -97,7 +98,7 @@ class DigitsDet(tfds.core.GeneratorBasedBuilder):
       description=(
         "Detection and instance segmentation on scikit-learn's bundled 8x8 handwritten digits: 64x64 "
         "canvases of 2-5 digits resized to 12-40 pixels, later digits over earlier ones; each instance's "
-        "mask is its visible strokes, its box that mask's tight box, its label the digit 0-9."
+        "mask is its visible strokes, its box that mask's tight box (pixel x1y1x2y2), its label the digit 0-9."
       ),
       features=detection_features.detection_features(CLASS_NAMES, (CANVAS, CANVAS)),
       homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
@@ -117,7 +118,7 @@ class DigitsDet(tfds.core.GeneratorBasedBuilder):
     for index in range(NUM_CANVASES[split]):
       image, masks, classes, _ = canvas(rng, gray, labels, pool)
       objects = {
-        "bbox": [detection_features.normalized_box(detection_features.mask_box(m), CANVAS, CANVAS) for m in masks],
+        "bbox": np.reshape([detection_features.mask_box(m) for m in masks], (-1, 4)).astype(np.float32),
         "label": classes,
         "is_crowd": np.zeros(len(classes), bool),
         "area": masks.sum(axis=(1, 2)).astype(np.float32),
