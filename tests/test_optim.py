@@ -64,6 +64,81 @@ def test_lr_schedule_is_the_recipe_at_every_step():
   np.testing.assert_allclose(short(25), 5e-7 + (5e-4 - 5e-7) * 25 / 50, rtol=1e-5)
 
 
+def mmengine_learning_rates(peak, *, warmup_steps, warmup_factor, milestones, gamma, num_steps, epoch_length=None):
+  """The learning rate of each of `num_steps` iterations under mmengine's LinearLR (by iteration) and
+  MultiStepLR (milestones in iterations, or in epochs of `epoch_length` iterations, stepped at each
+  epoch's end), stepped as mmengine's ParamSchedulerHook steps them."""
+  torch = pytest.importorskip("torch")
+  scheduler = pytest.importorskip("mmengine.optim.scheduler")
+  optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+  linear = scheduler.LinearLR(optimizer, start_factor=warmup_factor, by_epoch=False, begin=0, end=warmup_steps)
+  by_epoch = epoch_length is not None
+  multistep = scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma, by_epoch=by_epoch)
+  rates = []
+  for step in range(num_steps):
+    rates.append(optimizer.param_groups[0]["lr"])
+    optimizer.step()
+    linear.step()
+    if not by_epoch or (step + 1) % epoch_length == 0:
+      multistep.step()
+  return np.array(rates)
+
+
+@pytest.mark.parametrize(
+  "warmup_steps, warmup_factor, milestones, gamma, epoch_length, boundaries",
+  [
+    (10, 0.001, (30, 45), 0.1, None, (30, 45)),  # Milestones in iterations.
+    (20, 0.01, (5, 12, 12), 0.5, None, (5, 12, 12)),  # Inside the warmup, one repeated.
+    (10, 0.001, (3, 5), 0.1, 7, (21, 35)),  # In epochs (the recipe's), as steps of the schedule.
+    (2, 0.25, (0, 40), 0.2, None, (0, 40)),  # The shortest warmup, a milestone at 0.
+  ],
+)
+def test_warmup_multistep_schedule_is_mmengines(
+  warmup_steps, warmup_factor, milestones, gamma, epoch_length, boundaries
+):
+  """LinearLR + MultiStepLR as the detection recipe chains them, every step of 300."""
+  expected = mmengine_learning_rates(
+    1e-4,
+    warmup_steps=warmup_steps,
+    warmup_factor=warmup_factor,
+    milestones=milestones,
+    gamma=gamma,
+    num_steps=300,
+    epoch_length=epoch_length,
+  )
+  schedule = optim.warmup_multistep_schedule(
+    1e-4, warmup_steps=warmup_steps, warmup_factor=warmup_factor, boundaries=boundaries, decay=gamma
+  )
+  np.testing.assert_allclose(jax.vmap(schedule)(jnp.arange(300)), expected, rtol=2e-6)
+  np.testing.assert_allclose(jax.jit(schedule)(299), expected[-1], rtol=2e-6)
+
+
+def test_warmup_multistep_schedule_key_steps():
+  """The recipe's: 1e-3 of the peak at 0, the peak at step 999 (LinearLR's end 1000, minus one)."""
+  schedule = optim.warmup_multistep_schedule(1e-4, warmup_steps=1000, warmup_factor=0.001, boundaries=(1200, 1500))
+  np.testing.assert_allclose(schedule(0), 1e-7, rtol=1e-5)
+  np.testing.assert_allclose(schedule(700), 1e-4 * (0.001 + 0.999 * 700 / 999), rtol=1e-6)
+  np.testing.assert_allclose(schedule(999), 1e-4, rtol=1e-6)
+  np.testing.assert_allclose(schedule(1199), 1e-4, rtol=1e-6)
+  np.testing.assert_allclose(schedule(1200), 1e-5, rtol=1e-6)
+  np.testing.assert_allclose(schedule(1500), 1e-6, rtol=1e-6)
+  overlap = optim.warmup_multistep_schedule(1e-4, warmup_steps=1000, warmup_factor=0.001, boundaries=(800,))
+  np.testing.assert_allclose(overlap(800), 1e-5 * (0.001 + 0.999 * 800 / 999), rtol=1e-6)  # Both at once.
+  no_warmup = optim.warmup_multistep_schedule(2.0, warmup_steps=0, warmup_factor=0.5, boundaries=(3,), decay=0.5)
+  np.testing.assert_allclose([no_warmup(step) for step in range(5)], [2.0, 2.0, 2.0, 1.0, 1.0])
+  for setting, kwargs in [
+    ("warmup_steps", dict(warmup_steps=1)),
+    ("warmup_steps", dict(warmup_steps=-1)),
+    ("warmup_factor", dict(warmup_factor=1.5)),
+    ("boundaries", dict(boundaries=(-1,))),
+    ("boundaries", dict(boundaries=8)),
+    ("decay", dict(decay=-0.1)),
+  ]:
+    with pytest.raises(smj.SettingError) as error:
+      optim.warmup_multistep_schedule(1.0, **{**dict(warmup_steps=10, warmup_factor=0.1, boundaries=(5,)), **kwargs})
+    assert error.value.setting == setting
+
+
 def test_weight_decay_mask_on_a_real_model():
   model = nnx.eval_shape(lambda: smj.create_model("shufflemamba_tiny", rngs=nnx.Rngs(0), **TINY))
   _, params, _ = steps.split_model(model)

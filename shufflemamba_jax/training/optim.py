@@ -8,6 +8,7 @@ itself, so one call of the step is one optimizer update.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -170,6 +171,40 @@ def warmup_poly_schedule(
     return peak * (warmup_factor + (1.0 - warmup_factor) * fraction)
 
   return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def warmup_multistep_schedule(
+  peak: float, *, warmup_steps: int, warmup_factor: float, boundaries: tuple[int, ...], decay: float = 0.1
+) -> optax.Schedule:
+  """mmdet's 1x schedule: mmengine's LinearLR(start_factor=warmup_factor, by_epoch=False, begin=0,
+  end=warmup_steps) and MultiStepLR(milestones=boundaries, gamma=decay), both chained on `peak`.
+
+  boundaries: optimizer steps (0-based) from which one more `decay` applies (the recipe's
+  milestones in epochs times the steps per epoch); repeats count twice, as mmengine's Counter.
+  The two multiply wherever they overlap: lr(step) = peak * linear(step) * decay ** #{b <= step},
+  linear going from warmup_factor at step 0 to 1 at step warmup_steps - 1 (mmengine's LinearLR
+  reaches its end factor one step before `end`: total_iters = end - begin - 1), and staying 1.
+  warmup_steps 0 = no warmup; 1 is refused (mmengine's LinearLR(end=1) never leaves warmup_factor).
+  """
+  checks.integer("warmup_steps", warmup_steps, minimum=0)
+  if warmup_steps == 1:
+    raise checks.SettingError("warmup_steps", warmup_steps, "must be 0 (no warmup) or >= 2")
+  checks.number("warmup_factor", warmup_factor, 0.0, 1.0)
+  checks.number("decay", decay)
+  if isinstance(boundaries, (str, bytes)) or not hasattr(boundaries, "__iter__"):
+    raise checks.SettingError("boundaries", boundaries, "must be a sequence of steps")
+  boundaries = tuple(checks.integer("boundaries", boundary, minimum=0) for boundary in boundaries)
+  counts = collections.Counter(boundaries)
+  steps = optax.piecewise_constant_schedule(peak, {boundary: decay**count for boundary, count in counts.items()})
+  if not warmup_steps:
+    return steps
+
+  def schedule(step):
+    # As warmup_poly_schedule's, not optax.linear_schedule: a small warmup_factor survives float32.
+    fraction = jnp.clip(jnp.asarray(step, jnp.float32) / (warmup_steps - 1), 0.0, 1.0)
+    return steps(step) * (warmup_factor + (1.0 - warmup_factor) * fraction)
+
+  return schedule
 
 
 # ---------------------------------------------------------------------------------------------
