@@ -1,14 +1,17 @@
 """Segmentation configs: every ADE20K variant and the embedded default build their Settings, and
-bad segmentation values raise a SettingError naming the config field."""
+bad segmentation values raise a SettingError naming the config field. Also the COCO detection
+configs' values (parsed only: nothing of the detection task is built here)."""
 
 import os
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import shufflemamba_jax as smj
 from shufflemamba_jax.models import SettingError, upernet
-from shufflemamba_jax.training import trainer
+from shufflemamba_jax.training import config_files, trainer
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 ADE20K_VARIANTS = ("shufflemamba_base", "shufflemamba_reg_large", "shufflemamba_middle", "shufflemamba_large")
@@ -121,3 +124,85 @@ def test_whole_mode_configs_take_windows_on_the_command_line():
   config = _parse("digits_seg.py", "--config.seg.eval_crop=(32, 32)", "--config.seg.eval_stride=(16, 16)")
   settings = trainer.Settings.from_config(config)
   assert (settings.task.eval_crop, settings.task.eval_stride) == ((32, 32), (16, 16))
+
+
+# The reference's detection/configs/shufflemamba/mask_rcnn_shufflemamba_reg_fpn_coco_{variant}_adapter.py:
+# embed_dim, depth, drop_path_rate, deform_num_heads, interaction_indexes ends (= out_indices), and
+# paramwise_cfg num_layers (the depth).
+COCO_OFFICIAL = {
+  "shufflemamba_base": (768, 24, 0.3, 12, (5, 11, 17, 23)),
+  "shufflemamba_middle": (576, 32, 0.4, 12, (7, 15, 23, 31)),
+  "shufflemamba_large": (1024, 48, 0.5, 16, (11, 23, 35, 47)),
+}
+
+
+@pytest.mark.parametrize("variant", tuple(COCO_OFFICIAL))
+def test_coco_variant_is_the_reference_config(variant):
+  config = _parse(f"coco.py:{variant}")
+  embed_dim, depth, drop_path, heads, out_indices = COCO_OFFICIAL[variant]
+  # The backbone (the variant file): width and depth through the variant, LayerNorm (rms_norm=False),
+  # patch 16, shuffle_rate 0, float32 (OptimWrapper, not AmpOptimWrapper).
+  model = config.model
+  assert smj.VARIANTS[model.variant]["embed_dim"] == embed_dim and smj.VARIANTS[model.variant]["depth"] == depth
+  assert model.embed_dim is None and model.depth is None
+  assert (model.patch_size, model.norm, model.drop_path_rate, model.dtype) == (16, "layernorm", drop_path, "float32")
+  assert model.slws.max_prob == 0.0
+  assert config.det.out_indices == out_indices and config.det.pos_embed_size == 224
+  adapter = config.det.adapter
+  assert (adapter.conv_inplane, adapter.n_points, adapter.deform_num_heads) == (64, 4, heads)
+  assert (adapter.deform_ratio, adapter.cffn_ratio, adapter.init_values) == (0.5, 0.25, 0.0)
+  assert adapter.add_mamba_feature and adapter.use_extra_extractor
+  # The optimizer (the variant file): AdamW, layer decay 0.9; no clipping.
+  assert (config.lr, config.b1, config.b2, config.eps, config.weight_decay) == (1e-4, 0.9, 0.999, 1e-8, 0.05)
+  assert not config.lr_scale_batch and config.grad_clip is None and config.ema_decay == 0.0
+  assert config.det.layer_decay == 0.9
+  # The schedule (template.py over schedule_1x.py): 12 epochs, LinearLR(0.001, end=1000), MultiStepLR.
+  assert (config.num_epochs, config.total_steps) == (12, None)
+  assert (config.det.warmup_steps, config.det.warmup_factor) == (1000, 0.001)
+  assert (config.det.lr_epochs, config.det.lr_decay) == ((8, 11), 0.1)
+  # 8 GPUs x 2 (template.py, README); evaluation and checkpoints every epoch of 118,287 // 16 steps.
+  assert config.batch_size == 16 and config.eval_batch_size == 8
+  assert config.eval_every_steps == config.checkpoint_every_steps == 7392
+  assert config.best_metric == "eval_bbox_map" and config.init_from is None
+  assert (config.dataset, config.task) == ("coco", "detection")
+  assert (config.train_split, config.eval_split) == ("train", "validation")
+  # The detector (mask-rcnn_r50_fpn.py, FPN norm from the variant file) and the data (coco_instance.py).
+  det = config.det
+  assert (det.fpn_channels, det.fpn_norm, det.fc_channels, det.mask_channels) == (256, True, 1024, 256)
+  assert (det.anchor_scales, det.anchor_ratios) == ((8.0,), (0.5, 1.0, 2.0))
+  assert (det.rpn_pos_iou, det.rpn_neg_iou, det.rpn_min_pos_iou, det.rpn_num, det.rpn_pos_fraction) == (
+    0.7, 0.3, 0.3, 256, 0.5
+  )  # fmt: skip
+  assert (det.rpn_nms_pre, det.rpn_max_proposals, det.rpn_nms_iou) == (2000, 1000, 0.7)
+  assert (det.rcnn_pos_iou, det.rcnn_neg_iou, det.rcnn_min_pos_iou, det.rcnn_num, det.rcnn_pos_fraction) == (
+    0.5, 0.5, 0.5, 512, 0.25
+  )  # fmt: skip
+  assert (det.roi_sampling_ratio, det.mask_size) == (0, 28)
+  assert (det.test_nms_pre, det.test_max_proposals, det.test_score_thr, det.test_nms_iou) == (1000, 1000, 0.05, 0.5)
+  assert det.test_max_detections == 100
+  assert (config.det_aug.scale, config.det_aug.hflip_prob) == ((1333, 800), 0.5)
+  np.testing.assert_allclose(np.array(config.aug.mean) * 255, [123.675, 116.28, 103.53], rtol=1e-6)
+  np.testing.assert_allclose(np.array(config.aug.std) * 255, [58.395, 57.12, 57.375], rtol=1e-6)
+  assert (config.aug.mixup_alpha, config.aug.cutmix_alpha, config.aug.random_erasing_prob) == (0.0, 0.0, 0.0)
+  assert config.aug.repeated_aug == 1
+
+
+def test_coco_config_takes_command_line_overrides():
+  config = _parse(
+    "coco.py:shufflemamba_middle",
+    "--config.init_from=/tmp/classifier",
+    "--config.lr=2e-4",
+    "--config.det.layer_decay=0.8",
+    "--config.det.lr_epochs=(16, 22)",
+    "--config.det.adapter.deform_num_heads=6",
+    "--config.model.dtype=bfloat16",
+    "--config.total_steps=100",
+  )
+  assert config.init_from == "/tmp/classifier" and config.lr == 2e-4 and config.det.layer_decay == 0.8
+  assert config.det.lr_epochs == (16, 22) and config.det.adapter.deform_num_heads == 6
+  assert config.model.dtype == "bfloat16" and config.total_steps == 100
+  assert config.model.drop_path_rate == 0.4  # The rest is the variant's.
+  with pytest.raises(AttributeError):
+    _parse("coco.py:shufflemamba_base", "--config.det.layer_decay_rate=0.8")  # Locked: no new fields.
+  with pytest.raises(ValueError, match="unknown variant 'shufflemamba_reg_large'"):
+    config_files.get_config(os.path.join(CONFIGS, "coco.py"), "shufflemamba_reg_large")
