@@ -165,3 +165,66 @@ def test_coco_ground_truth_reads_the_pixel_boxes(coco_data):
     np.testing.assert_allclose(np.reshape(boxes, (-1, 4)), np.reshape(kept, (-1, 4)), rtol=1e-6, atol=1e-4)
     checked += len(boxes)
   assert checked == len(truth["annotations"]) > 0
+
+
+DET_AUG = dict(scale=(96, 64), canvas=(96, 96), max_gt=3, crop_size=16)
+
+
+def test_train_stream_skips_images_without_instances_and_pads_ground_truth(coco_data):
+  """mmdet's filter_empty_gt: image 30 (no annotation) is never drawn, another image of its
+  window takes its place; each example is the detection task's training batch row, crowds are
+  kept invalid, and 4 instances are cut to max_gt=3, the crowd first."""
+  from shufflemamba_jax.training.tasks import detection  # pylint: disable=g-import-not-at-top
+
+  data_dir, _, data, examples = coco_data
+  stream = pipeline.create_train_dataset(
+    dataset="coco", data_dir=data_dir, global_batch_size=3, shuffle_buffer=3, det_aug=DET_AUG
+  )
+  batches = list(stream.take(6).as_numpy_iterator())
+  ids = np.concatenate([b["example_id"] for b in batches])
+  assert set(ids.tolist()) == {9, 25}  # Six epochs of three examples: 30 replaced every time.
+  task_shapes = {
+    name: (shape.shape[1:], shape.dtype)
+    for name, shape in detection.DetectionTask.batch_shapes(_det_task(), None, 3, "train").items()
+  }
+  for batch in batches:
+    step_fields = {name: (value.shape[1:], value.dtype) for name, value in batch.items() if name in task_shapes}
+    assert step_fields == task_shapes
+  row = {name: value[list(ids[:3]).index(9)] for name, value in batches[0].items()}
+  # Image 9: 3 valid instances, the 4th (its ignored polygon, a crowd) cut at max_gt.
+  assert row["valid"].tolist() == [True, True, True] and row["labels"].tolist() == [0, 79, 39]
+  np.testing.assert_array_equal(row["image_size"], [64, 85])  # (48, 64) resized to fit (96, 64): x4/3.
+  x, y, w, h = data["train"]["annotations"][0]["bbox"]
+  scale = np.float32([85 / 64, 64 / 48] * 2)
+  expected = np.float32([x, y, x + w, y + h]) * scale
+  flipped = np.float32([85 - expected[2], expected[1], 85 - expected[0], expected[3]])
+  assert np.allclose(row["boxes"][0], expected, atol=1e-3) or np.allclose(row["boxes"][0], flipped, atol=1e-3)
+  assert row["masks"][0].any() and set(np.unique(row["masks"])) <= {0, 1}
+
+
+def _det_task():
+  """A DetectionTask whose augmentation is DET_AUG (batch_shapes reads only that)."""
+  from shufflemamba_jax.data import detect_augment  # pylint: disable=g-import-not-at-top
+
+  return type("Task", (), {"augmentation": detect_augment.DetectionAugmentation(**DET_AUG)})()
+
+
+def test_eval_stream_keeps_every_image_with_its_id_and_sizes(coco_data):
+  """Every validation image (285 has no instance left), resized as mmdet's test pipeline on the
+  canvas, with its COCO id and original size; padding to the batch has mask 0."""
+  data_dir, _, data, _ = coco_data
+  stream = pipeline.create_detection_eval_dataset(
+    dataset="coco", data_dir=data_dir, global_batch_size=4, det_aug=DET_AUG
+  )
+  (batch,) = list(stream.as_numpy_iterator())
+  assert batch["image"].shape == (4, 96, 96, 3) and batch["mask"].tolist() == [1, 1, 0, 0]
+  sizes = {image["id"]: (image["height"], image["width"]) for image in data["validation"]["images"]}
+  for row in range(2):
+    image_id = int(batch["image_id"][row])
+    assert tuple(batch["original_size"][row]) == sizes[image_id]
+    height, width = sizes[image_id]
+    factor = min(96 / max(height, width), 64 / min(height, width))
+    assert tuple(batch["image_size"][row]) == (int(height * factor + 0.5), int(width * factor + 0.5))
+  assert sorted(batch["image_id"][:2].tolist()) == [139, 285] and batch["image_id"][2:].tolist() == [-1, -1]
+  with pytest.raises(ValueError, match="create_detection_eval_dataset"):
+    pipeline.create_eval_dataset(dataset="coco", data_dir=data_dir, global_batch_size=4)

@@ -94,6 +94,48 @@ def crop_instance_masks(masks: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Ten
   return crops[..., 0]
 
 
+def _resize(image, scale: tuple[int, int]):
+  """mmdet's Resize(scale, keep_ratio=True) of an (H, W, 3) uint8 image: (resized uint8, its
+  scale factor (2,) float32 new / old as (width, height), mmdet's `scale_factor`)."""
+  shape = tf.shape(image)
+  new_h, new_w, _ = rescale_size(shape[0], shape[1], scale)
+  resized = tf.image.resize(image, (new_h, new_w), method="bilinear")
+  resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+  factor = tf.stack(
+    [
+      tf.cast(new_w, tf.float32) / tf.cast(shape[1], tf.float32),
+      tf.cast(new_h, tf.float32) / tf.cast(shape[0], tf.float32),
+    ]
+  )
+  return resized, factor
+
+
+def _on_canvas(resized, aug: DetectionAugmentation):
+  """The resized image at the top-left of the (ch, cw, 3) canvas, the rest `fill_color`."""
+  canvas_h, canvas_w = aug.canvas
+  new_h, new_w = tf.shape(resized)[0], tf.shape(resized)[1]
+  padding = [[0, canvas_h - new_h], [0, canvas_w - new_w], [0, 0]]
+  inside = tf.pad(tf.ones((new_h, new_w, 1), tf.bool), padding)
+  canvas = tf.where(inside, tf.pad(resized, padding), tf.constant(aug.fill_color, tf.uint8))
+  return tf.ensure_shape(canvas, (canvas_h, canvas_w, 3))
+
+
+def eval_example(image, augmentation: DetectionAugmentation) -> dict:
+  """One evaluation image: mmdet's test pipeline (Resize keeping the ratio, no flip) on the canvas.
+
+  Returns {"image": canvas (ch, cw, 3) uint8; "image_size": (2,) int32 resized (height, width);
+  "scale_factor": (2,) float32 (width, height) new / old, by which mmdet divides the boxes back;
+  "original_size": (2,) int32 (H, W)}.
+  """
+  resized, factor = _resize(image, augmentation.scale)
+  return {
+    "image": _on_canvas(resized, augmentation),
+    "image_size": tf.shape(resized)[:2],
+    "scale_factor": factor,
+    "original_size": tf.shape(image)[:2],
+  }
+
+
 def train_example(image, boxes, labels, is_crowd, masks, seed, augmentation: DetectionAugmentation) -> dict:
   """One training example: mmdet's Resize + RandomFlip, on the canvas, ground truth padded.
 
@@ -108,16 +150,8 @@ def train_example(image, boxes, labels, is_crowd, masks, seed, augmentation: Det
     crop) uint8 0/1 box crops}.
   """
   aug = augmentation
-  shape = tf.shape(image)
-  new_h, new_w, _ = rescale_size(shape[0], shape[1], aug.scale)
-  resized = tf.image.resize(image, (new_h, new_w), method="bilinear")
-  resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-  scale = tf.stack(
-    [
-      tf.cast(new_w, tf.float32) / tf.cast(shape[1], tf.float32),
-      tf.cast(new_h, tf.float32) / tf.cast(shape[0], tf.float32),
-    ]
-  )
+  resized, scale = _resize(image, aug.scale)
+  new_h, new_w = tf.shape(resized)[0], tf.shape(resized)[1]
   boxes = tf.cast(boxes, tf.float32)
   crops = crop_instance_masks(masks, boxes, aug.crop_size)
   boxes = boxes * tf.tile(scale, [2])[None]
@@ -128,12 +162,7 @@ def train_example(image, boxes, labels, is_crowd, masks, seed, augmentation: Det
     flip, lambda: tf.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1), lambda: boxes
   )
   crops = tf.cond(flip, lambda: tf.reverse(crops, [2]), lambda: crops)
-
-  canvas_h, canvas_w = aug.canvas
-  padding = [[0, canvas_h - new_h], [0, canvas_w - new_w], [0, 0]]
-  inside = tf.pad(tf.ones((new_h, new_w, 1), tf.bool), padding)
-  canvas = tf.where(inside, tf.pad(resized, padding), tf.constant(aug.fill_color, tf.uint8))
-  canvas = tf.ensure_shape(canvas, (canvas_h, canvas_w, 3))
+  canvas = _on_canvas(resized, aug)
 
   # Non-crowd instances first (stable), so that a cut at max_gt drops crowds first.
   order = tf.argsort(tf.cast(is_crowd, tf.int32), stable=True)

@@ -57,13 +57,15 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from shufflemamba_jax import checks
-from shufflemamba_jax.data import augment, decodable, segment_augment
+from shufflemamba_jax.data import augment, decodable, detect_augment, segment_augment
 
 _LOGGER = logging.getLogger(__name__)
 
 DATASETS = ("digits", "imagenet2012", "digits_seg", "ade20k", "digits_det", "coco")
 # Datasets of label maps (semantic segmentation): label is an image, 255 = ignored.
 SEGMENTATION_DATASETS = ("digits_seg", "ade20k")
+# Datasets of instances (boxes, classes, masks; data/detection_features.py).
+DETECTION_DATASETS = ("digits_det", "coco")
 # Built on first use: they need no download.
 EMBEDDED_DATASETS = ("digits", "digits_seg", "digits_det")
 
@@ -103,13 +105,15 @@ def settings(config=None, **overrides) -> dict[str, Any]:
 
   config: an ml_collections config with configs/default.py's field names, or None.
   overrides: any setting by its config name (without `aug.`), `records_per_chunk` (records
-    per chunk of the shuffle plan, 0: a file's part whole; tests shrink it), or `seg_aug` (a dict of
-    segment_augment.SegmentationAugmentation fields, over `config.seg_aug`).
+    per chunk of the shuffle plan, 0: a file's part whole; tests shrink it), `seg_aug` (a dict of
+    segment_augment.SegmentationAugmentation fields, over `config.seg_aug`) or `det_aug` (of
+    detect_augment.DetectionAugmentation fields, over `config.det_aug`).
   A bad value raises a SettingError naming the config field. The result also holds the checked
-  `augmentation` (augment.TrainAugmentation) and `segmentation_augmentation`
-  (segment_augment.SegmentationAugmentation, read by the segmentation datasets).
+  `augmentation` (augment.TrainAugmentation), `segmentation_augmentation`
+  (segment_augment.SegmentationAugmentation, read by the segmentation datasets) and
+  `detection_augmentation` (detect_augment.DetectionAugmentation, by the detection datasets).
   """
-  values = {**_FIELDS, **_AUG_FIELDS, "records_per_chunk": 0, "seg_aug": {}}
+  values = {**_FIELDS, **_AUG_FIELDS, "records_per_chunk": 0, "seg_aug": {}, "det_aug": {}}
   unknown = sorted(set(overrides) - set(values))
   if unknown:  # Like any unknown keyword argument.
     raise TypeError(f"Unknown input pipeline setting(s) {unknown}; known: {sorted(values)}")
@@ -118,12 +122,21 @@ def settings(config=None, **overrides) -> dict[str, Any]:
     values.update({name: config.aug[name] for name in _AUG_FIELDS if "aug" in config and name in config.aug})
   seg_aug = dict(config.seg_aug) if config is not None and "seg_aug" in config else {}
   seg_aug.update(overrides.pop("seg_aug", {}))
+  det_aug = dict(config.det_aug) if config is not None and "det_aug" in config else {}
+  det_aug.update(overrides.pop("det_aug", {}))
   values.update(overrides)
   checks.one_of("config.dataset", values["dataset"], DATASETS)
   unknown = sorted(set(seg_aug) - {f.name for f in dataclasses.fields(segment_augment.SegmentationAugmentation)})
   if unknown:
     raise checks.SettingError(f"config.seg_aug.{unknown[0]}", seg_aug[unknown[0]], "is not a setting")
   values["seg_aug"] = seg_aug
+  unknown = sorted(set(det_aug) - {f.name for f in dataclasses.fields(detect_augment.DetectionAugmentation)})
+  if unknown:
+    raise checks.SettingError(f"config.det_aug.{unknown[0]}", det_aug[unknown[0]], "is not a setting")
+  values["det_aug"] = det_aug
+  values["detection_augmentation"] = detect_augment.DetectionAugmentation(
+    **{name: tuple(value) if isinstance(value, (list, tuple)) else value for name, value in det_aug.items()}
+  )
   values["segmentation_augmentation"] = segment_augment.SegmentationAugmentation(
     **{name: tuple(value) if isinstance(value, (list, tuple)) else value for name, value in seg_aug.items()}
   )
@@ -292,9 +305,11 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def _example_id(example) -> tf.Tensor:
-  """int64 id: the dataset's own `id` feature, else a stable 63-bit fingerprint of the file name."""
-  if "id" in example:
-    return tf.cast(example["id"], tf.int64)
+  """int64 id: the dataset's own `id` (or detection's `image/id`) feature, else a stable 63-bit
+  fingerprint of the file name."""
+  for name in ("id", "image/id"):
+    if name in example:
+      return tf.cast(example[name], tf.int64)
   return tf.strings.to_hash_bucket_fast(example["file_name"], 2**63 - 1)
 
 
@@ -463,7 +478,12 @@ def create_train_dataset(
     erasing follow on the device (`settings(...)["augmentation"].device_transform()`).
     Segmentation datasets (SEGMENTATION_DATASETS) go through `segment_augment` with
     `config.seg_aug` instead: image uint8 (local_batch, C, C, 3) and label uint8
-    (local_batch, C, C) (255 = ignored), C = seg_aug.crop_size.
+    (local_batch, C, C) (255 = ignored), C = seg_aug.crop_size. Detection datasets
+    (DETECTION_DATASETS) go through `detect_augment.train_example` with `config.det_aug`: image
+    uint8 (local_batch, ch, cw, 3) canvases, image_size int32 (local_batch, 2), boxes float32
+    (local_batch, G, 4), labels int32 and valid bool (local_batch, G), masks uint8 (local_batch,
+    G, S, S) box crops (G = det_aug.max_gt, S = det_aug.crop_size); an image without instances is
+    never drawn (mmdet's filter_empty_gt: another image of its window takes its place).
   """
   values = settings(config, **overrides)
   local_batch = _local_batch_size(global_batch_size, process_count)
@@ -484,13 +504,18 @@ def create_train_dataset(
   seed, shuffle_buffer, repeats = values["seed"], values["shuffle_buffer"], values["repeated_aug"]
   start_epoch, start_batch = divmod(int(start_step), steps_per_epoch)
   int_spec = tf.TensorSpec([], tf.int64)
+  detection = values["dataset"] in DETECTION_DATASETS
 
   def read_window(files, positions, skips, takes, epoch, index, start, offset, count):
     records = tf.data.Dataset.from_tensor_slices((files, positions, skips, takes)).interleave(
       _keyed_records, cycle_length=16, block_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
     records, record_positions, record_indices = records.batch(2**31 - 1).get_single_element()
-    return records, lookup.contains(decodable.key(record_positions, record_indices)), epoch, index, start, offset, count
+    skipped = lookup.contains(decodable.key(record_positions, record_indices))
+    if detection:
+      # mmdet's filter_empty_gt: an image without instances is replaced as an undecodable one is.
+      skipped = skipped | (num_instances(records) == 0)
+    return records, skipped, epoch, index, start, offset, count
 
   def shard_stream(shard: int):
     """Element stream of one shard: undecoded records with their epoch and shard position."""
@@ -609,7 +634,24 @@ def create_train_dataset(
     image, label = segment_augment.augment_train_pair(image, label, element["seed"], seg_aug)
     return {"image": image, "label": label, "example_id": _example_id(example), "epoch": element["epoch"]}
 
-  example_fn = decode_and_augment_pair if values["dataset"] in SEGMENTATION_DATASETS else decode_and_augment
+  det_aug = values["detection_augmentation"]
+
+  def decode_and_augment_instances(element):
+    """Detection: the image and its instances through detect_augment (canvas, padded ground truth)."""
+    example = features.deserialize_example(element["record"], decoders=_INSTANCE_DECODERS)
+    image = decodable.decode_window(example["image"], decodable.full_window)
+    objects = example["objects"]
+    masks = decode_instance_masks(objects["mask"], tf.shape(image)[:2])
+    instances = (objects["bbox"], objects["label"], objects["is_crowd"], masks)
+    example_out = detect_augment.train_example(image, *instances, element["seed"], det_aug)
+    return {**example_out, "example_id": _example_id(example), "epoch": element["epoch"]}
+
+  if detection:
+    example_fn = decode_and_augment_instances
+  elif values["dataset"] in SEGMENTATION_DATASETS:
+    example_fn = decode_and_augment_pair
+  else:
+    example_fn = decode_and_augment
   streams = [shard_stream(shard) for shard in local_shards]
   if len(streams) == 1:
     dataset = streams[0]
@@ -621,6 +663,27 @@ def create_train_dataset(
   dataset = dataset.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.batch(local_batch, drop_remainder=True)
   return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)
+
+
+# The instance features read undecoded: the image as bytes (decodable), each mask as PNG bytes.
+_INSTANCE_DECODERS = {"image": tfds.decode.SkipDecoding(), "objects": {"mask": tfds.decode.SkipDecoding()}}
+
+
+def num_instances(records: tf.Tensor) -> tf.Tensor:
+  """The instance count (int64) of each serialized detection example of `records` (a string
+  vector), read from its labels alone: one vectorized parse, no image decoded."""
+  labels = tf.io.parse_example(records, {"objects/label": tf.io.RaggedFeature(tf.int64)})["objects/label"]
+  return labels.row_lengths()
+
+
+def decode_instance_masks(pngs: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+  """PNG instance masks (N,) string -> (N, H, W) uint8 at the image's `size` (H, W) (N may be 0)."""
+  masks = tf.map_fn(
+    lambda png: tf.io.decode_png(png, channels=1)[..., 0],
+    pngs,
+    fn_output_signature=tf.TensorSpec([None, None], tf.uint8),
+  )
+  return tf.reshape(masks, tf.concat([[-1], size], 0))
 
 
 def _options():
@@ -688,6 +751,8 @@ def create_eval_dataset(
   values = settings(config, **overrides)
   if values["dataset"] in SEGMENTATION_DATASETS:
     raise ValueError(f"{values['dataset']} holds label maps: its evaluation stream is create_segmentation_eval_dataset")
+  if values["dataset"] in DETECTION_DATASETS:
+    raise ValueError(f"{values['dataset']} holds instances: its evaluation stream is create_detection_eval_dataset")
   split = split or values["eval_split"]
   image_size = int(image_size or values["image_size"])
   local_batch = _local_batch_size(global_batch_size, process_count)
@@ -769,4 +834,64 @@ def create_segmentation_eval_dataset(
   }
   decoders = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
   dataset = _split_examples(builder, process_split, decoders, padding_example, preprocess, "has mask 0 in evaluation")
+  return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)
+
+
+def create_detection_eval_dataset(
+  config=None,
+  *,
+  split: str | None = None,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  **overrides,
+):
+  """Finite evaluation stream of a detection dataset's `split`: fixed-shape local batches of
+  canvases, this process's share, padded with mask 0 so that every process yields the same
+  number of batches, ceil(ceil(N / process_count) / local_batch) (the batches run in lockstep
+  through one jitted `predict` over the global mesh).
+
+  Each image goes through mmdet's test pipeline (`detect_augment.eval_example`: resized to fit
+  config.det_aug.scale keeping its ratio, on the det_aug.canvas). An undecodable image (see
+  `decodable`) gets mask 0.
+
+  Returns:
+    tf.data.Dataset of dicts: image uint8 (local_batch, ch, cw, 3); image_size int32
+    (local_batch, 2) resized (height, width); scale_factor float32 (local_batch, 2) (width,
+    height) new / old; original_size int32 (local_batch, 2); image_id int64 (the dataset's
+    image/id, -1 for padding); mask float32 (1 real, 0 padding); example_id int64.
+  """
+  values = settings(config, **overrides)
+  checks.one_of("config.dataset", values["dataset"], DETECTION_DATASETS)
+  split = split or values["eval_split"]
+  local_batch = _local_batch_size(global_batch_size, process_count)
+  builder = get_builder(values["dataset"], values["data_dir"])
+  num_examples = builder.info.splits[split].num_examples
+  num_batches = math.ceil(math.ceil(num_examples / process_count) / local_batch)
+  process_split = _process_split(split, process_index, process_count)
+  local_examples = builder.info.splits[process_split].num_examples
+  aug = values["detection_augmentation"]
+  canvas_h, canvas_w = aug.canvas
+
+  def preprocess(example):
+    image = decodable.decode_window(example["image"], decodable.full_window)
+    return {
+      **detect_augment.eval_example(image, aug),
+      "image_id": tf.cast(example["image/id"], tf.int64),
+      "mask": tf.constant(1.0, tf.float32),
+      "example_id": _example_id(example),
+    }
+
+  padding_example = {
+    "image": tf.zeros([canvas_h, canvas_w, 3], tf.uint8),
+    "image_size": tf.constant([canvas_h, canvas_w], tf.int32),
+    "scale_factor": tf.ones([2], tf.float32),
+    "original_size": tf.constant([canvas_h, canvas_w], tf.int32),
+    "image_id": tf.constant(-1, tf.int64),
+    "mask": tf.constant(0.0, tf.float32),
+    "example_id": tf.constant(-1, tf.int64),
+  }
+  dataset = _split_examples(builder, process_split, _INSTANCE_DECODERS, padding_example, preprocess, "is not evaluated")
+  padding = tf.data.Dataset.from_tensors(padding_example).repeat(num_batches * local_batch - local_examples)
+  dataset = dataset.concatenate(padding).batch(local_batch, drop_remainder=True)
   return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)
