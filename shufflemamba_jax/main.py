@@ -129,7 +129,11 @@ def main(argv):
       finally:
         run.close()
     else:
-      print(trainer.evaluate(config, checkpoint, split=_EVAL_SPLIT.value, image_size=_EVAL_IMAGE_SIZE.value))
+      print(
+        trainer.evaluate(
+          config, checkpoint, split=_EVAL_SPLIT.value, image_size=_EVAL_IMAGE_SIZE.value, results_dir=_WORKDIR.value
+        )
+      )
     code = 0
   except SettingError as error:
     print(f"error: {error}", file=sys.stderr)

@@ -22,8 +22,12 @@ def test_the_dataset_chooses_the_task_unless_config_task_does():
   assert tasks.name_of(_config("digits.py")) == "classification"
   assert tasks.name_of(_config("digits_seg.py")) == "segmentation"
   assert tasks.name_of(_config("imagenet.py")) == "classification"
+  assert tasks.name_of(_config("digits_det.py", task=None)) == "detection"
   assert isinstance(tasks.from_config(_config("digits_seg.py")), segmentation.SegmentationTask)
-  with pytest.raises(SettingError, match=r"config\.task='detection'"):
+  with pytest.raises(SettingError, match=r"config\.task='tracking'"):
+    tasks.from_config(_config("digits.py", task="tracking"))
+  # Detection needs its blocks, which the classification config lacks.
+  with pytest.raises(SettingError, match=r"config\.det=None"):
     tasks.from_config(_config("digits.py", task="detection"))
   # An explicit task checks its own settings: segmentation needs config.seg.
   with pytest.raises(SettingError, match=r"config\.seg=None"):

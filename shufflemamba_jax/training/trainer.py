@@ -246,12 +246,13 @@ def setup(config, workdir: str) -> Run:
 
 
 def _train_batches(config, start_step: int, mesh):
-  """Global training batches from `start_step` on: uint8 images and labels only, two in flight
-  ahead of the step."""
+  """Global training batches from `start_step` on: the stream's fields the step reads (images and
+  labels, or a detection batch's ground truth), two in flight ahead of the step."""
   process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
   stream = pipeline.create_train_dataset(config, global_batch_size=config.batch_size, start_step=start_step, **process)
+  bookkeeping = ("example_id", "epoch")  # The stream's, not the step's.
   return sharding.prefetch_to_mesh(
-    ({"image": b["image"], "label": b["label"]} for b in stream.as_numpy_iterator()), mesh
+    ({name: value for name, value in b.items() if name not in bookkeeping} for b in stream.as_numpy_iterator()), mesh
   )
 
 
@@ -412,7 +413,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run.close()
 
 
-def evaluate(config, path: str, split: str | None = None, image_size: int | None = None) -> dict:
+def evaluate(
+  config, path: str, split: str | None = None, image_size: int | None = None, results_dir: str | None = None
+) -> dict:
   """Evaluates the checkpoint at `path` (a workdir, its checkpoints/, a step folder or converted
   weights), strictly: the model is built from `config`, and parameters that do not fit it are an
   error (a head or a position table is never re-initialized or resized on disk).
@@ -442,7 +445,8 @@ def evaluate(config, path: str, split: str | None = None, image_size: int | None
     if saved.model_state is None:
       raise ValueError(f"{path} holds no model_state (non-parameter state), which this model needs.")
     model_state = placed(model_state, saved.model_state, f"{path} (model_state)")
-  evaluator = _evaluator(config, settings, graphdef, rest, info.num_classes, mesh, split=split, image_size=image_size)
+  options = {"split": split, "image_size": image_size, **({"results_dir": results_dir} if results_dir else {})}
+  evaluator = _evaluator(config, settings, graphdef, rest, info.num_classes, mesh, **options)
   record, details = evaluator.run(trees, model_state)
   record = {"split": split, "image_size": image_size, **record}
   workdir = saved.directory.parent

@@ -126,6 +126,11 @@ class MaskRCNNConfig:
     return tuple(round((k + 1) * depth / 4) - 1 for k in range(4))
 
   @property
+  def pos_grid(self) -> tuple[int, int]:
+    """The backbone's stored position table grid: pos_embed_size / patch_size a side."""
+    return (self.pos_embed_size // self.backbone.patch_size,) * 2
+
+  @property
   def num_anchors(self) -> int:
     return boxes.num_base_anchors(self.anchor_scales, self.anchor_ratios)
 
@@ -191,9 +196,8 @@ class MaskRCNN(nnx.Module):
     if backbone is None:
       if config.backbone is None:
         raise checks.SettingError("backbone", None, "give a backbone module or MaskRCNNConfig.backbone and adapter")
-      grid = (config.pos_embed_size // config.backbone.patch_size,) * 2
       backbone = VimAdapter(
-        config.backbone, config.adapter, pos_grid=grid, out_indices=config.resolved_out_indices, rngs=rngs
+        config.backbone, config.adapter, pos_grid=config.pos_grid, out_indices=config.resolved_out_indices, rngs=rngs
       )
     self.backbone = backbone
     kwargs = dict(dtype=DTYPES[config.dtype], param_dtype=DTYPES[config.param_dtype], rngs=rngs)

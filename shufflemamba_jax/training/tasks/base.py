@@ -59,7 +59,9 @@ class Task(Protocol):
     self, config, graphdef, rest, num_classes: int, transform: device.DeviceTransform, mesh, **options
   ) -> Callable[[Any, Any], dict]:
     """`totals(params, model_state) -> {name: numpy array, num_examples}`: the evaluation totals of
-    the split (options: split, image_size; None = the config's), summed over every process. Every
+    the split (options: split, image_size; None = the config's; results_dir: where the task may
+    write its evaluation's files, e.g. detection's COCO results, None = nowhere), summed over
+    every process. Every
     process calls it (it may run collectives); params and model_state are sharded over `mesh`."""
 
   def reduce(self, totals: dict) -> tuple[dict, dict]: ...  # (scalar metrics, per-class details) of a split.

@@ -88,6 +88,7 @@ class ClassificationTask:
 
   def evaluation(self, config, graphdef, rest, num_classes: int, transform: device.DeviceTransform, mesh, **options):
     """Batched sums of `eval_sums` over the split's global batches (`base.batched_evaluation`)."""
+    options.pop("results_dir", None)  # Its numbers are the record: no files to write.
     return base.batched_evaluation(self.eval_sums(graphdef, rest, num_classes, transform), config, mesh, **options)
 
   def batch_shapes(self, config, global_batch: int, split: str) -> dict[str, jax.ShapeDtypeStruct]:

@@ -265,6 +265,7 @@ class SegmentationTask:
     config.image_size (a label map is evaluated at config.seg_aug.eval_scale).
     """
     del rest  # The statistics are the train state's model_state.
+    options.pop("results_dir", None)  # Its numbers are the record: no files to write.
     image_size = options.pop("image_size", None)
     if image_size is not None and image_size != config.image_size:
       raise checks.SettingError(
