@@ -138,3 +138,13 @@ def test_a_segmentation_run_compiles_its_window_evaluation():
   record = compile_lib.check(config, "v5e:2x2")
   assert record["fits"] and record["num_devices"] == 4
   assert 0 < record["eval"]["argument_bytes"] and record["eval"]["per_device_bytes"] > record["train"]["state_bytes"]
+
+
+@TPU
+def test_a_detection_run_compiles_its_predict_evaluation():
+  """digits_det: the detector's train step (padded ground truth, BatchNorm statistics in the state)
+  and its evaluation, `predict` on a global batch of canvases sharded over the slice."""
+  config = config_files.get_config("configs/digits_det.py")
+  record = compile_lib.check(config, "v5e:2x2")
+  assert record["fits"] and record["num_devices"] == 4
+  assert 0 < record["eval"]["argument_bytes"] and record["train"]["per_device_bytes"] > record["train"]["state_bytes"]
