@@ -140,6 +140,7 @@ def test_a_segmentation_run_compiles_its_window_evaluation():
   assert 0 < record["eval"]["argument_bytes"] and record["eval"]["per_device_bytes"] > record["train"]["state_bytes"]
 
 
+@pytest.mark.slow  # Two libtpu compilations of the detector: about 2.5 min on 2 cores.
 @TPU
 def test_a_detection_run_compiles_its_predict_evaluation():
   """digits_det: the detector's train step (padded ground truth, BatchNorm statistics in the state)
