@@ -1,4 +1,5 @@
-"""Command line: classifies image files with a trained or converted model, or segments them.
+"""Command line: classifies image files with a trained or converted model, segments them, or
+detects the objects in them.
 
   python -m shufflemamba_jax.predict --checkpoint=WORKDIR [--step=N|best] [--no-ema] cat.jpg dog.png FOLDER/
   python -m shufflemamba_jax.predict --checkpoint=SEG_WORKDIR --output-dir=OUT scene.jpg FOLDER/
@@ -7,7 +8,9 @@
 directory written by `shufflemamba_jax.convert`; images are files, or folders standing for every
 image in them. The task of the saved model writes the predictions (`training/tasks/`): a
 classifier prints the top-k classes of each image, preprocessed by evaluation's own transform; a
-segmenter writes OUT/<image name>.png, the colour-coded label map at the image's own size.
+segmenter writes OUT/<image name>.png, the colour-coded label map at the image's own size; a
+detector writes OUT/<image name>.png, the image with its boxes, class names, scores and masks
+drawn, and OUT/detections.json (`--batch-size` images per forward pass).
 """
 
 from __future__ import annotations
@@ -55,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
   parser.add_argument("--top-k", type=int, default=5)
   parser.add_argument("--json", action="store_true", help="print one JSON object per image")
-  parser.add_argument("--output-dir", default=None, help="segmentation checkpoints: folder of the label-map PNGs")
+  parser.add_argument(
+    "--output-dir",
+    default=None,
+    help="segmentation checkpoints: folder of the label-map PNGs; detection: of the drawings and detections.json",
+  )
   parser.add_argument("images", nargs="+", help="image files, or folders of them")
   args = parser.parse_args(argv)
   if args.batch_size < 1 or args.top_k < 1:
