@@ -1,9 +1,10 @@
-"""tf.data input pipelines over TFDS (`imagenet2012`, `digits`) with exact, seeded resume.
+"""tf.data input pipelines over TFDS (classification, label maps, instances) with exact, seeded resume.
 
 `settings(config)` checks the pipeline's config fields, `prepare` builds a dataset with TFDS's
 own builder (`python -m shufflemamba_jax.prepare`), `create_train_dataset` and
 `create_eval_dataset` stream local batches
-(`create_segmentation_eval_dataset` one example at a time for label maps).
+(`create_segmentation_eval_dataset` one example at a time for label maps,
+`create_detection_eval_dataset` fixed batches of canvases for instances).
 
 Training order. The split is cut into V = `data_shards` contiguous shards
 (`tfds.even_splits(split, V)[v]`; the default 0 means V = process_count, one shard per process).
