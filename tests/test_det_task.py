@@ -221,3 +221,31 @@ def test_two_processes_evaluate_a_detector_like_one_process(tmp_path, digits_det
   assert len(records) == 2  # One per evaluation: in-process, then the two processes' one.
   for name in ("eval_bbox_map", "eval_bbox_map_50", "eval_segm_map", "eval_segm_ar_100", "num_examples"):
     assert records[1][name] == expected[name], name
+
+
+def test_init_from_a_classifier_fills_the_blocks_and_refuses_a_detector(tmp_path):
+  """config.init_from a classifier: the Vim blocks take its weights (the table resized to the 6x6
+  grid of pos_embed_size 96), the adapter, FPN and heads stay fresh; a detector checkpoint is refused."""
+  from shufflemamba_jax.models import variants  # pylint: disable=g-import-not-at-top
+  from shufflemamba_jax.weights import params as params_lib  # pylint: disable=g-import-not-at-top
+
+  task = tasks.from_config(det_config(None))
+  model_config = task.model_config(10)
+  backbone = model_config.backbone
+  sizes = {name: getattr(backbone, name) for name in ("patch_size", "embed_dim", "depth", "d_state")}
+  classifier = variants.create_model("shufflemamba_tiny", rngs=nnx.Rngs(1), num_classes=10, img_size=32, **sizes)
+  classifier_params = jax.tree.map(np.asarray, params_lib.param_tree(classifier))
+  with checkpoint_lib.Checkpointer(str(tmp_path / "classifier" / "checkpoints"), async_save=False) as checkpointer:
+    checkpointer.save(0, {"params": classifier_params}, model=classifier.config, force=True)
+  fresh = params_lib.param_tree(task.create_model(model_config, nnx.Rngs(0)))
+  filled = task.warm_start(str(tmp_path / "classifier"), fresh, model_config)
+  np.testing.assert_array_equal(filled["backbone"]["patch_embed"]["kernel"], classifier_params["patch_embed"]["kernel"])
+  np.testing.assert_array_equal(
+    filled["backbone"]["layers"]["mixer"]["A_log"], classifier_params["layers"]["mixer"]["A_log"]
+  )
+  assert filled["backbone"]["pos_embed"].shape == fresh["backbone"]["pos_embed"].shape == (36, 48)
+  np.testing.assert_array_equal(filled["rpn_head"]["rpn_cls"]["kernel"], fresh["rpn_head"]["rpn_cls"]["kernel"])
+  with checkpoint_lib.Checkpointer(str(tmp_path / "detector" / "checkpoints"), async_save=False) as checkpointer:
+    checkpointer.save(0, {"params": fresh}, model=model_config, force=True)
+  with pytest.raises(SettingError, match=r"config\.init_from=.*a detector resumes"):
+    task.warm_start(str(tmp_path / "detector"), fresh, model_config)

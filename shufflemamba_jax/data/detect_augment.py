@@ -124,14 +124,13 @@ def eval_example(image, augmentation: DetectionAugmentation) -> dict:
   """One evaluation image: mmdet's test pipeline (Resize keeping the ratio, no flip) on the canvas.
 
   Returns {"image": canvas (ch, cw, 3) uint8; "image_size": (2,) int32 resized (height, width);
-  "scale_factor": (2,) float32 (width, height) new / old, by which mmdet divides the boxes back;
-  "original_size": (2,) int32 (H, W)}.
+  "original_size": (2,) int32 (H, W)} (their ratio is mmdet's scale_factor, which
+  `coco_eval.detections_to_coco` divides the boxes by).
   """
-  resized, factor = _resize(image, augmentation.scale)
+  resized, _ = _resize(image, augmentation.scale)
   return {
     "image": _on_canvas(resized, augmentation),
     "image_size": tf.shape(resized)[:2],
-    "scale_factor": factor,
     "original_size": tf.shape(image)[:2],
   }
 

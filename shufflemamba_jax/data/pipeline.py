@@ -727,6 +727,12 @@ def _split_examples(builder, process_split: str, decoders, padding_example: dict
   return dataset.map(keyed_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def _padded_batches(dataset, padding_example: dict, padding: int, local_batch: int):
+  """`dataset` followed by `padding` copies of `padding_example` (mask 0), in local batches."""
+  dataset = dataset.concatenate(tf.data.Dataset.from_tensors(padding_example).repeat(padding))
+  return dataset.batch(local_batch, drop_remainder=True).with_options(_options()).prefetch(tf.data.AUTOTUNE)
+
+
 def create_eval_dataset(
   config=None,
   *,
@@ -780,9 +786,7 @@ def create_eval_dataset(
   }
   decoders = {"image": tfds.decode.SkipDecoding()}
   dataset = _split_examples(builder, process_split, decoders, padding_example, preprocess, "has mask 0 in evaluation")
-  padding = tf.data.Dataset.from_tensors(padding_example).repeat(num_batches * local_batch - local_examples)
-  dataset = dataset.concatenate(padding).batch(local_batch, drop_remainder=True)
-  return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)
+  return _padded_batches(dataset, padding_example, num_batches * local_batch - local_examples, local_batch)
 
 
 def create_segmentation_eval_dataset(
@@ -858,8 +862,7 @@ def create_detection_eval_dataset(
 
   Returns:
     tf.data.Dataset of dicts: image uint8 (local_batch, ch, cw, 3); image_size int32
-    (local_batch, 2) resized (height, width); scale_factor float32 (local_batch, 2) (width,
-    height) new / old; original_size int32 (local_batch, 2); image_id int64 (the dataset's
+    (local_batch, 2) resized (height, width); original_size int32 (local_batch, 2); image_id int64 (the dataset's
     image/id, -1 for padding); mask float32 (1 real, 0 padding); example_id int64.
   """
   values = settings(config, **overrides)
@@ -886,13 +889,10 @@ def create_detection_eval_dataset(
   padding_example = {
     "image": tf.zeros([canvas_h, canvas_w, 3], tf.uint8),
     "image_size": tf.constant([canvas_h, canvas_w], tf.int32),
-    "scale_factor": tf.ones([2], tf.float32),
     "original_size": tf.constant([canvas_h, canvas_w], tf.int32),
     "image_id": tf.constant(-1, tf.int64),
     "mask": tf.constant(0.0, tf.float32),
     "example_id": tf.constant(-1, tf.int64),
   }
   dataset = _split_examples(builder, process_split, _INSTANCE_DECODERS, padding_example, preprocess, "is not evaluated")
-  padding = tf.data.Dataset.from_tensors(padding_example).repeat(num_batches * local_batch - local_examples)
-  dataset = dataset.concatenate(padding).batch(local_batch, drop_remainder=True)
-  return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE)
+  return _padded_batches(dataset, padding_example, num_batches * local_batch - local_examples, local_batch)

@@ -92,6 +92,19 @@ def weight_decay_mask(params: Any):
   return traverse_util.path_aware_map(lambda path, leaf: decays(path, jnp.ndim(leaf)), params)
 
 
+def layer_decay_optimizer(
+  settings: OptimizerSettings, schedule: optax.Schedule, rate: float, depth: int
+) -> optax.GradientTransformation:
+  """`create_optimizer` as the layer-decay constructor builds it (the detection recipes, and a
+  segmenter's opt-in): its weight-decay rule and `layer_decay_scales(rate, depth)` rates."""
+  return create_optimizer(
+    settings,
+    schedule,
+    mask=layer_decay_weight_decay_mask,
+    lr_scales=lambda updates: layer_decay_scales(updates, rate, depth),
+  )
+
+
 def create_optimizer(
   settings: OptimizerSettings, schedule: optax.Schedule, *, mask=weight_decay_mask, lr_scales: Any = None
 ) -> optax.GradientTransformation:

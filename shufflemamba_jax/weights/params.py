@@ -204,7 +204,8 @@ def segmenter_backbone_positions(pos_embed, classifier: vim.VisionMambaConfig, c
 def segmenter_from_classifier(
   flat: Mapping[str, Any], target: Mapping, config: upernet.UperNetConfig, *, source: str
 ) -> tuple[dict, list[str]]:
-  """Warm start of a segmenter: a classifier's parameters as the backbone, the rest left fresh.
+  """Warm start of a segmenter or a detector: a classifier's parameters as the backbone, the rest
+  left fresh.
 
   As the reference's `load_state_dict(strict=False)`: the classifier's cls token, registers and
   head are left out (and its final norm under the adapter, which has none), the adapter's own
@@ -216,7 +217,8 @@ def segmenter_from_classifier(
     flat: {name: array} of a VisionMamba classifier (see the module docstring); a cls row of
       its position table is found by `config.backbone.token_layout` (middle for Vim, else head).
     target: the segmenter's parameters (nested, concrete values).
-    config: the segmenter's UperNetConfig; the position table becomes its `pos_grid`.
+    config: the segmenter's UperNetConfig or the detector's MaskRCNNConfig (its backbone, adapter
+      and `pos_grid`); the position table becomes its `pos_grid`.
     source: where `flat` comes from, named in messages and errors.
 
   Returns:

@@ -22,6 +22,8 @@ from shufflemamba_jax.data import device, pipeline
 from shufflemamba_jax.models import variants, vim
 from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import optim, steps
+from shufflemamba_jax.weights import checkpoint as checkpoint_lib
+from shufflemamba_jax.weights import params as params_lib
 
 # Prefixes of the evaluation records of the parameters and of their EMA.
 EVAL_PREFIXES = ("eval", "ema_eval")
@@ -100,6 +102,21 @@ def trace_batched_evaluation(task: Task, sums: Callable, config, mesh, params, m
   batch = sharding.abstract(task.batch_shapes(config, config.eval_batch_size, "eval"), sharding.batch_sharding(mesh))
   with jax.set_mesh(mesh):  # As `steps.run_evaluation` calls it.
     return steps.make_eval_step(sums).trace(params, model_state, batch)
+
+
+def backbone_from_classifier(path: str, params: dict, model_config, kind: str) -> dict:
+  """A fresh segmenter's or detector's `params` (`kind` names it in the error) with the backbone
+  of the classifier saved at config.init_from=`path` (`params_lib.segmenter_from_classifier`);
+  a checkpoint of a segmenter or detector is refused: such a run resumes from its own workdir."""
+  saved = checkpoint_lib.read_weights(path, ema=False)
+  if saved.is_segmenter or saved.is_detector:
+    raise checks.SettingError(
+      "config.init_from", path, f"must be a classification checkpoint (a {kind} resumes from its own workdir)"
+    )
+  filled, _ = params_lib.segmenter_from_classifier(
+    params_lib.flatten(saved.params), jax.device_get(params), model_config, source=f"config.init_from={path}"
+  )
+  return filled
 
 
 def best_metrics(task: Task) -> tuple[str, ...]:

@@ -32,8 +32,6 @@ from shufflemamba_jax.models.detection import mask_rcnn
 from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import coco_eval, optim, steps
 from shufflemamba_jax.training.tasks import base
-from shufflemamba_jax.weights import checkpoint as checkpoint_lib
-from shufflemamba_jax.weights import params as params_lib
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -159,27 +157,12 @@ class DetectionTask:
     )
     if not self.layer_decay:
       return optim.create_optimizer(settings, schedule, mask=optim.layer_decay_weight_decay_mask), schedule
-    rate, depth = self.layer_decay, self.detector.backbone.depth
-    tx = optim.create_optimizer(
-      settings,
-      schedule,
-      mask=optim.layer_decay_weight_decay_mask,
-      lr_scales=lambda updates: optim.layer_decay_scales(updates, rate, depth),
-    )
-    return tx, schedule
+    return optim.layer_decay_optimizer(settings, schedule, self.layer_decay, self.detector.backbone.depth), schedule
 
   def warm_start(self, path: str, params: dict, model_config) -> dict:
     """The Vim blocks of a fresh detector's `params` from a classifier saved at `path` (the
     reference's `load_from` of a classification checkpoint; the adapter, FPN and heads fresh)."""
-    saved = checkpoint_lib.read_weights(path, ema=False)
-    if saved.is_segmenter or saved.is_detector:
-      raise checks.SettingError(
-        "config.init_from", path, "must be a classification checkpoint (a detector resumes from its own workdir)"
-      )
-    filled, _ = params_lib.segmenter_from_classifier(
-      params_lib.flatten(saved.params), jax.device_get(params), model_config, source=f"config.init_from={path}"
-    )
-    return filled
+    return base.backbone_from_classifier(path, params, model_config, "detector")
 
   def make_train_step(self, graphdef, rest, tx, schedule, *, num_classes: int, **common):
     del rest, num_classes  # The BatchNorm statistics travel in the train state.

@@ -31,8 +31,6 @@ from shufflemamba_jax.models.adapter import AdapterConfig
 from shufflemamba_jax.parallel import sharding
 from shufflemamba_jax.training import optim, steps
 from shufflemamba_jax.training.tasks import base
-from shufflemamba_jax.weights import checkpoint as checkpoint_lib
-from shufflemamba_jax.weights import params as params_lib
 
 AREAS = ("area_intersect", "area_union", "area_pred_label", "area_label")
 # The reference tta_pipeline's `img_ratios` (mmseg's configs/_base_/datasets/ade20k.py).
@@ -232,26 +230,11 @@ class SegmentationTask:
     if not self.layer_decay:
       return optim.create_optimizer(settings, schedule, mask=optim.segmentation_weight_decay_mask), schedule
     # The layer-decay constructor replaces the recipe's decay rule with its own (see optim).
-    rate, depth = self.layer_decay, self.segmenter.backbone.depth
-    tx = optim.create_optimizer(
-      settings,
-      schedule,
-      mask=optim.layer_decay_weight_decay_mask,
-      lr_scales=lambda updates: optim.layer_decay_scales(updates, rate, depth),
-    )
-    return tx, schedule
+    return optim.layer_decay_optimizer(settings, schedule, self.layer_decay, self.segmenter.backbone.depth), schedule
 
   def warm_start(self, path: str, params: dict, model_config) -> dict:
     """The backbone of a fresh segmenter's `params` from a classifier saved at `path`."""
-    saved = checkpoint_lib.read_weights(path, ema=False)
-    if saved.is_segmenter:
-      raise checks.SettingError(
-        "config.init_from", path, "must be a classification checkpoint (a segmenter resumes from its own workdir)"
-      )
-    filled, _ = params_lib.segmenter_from_classifier(
-      params_lib.flatten(saved.params), jax.device_get(params), model_config, source=f"config.init_from={path}"
-    )
-    return filled
+    return base.backbone_from_classifier(path, params, model_config, "segmenter")
 
   def make_train_step(self, graphdef, rest, tx, schedule, *, num_classes: int, **common):
     del rest, num_classes  # The BatchNorm statistics travel in the train state.
